@@ -1,0 +1,3 @@
+from portalloc.adapters.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Adapters: CLI, MCP and HTTP over the same service."""

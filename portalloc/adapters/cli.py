@@ -1,0 +1,326 @@
+"""The `portalloc` command: parse, call the service, render, map errors to exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+from portalloc import __version__
+from portalloc.config import PortAllocatorConfig
+from portalloc.errors import NoPortsAvailable, PortallocError, UsageError
+from portalloc.render import FORMATS, render
+
+if TYPE_CHECKING:
+    from portalloc.models import PortAllocation
+    from portalloc.service import PortAllocatorService
+
+app = typer.Typer(
+    name="portalloc",
+    help="Conflict-free blocks of TCP ports for parallel worktrees, agents and test runs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+TtlOpt = Annotated[
+    int | None, typer.Option("--ttl", help="Lease lifetime in minutes (default 120).", min=1)
+]
+PidOpt = Annotated[
+    int | None, typer.Option("--pid", help="End the lease when this process exits.", min=1)
+]
+SessionArg = Annotated[str, typer.Argument(help="Session id: any non-empty string, e.g. a path.")]
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"portalloc: {message}\n")
+    sys.stderr.flush()
+
+
+def _warn(message: str) -> None:
+    _err(f"warning: {message}")
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _print_json(data: Any) -> None:
+    _out(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def _errors(json_output: bool = False) -> Iterator[None]:
+    """Turn expected failures into one line on stderr and the documented exit code."""
+    try:
+        yield
+    except NoPortsAvailable as exc:
+        if json_output:
+            _print_json({"success": False, "error": exc.code})
+        _err(exc.message)
+        raise typer.Exit(exc.exit_code) from None
+    except PortallocError as exc:
+        if json_output:
+            _print_json({"success": False, "error": exc.code, "message": exc.message})
+        _err(exc.message)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _fail(exc: PortallocError) -> NoReturn:
+    _err(exc.message)
+    raise typer.Exit(exc.exit_code)
+
+
+def _service() -> PortAllocatorService:
+    from portalloc.service import PortAllocatorService
+
+    config = PortAllocatorConfig.from_env()
+    _warn_ephemeral_overlap(config)
+    return PortAllocatorService(config, on_warning=_warn)
+
+
+def _warn_ephemeral_overlap(config: PortAllocatorConfig) -> None:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return
+    if config.base <= high and low <= config.span_end:
+        _warn(
+            f"ports {config.base}-{config.span_end} overlap the kernel's ephemeral range "
+            f"{low}-{high}; outgoing connections may take them"
+        )
+
+
+def _worktree_top(start: Path) -> Path:
+    """The directory holding `.git` (file or folder) above START, else START itself."""
+    for directory in (start, *start.parents):
+        if (directory / ".git").exists():
+            return directory
+    return start
+
+
+def _version(value: bool) -> None:
+    if value:
+        _out(f"portalloc {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Hand out conflict-free port blocks; leases live in one locked JSON ledger."""
+
+
+def _allocate_body(allocation: PortAllocation) -> dict[str, Any]:
+    return {
+        "success": True,
+        "allocation": allocation.to_dict(),
+        "env_snippet": allocation.env_snippet,
+    }
+
+
+def _summary(allocation: PortAllocation) -> str:
+    ports = "  ".join(f"{name}={port}" for name, port in allocation.ports.items())
+    return (
+        f"{allocation.session_id}\n"
+        f"  ports    {ports}\n"
+        f"  compose  {allocation.compose_project_name}\n"
+        f"  expires  {allocation.expires_at:%Y-%m-%d %H:%M:%S}Z "
+        f"({allocation.ttl_remaining_minutes:g} min)\n"
+    )
+
+
+@app.command()
+def allocate(
+    session: SessionArg,
+    ttl: TtlOpt = None,
+    pid: PidOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Allocate a block for SESSION, or return its lease with the TTL refreshed."""
+    with _errors(json_output):
+        allocation = _service().allocate(session, ttl_minutes=ttl, pid=pid)
+    if json_output:
+        _print_json(_allocate_body(allocation))
+    else:
+        _out(_summary(allocation))
+
+
+@app.command()
+def release(session: SessionArg, json_output: JsonOpt = False) -> None:
+    """Release SESSION's lease. Succeeds for an unknown session too."""
+    with _errors(json_output):
+        released = _service().release(session)
+    if json_output:
+        _print_json({"success": True, "released": released})
+    elif released:
+        _out(f"released {session}\n")
+    else:
+        _out(f"no lease for {session}\n")
+
+
+@app.command()
+def status(json_output: JsonOpt = False) -> None:
+    """List active leases with their remaining TTL and the capacity in use."""
+    with _errors(json_output):
+        service = _service()
+        allocations = service.status()
+    if json_output:
+        _print_json([allocation.to_dict() for allocation in allocations])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title="portalloc leases",
+        caption=f"{len(allocations)} active / {service.config.max_sessions} max  "
+        f"· ledger {service.ledger.path}",
+    )
+    table.add_column("session", overflow="fold")
+    table.add_column("block", no_wrap=True)
+    table.add_column("ports", no_wrap=True)
+    table.add_column("compose project", no_wrap=True)
+    table.add_column("TTL left", no_wrap=True, justify="right")
+    table.add_column("owner", overflow="fold")
+    for allocation in allocations:
+        owner = f"pid {allocation.pid}" if allocation.pid else ""
+        if allocation.worktree:
+            owner = f"{owner}\n{allocation.worktree}".strip()
+        table.add_row(
+            allocation.session_id,
+            f"{allocation.block_start}-{allocation.block_end}",
+            "\n".join(f"{name} {port}" for name, port in allocation.ports.items()),
+            allocation.compose_project_name,
+            f"{allocation.ttl_remaining_minutes:.1f} min",
+            owner,
+        )
+    Console(highlight=False).print(table)
+
+
+@app.command()
+def env(
+    session: Annotated[
+        str | None,
+        typer.Argument(help="Session id; default: the current git worktree's top directory."),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help=f"One of {', '.join(FORMATS)}.")
+    ] = "sh",
+    ttl: TtlOpt = None,
+    pid: PidOpt = None,
+    worktree: Annotated[
+        Path | None,
+        typer.Option("--worktree", help="Lease for this worktree; reclaimed once it is gone."),
+    ] = None,
+) -> None:
+    """Allocate or reuse SESSION's lease and print its environment block."""
+    with _errors():
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+        tree: Path | None = None
+        if worktree is not None:
+            tree = worktree.resolve()
+            if not tree.is_dir():
+                raise UsageError(f"--worktree {worktree}: not a directory")
+        elif session is None:
+            tree = _worktree_top(Path(os.getcwd()))
+        if session is None:
+            assert tree is not None
+            session = str(tree)
+        allocation = _service().allocate(session, ttl_minutes=ttl, pid=pid, worktree=tree)
+        text = render(allocation.env, fmt)
+    _out(text)
+
+
+def _lookup(allocation: PortAllocation, key: str) -> str:
+    if key in allocation.ports:
+        return str(allocation.ports[key])
+    if key.endswith("_port") and key[: -len("_port")] in allocation.ports:
+        return str(allocation.ports[key[: -len("_port")]])
+    if key in allocation.env:
+        return allocation.env[key]
+    if key in ("compose_project_name", "session_id"):
+        return str(getattr(allocation, key))
+    known = [*allocation.ports, *(f"{n}_port" for n in allocation.ports), *allocation.env]
+    raise UsageError(f"unknown key {key!r}; known: {', '.join(known)}, compose_project_name")
+
+
+@app.command()
+def get(
+    session: SessionArg,
+    key: Annotated[str, typer.Argument(help="rest, rest_port, API_PORT, compose_project_name…")],
+) -> None:
+    """Print one value of SESSION's active lease (read-only)."""
+    with _errors():
+        allocation = _service().get(session)
+        value = _lookup(allocation, key)
+    _out(value + "\n")
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def run(
+    session: SessionArg,
+    command: Annotated[
+        list[str], typer.Argument(help="The command to run, after `--`.", metavar="-- COMMAND...")
+    ],
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the lease after COMMAND ends.")] = False,
+    ttl: TtlOpt = None,
+) -> None:
+    """Run COMMAND with SESSION's ports in its environment; release when it ends."""
+    from portalloc.adapters.runner import run_with_lease
+
+    with _errors():
+        service = _service()
+        code = run_with_lease(service, session, command, keep=keep, ttl_minutes=ttl, warn=_warn)
+    raise typer.Exit(code)
+
+
+@app.command()
+def prune(json_output: JsonOpt = False) -> None:
+    """Reclaim expired and dead leases and show what was reclaimed."""
+    with _errors(json_output):
+        reclaimed = _service().prune()
+    if json_output:
+        _print_json(
+            {
+                "success": True,
+                "reclaimed": [
+                    {
+                        "session_id": item.lease.session_id,
+                        "reason": item.reason,
+                        "block_start": item.lease.start,
+                        "block_end": item.lease.end,
+                    }
+                    for item in reclaimed
+                ],
+            }
+        )
+        return
+    if not reclaimed:
+        _out("nothing to reclaim\n")
+    for item in reclaimed:
+        _out(f"reclaimed {item.lease.session_id} ({item.reason}, block {item.lease.start})\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    try:
+        app(args=argv, prog_name="portalloc")
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return 0
+        return code if isinstance(code, int) else 1
+    return 0

@@ -1,0 +1,286 @@
+"""Settings from flags, environment, project file and defaults, validated once."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from portalloc.errors import ConfigError, ProfileError
+from portalloc.models import DEFAULT_PROFILE, Profile, template_fields
+
+MAX_PORT = 65535
+PROJECT_FILES = ("portalloc.toml", "pyproject.toml")
+_SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_COMPOSE_PREFIX = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+ENV_BASE = "PORT_ALLOC_BASE"
+ENV_RANGE = "PORT_ALLOC_RANGE"
+ENV_TTL = "PORT_ALLOC_TTL_MINUTES"
+ENV_MAX = "PORT_ALLOC_MAX_SESSIONS"
+ENV_STATE_DIR = "PORTALLOC_STATE_DIR"
+ENV_LOCK_TIMEOUT = "PORTALLOC_LOCK_TIMEOUT"
+ENV_SKIP_PORT_CHECK = "PORTALLOC_SKIP_PORT_CHECK"
+
+
+def default_state_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("portalloc", appauthor=False))
+
+
+@dataclass(frozen=True)
+class PortAllocatorConfig:
+    """Validated settings. Build it with `from_env()`; direct construction validates too."""
+
+    base: int = 10000
+    range: int = 100
+    ttl_minutes: int = 120
+    max_sessions: int = 20
+    state_dir: Path = field(default_factory=default_state_dir)
+    lock_timeout: float = 10.0
+    skip_port_check: bool = False
+    profile: Profile = DEFAULT_PROFILE
+    # Where each value came from ("PORT_ALLOC_BASE", "--ttl", "portalloc.toml: base"),
+    # so an error names what the user has to change.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def label(key: str, env_name: str) -> str:
+            return self.sources.get(key, env_name)
+
+        _check_int(label("base", ENV_BASE), self.base, 1024, MAX_PORT)
+        min_range = max(4, self.profile.span_needed)
+        _check_int(label("range", ENV_RANGE), self.range, min_range, MAX_PORT)
+        _check_int(label("ttl_minutes", ENV_TTL), self.ttl_minutes, 1, None)
+        max_fit = (MAX_PORT - self.base + 1) // self.range
+        _check_int(
+            label("max_sessions", ENV_MAX),
+            self.max_sessions,
+            1,
+            max_fit,
+            why_max="so that base + range * max_sessions - 1 <= 65535",
+        )
+        if not (self.lock_timeout > 0 and math.isfinite(self.lock_timeout)):
+            raise ConfigError(
+                label("lock_timeout", ENV_LOCK_TIMEOUT), self.lock_timeout, "must be a number > 0"
+            )
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "leases.json"
+
+    @property
+    def span_end(self) -> int:
+        return self.base + self.range * self.max_sessions - 1
+
+    def with_ttl(self, ttl_minutes: int | None, source: str = "--ttl") -> PortAllocatorConfig:
+        if ttl_minutes is None:
+            return self
+        return replace(self, ttl_minutes=ttl_minutes, sources={**self.sources, "ttl_minutes": source})
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        cwd: Path | None = None,
+        use_project_file: bool = True,
+    ) -> PortAllocatorConfig:
+        """Environment over project file over defaults; raises ConfigError/ProfileError."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        if use_project_file:
+            found = find_project_file(cwd or Path.cwd())
+            if found is not None:
+                values, sources = load_project_file(found)
+
+        for key, name in (
+            ("base", ENV_BASE),
+            ("range", ENV_RANGE),
+            ("ttl_minutes", ENV_TTL),
+            ("max_sessions", ENV_MAX),
+        ):
+            raw = env.get(name)
+            if raw is not None:
+                values[key] = _parse_int(name, raw)
+                sources[key] = name
+
+        raw_dir = env.get(ENV_STATE_DIR)
+        if raw_dir is not None:
+            if not raw_dir.strip():
+                raise ConfigError(ENV_STATE_DIR, repr(raw_dir), "must be a directory path")
+            values["state_dir"] = Path(raw_dir).expanduser()
+
+        raw_timeout = env.get(ENV_LOCK_TIMEOUT)
+        if raw_timeout is not None:
+            try:
+                values["lock_timeout"] = float(raw_timeout)
+            except ValueError:
+                raise ConfigError(ENV_LOCK_TIMEOUT, raw_timeout, "must be a number > 0") from None
+
+        raw_skip = env.get(ENV_SKIP_PORT_CHECK)
+        if raw_skip is not None:
+            lowered = raw_skip.strip().lower()
+            if lowered in ("1", "true", "yes"):
+                values["skip_port_check"] = True
+            elif lowered in ("", "0", "false", "no"):
+                values["skip_port_check"] = False
+            else:
+                raise ConfigError(ENV_SKIP_PORT_CHECK, raw_skip, "must be 1 or 0")
+
+        return cls(**values, sources=sources)
+
+
+def _parse_int(name: str, raw: str) -> int:
+    try:
+        return int(raw.strip(), 10)
+    except ValueError:
+        raise ConfigError(name, raw, "must be an integer") from None
+
+
+def _check_int(
+    name: str, value: object, minimum: int, maximum: int | None, *, why_max: str = ""
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, value, "must be an integer")
+    if value < minimum:
+        raise ConfigError(name, value, f"must be an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        suffix = f" ({why_max})" if why_max else ""
+        raise ConfigError(name, value, f"must be an integer <= {maximum}{suffix}")
+
+
+def find_project_file(start: Path) -> Path | None:
+    """The nearest portalloc.toml, or pyproject.toml with [tool.portalloc], walking up."""
+    for directory in (start, *start.parents):
+        candidate = directory / "portalloc.toml"
+        if candidate.is_file():
+            return candidate
+        pyproject = directory / "pyproject.toml"
+        if pyproject.is_file() and _has_tool_table(pyproject):
+            return pyproject
+    return None
+
+
+def _has_tool_table(pyproject: Path) -> bool:
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    # Cheap pre-check before paying for a TOML parse on the hot path.
+    return "tool.portalloc" in text
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ProfileError(path, "(file)", f"cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(path, "(file)", f"is not valid TOML: {exc}") from None
+
+
+def load_project_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Settings and profile from a project file, as constructor keyword arguments."""
+    data = _read_toml(path)
+    if path.name == "pyproject.toml":
+        table = data.get("tool", {}).get("portalloc")
+        prefix = "tool.portalloc."
+        if not isinstance(table, dict):
+            return {}, {}
+    else:
+        table = data
+        prefix = ""
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    known = {"base", "range", "ttl_minutes", "max_sessions", "compose_prefix", "ports", "env"}
+    for key in table:
+        if key not in known:
+            raise ProfileError(path, prefix + key, f"unknown key (known: {', '.join(sorted(known))})")
+    for key in ("base", "range", "ttl_minutes", "max_sessions"):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ProfileError(path, prefix + key, f"must be an integer, got {value!r}")
+            values[key] = value
+            sources[key] = f"{path}: {prefix}{key}"
+
+    ports = DEFAULT_PROFILE.ports
+    env: tuple[tuple[str, str], ...] | None = None
+    compose_prefix = DEFAULT_PROFILE.compose_prefix
+    custom = False
+
+    if "compose_prefix" in table:
+        compose_prefix = table["compose_prefix"]
+        if not isinstance(compose_prefix, str) or not _COMPOSE_PREFIX.match(compose_prefix):
+            raise ProfileError(
+                path,
+                prefix + "compose_prefix",
+                "must be lowercase letters, digits, '-' or '_', starting with a letter or digit",
+            )
+        custom = True
+
+    if "ports" in table:
+        raw_ports = table["ports"]
+        if not isinstance(raw_ports, dict) or not raw_ports:
+            raise ProfileError(path, prefix + "ports", "must be a table of name = offset")
+        parsed: list[tuple[str, int]] = []
+        for name, offset in raw_ports.items():
+            if not _SHELL_NAME.match(name):
+                raise ProfileError(path, f"{prefix}ports.{name}", "must be a plain identifier")
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ProfileError(path, f"{prefix}ports.{name}", "offset must be an integer >= 0")
+            parsed.append((name, offset))
+        offsets = [offset for _, offset in parsed]
+        if len(set(offsets)) != len(offsets):
+            raise ProfileError(path, prefix + "ports", "two ports share one offset")
+        ports = tuple(parsed)
+        custom = True
+
+    profile_fields = Profile(ports=ports, env=()).allowed_fields()
+    if "env" in table:
+        raw_env = table["env"]
+        if not isinstance(raw_env, dict) or not raw_env:
+            raise ProfileError(path, prefix + "env", "must be a table of VARIABLE = template")
+        parsed_env: list[tuple[str, str]] = []
+        for variable, template in raw_env.items():
+            key = f"{prefix}env.{variable}"
+            if not _SHELL_NAME.match(variable):
+                raise ProfileError(path, key, "is not a valid shell variable name")
+            if not isinstance(template, str):
+                raise ProfileError(path, key, "template must be a string")
+            try:
+                names = template_fields(template)
+            except ValueError as exc:
+                raise ProfileError(path, key, str(exc)) from None
+            for name in names:
+                if name not in profile_fields:
+                    allowed = ", ".join("{" + f + "}" for f in sorted(profile_fields))
+                    raise ProfileError(path, key, f"unknown field {{{name}}} (allowed: {allowed})")
+            parsed_env.append((variable, template))
+        env = tuple(parsed_env)
+        custom = True
+    elif "ports" in table:
+        env = (
+            *((f"{name.upper()}_PORT", "{" + name + "_port}") for name, _ in ports),
+            ("COMPOSE_PROJECT_NAME", "{compose_project_name}"),
+        )
+
+    if custom:
+        values["profile"] = Profile(
+            ports=ports,
+            env=env if env is not None else DEFAULT_PROFILE.env,
+            compose_prefix=compose_prefix,
+            source=path,
+        )
+    return values, sources

@@ -1,0 +1,123 @@
+"""Expected failures: each carries its data and the exit code the CLI maps it to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PortallocError(Exception):
+    """Base of every expected failure; adapters translate it once."""
+
+    exit_code = 1
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(PortallocError):
+    """A setting (env variable, flag or project file key) has an invalid value."""
+
+    exit_code = 2
+    code = "invalid_config"
+
+    def __init__(self, variable: str, value: object, rule: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.rule = rule
+        super().__init__(f"{variable}={value} is invalid: {rule}")
+
+
+class ProfileError(PortallocError):
+    """The project file (portalloc.toml / pyproject.toml) is not usable."""
+
+    exit_code = 2
+    code = "invalid_profile"
+
+    def __init__(self, path: Path, key: str, reason: str) -> None:
+        self.path = path
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{path}: {key}: {reason}")
+
+
+class InvalidSessionId(PortallocError):
+    """The session id is empty, too long or holds control characters."""
+
+    exit_code = 2
+    code = "invalid_session_id"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"invalid session id: {reason}")
+
+
+class UsageError(PortallocError):
+    """Bad input that is not a session id or a setting (an unknown key for `get`)."""
+
+    exit_code = 2
+    code = "usage"
+
+
+class NoPortsAvailable(PortallocError):
+    """Every block is taken or max_sessions is reached; the ledger is unchanged."""
+
+    exit_code = 3
+    code = "no_ports_available"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"no ports available: {reason}")
+
+
+class LeaseNotFound(PortallocError):
+    """The session holds no active lease."""
+
+    exit_code = 1
+    code = "not_found"
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(f"no active lease for session {session_id!r}")
+
+
+class LedgerError(PortallocError):
+    """The ledger cannot be read or written."""
+
+    exit_code = 1
+    code = "ledger_error"
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"ledger {path}: {reason}")
+
+
+class LockTimeout(PortallocError):
+    """Another process held the ledger lock past the timeout."""
+
+    exit_code = 1
+    code = "lock_timeout"
+
+    def __init__(self, path: Path, timeout: float, holder: str | None = None) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.holder = holder
+        held_by = f" (held by {holder})" if holder else ""
+        super().__init__(f"could not lock {path} within {timeout:g}s{held_by}")
+
+
+class MissingExtra(PortallocError):
+    """An optional dependency group is not installed."""
+
+    exit_code = 1
+    code = "missing_extra"
+
+    def __init__(self, extra: str, module: str) -> None:
+        self.extra = extra
+        self.module = module
+        super().__init__(
+            f"this command needs the '{extra}' extra ({module} is not installed): "
+            f"pip install 'portalloc[{extra}]'"
+        )

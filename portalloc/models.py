@@ -1,0 +1,205 @@
+"""Domain values: the profile, the lease and the allocation handed to users."""
+
+from __future__ import annotations
+
+import string
+import unicodedata
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from portalloc.errors import InvalidSessionId
+
+MAX_SESSION_ID_LENGTH = 4096
+
+
+def validate_session_id(session_id: object) -> str:
+    """Return the id unchanged if it is a valid session id, else raise InvalidSessionId."""
+    if not isinstance(session_id, str):
+        raise InvalidSessionId(f"must be a string, got {type(session_id).__name__}")
+    if not session_id:
+        raise InvalidSessionId("must not be empty")
+    if len(session_id) > MAX_SESSION_ID_LENGTH:
+        raise InvalidSessionId(
+            f"is {len(session_id)} characters long; the maximum is {MAX_SESSION_ID_LENGTH}"
+        )
+    if session_id.isspace():
+        raise InvalidSessionId("must not be only whitespace")
+    for index, char in enumerate(session_id):
+        category = unicodedata.category(char)
+        if category == "Cc":
+            raise InvalidSessionId(
+                f"control character U+{ord(char):04X} at position {index} is not allowed"
+            )
+        if category == "Cs":
+            # A lone surrogate is what undecodable bytes in argv become; it cannot be
+            # written back out as UTF-8, so it could never round-trip.
+            raise InvalidSessionId(f"position {index} is not valid UTF-8")
+    return session_id
+
+
+def isoformat(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def template_fields(template: str) -> list[str]:
+    """Names a `{...}` template refers to; raises ValueError for anything but plain names."""
+    names: list[str] = []
+    for _literal, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if spec or conversion:
+            raise ValueError(f"format specs and conversions are not allowed in {{{name}}}")
+        if not name.isidentifier():
+            raise ValueError(f"{{{name}}} is not a plain field name")
+        names.append(name)
+    return names
+
+
+def render_template(template: str, fields: dict[str, str]) -> str:
+    """Substitute plain `{name}` fields; the profile loader has already vetted the names."""
+    out: list[str] = []
+    for literal, name, _spec, _conversion in string.Formatter().parse(template):
+        out.append(literal)
+        if name is not None:
+            out.append(fields[name])
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Named ports at fixed offsets in a block, and the variables that expose them."""
+
+    ports: tuple[tuple[str, int], ...]
+    env: tuple[tuple[str, str], ...]
+    compose_prefix: str = "ac"
+    source: Path | None = None
+
+    @property
+    def span_needed(self) -> int:
+        return max(offset for _name, offset in self.ports) + 1
+
+    def allowed_fields(self) -> set[str]:
+        return {f"{name}_port" for name, _ in self.ports} | {"compose_project_name", "session_id"}
+
+
+DEFAULT_PROFILE = Profile(
+    ports=(("db", 0), ("rest", 1), ("realtime", 2), ("api", 3)),
+    env=(
+        ("AGENT_COORDINATOR_DB_PORT", "{db_port}"),
+        ("AGENT_COORDINATOR_REST_PORT", "{rest_port}"),
+        ("AGENT_COORDINATOR_REALTIME_PORT", "{realtime_port}"),
+        ("API_PORT", "{api_port}"),
+        ("COMPOSE_PROJECT_NAME", "{compose_project_name}"),
+        ("SUPABASE_URL", "http://localhost:{rest_port}"),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process a lease lives with: PID plus its start time, so a reused PID is not it."""
+
+    pid: int
+    start_ticks: int | None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One session's block of ports, as recorded in the ledger."""
+
+    session_id: str
+    start: int
+    span: int
+    ports: tuple[tuple[str, int], ...]
+    env: tuple[tuple[str, str], ...]
+    compose_project_name: str
+    created_at: datetime
+    expires_at: datetime
+    ttl_minutes: int
+    owner: Owner | None = None
+    worktree: str | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.span - 1
+
+    def overlaps(self, start: int, end: int) -> bool:
+        return self.start <= end and start <= self.end
+
+    def expired(self, now: datetime) -> bool:
+        return now >= self.expires_at
+
+    def port_named(self, name: str) -> int | None:
+        return dict(self.ports).get(name)
+
+
+@dataclass(frozen=True)
+class PortAllocation:
+    """A lease as users see it: ports, names, timestamps and the environment block."""
+
+    session_id: str
+    ports: dict[str, int]
+    compose_project_name: str
+    created_at: datetime
+    expires_at: datetime
+    ttl_remaining_minutes: float
+    env: dict[str, str]
+    block_start: int
+    block_end: int
+    pid: int | None = None
+    worktree: str | None = None
+
+    @classmethod
+    def from_lease(cls, lease: Lease, now: datetime) -> PortAllocation:
+        remaining = max(0.0, (lease.expires_at - now).total_seconds() / 60)
+        return cls(
+            session_id=lease.session_id,
+            ports=dict(lease.ports),
+            compose_project_name=lease.compose_project_name,
+            created_at=lease.created_at,
+            expires_at=lease.expires_at,
+            ttl_remaining_minutes=round(remaining, 2),
+            env=dict(lease.env),
+            block_start=lease.start,
+            block_end=lease.end,
+            pid=lease.owner.pid if lease.owner else None,
+            worktree=lease.worktree,
+        )
+
+    def __getattr__(self, name: str) -> int:
+        # `a.rest_port` for whatever ports the profile names.
+        if name.endswith("_port"):
+            ports = self.__dict__.get("ports", {})
+            if name[: -len("_port")] in ports:
+                port: int = ports[name[: -len("_port")]]
+                return port
+        raise AttributeError(name)
+
+    @property
+    def env_snippet(self) -> str:
+        from portalloc.render import render_sh
+
+        return render_sh(self.env)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"session_id": self.session_id}
+        for name, port in self.ports.items():
+            data[f"{name}_port"] = port
+        data.update(
+            compose_project_name=self.compose_project_name,
+            created_at=isoformat(self.created_at),
+            expires_at=isoformat(self.expires_at),
+            ttl_remaining_minutes=self.ttl_remaining_minutes,
+            block_start=self.block_start,
+            block_end=self.block_end,
+            pid=self.pid,
+            worktree=self.worktree,
+            env=self.env,
+        )
+        return data

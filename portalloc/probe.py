@@ -1,0 +1,102 @@
+"""Questions to the OS: is this port bindable, is this process still the one we recorded."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from functools import cache
+from pathlib import Path
+
+from portalloc.models import Owner
+
+
+@cache
+def _has_ipv6() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def _addresses() -> list[tuple[socket.AddressFamily, str]]:
+    addrs = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0")]
+    if _has_ipv6():
+        addrs += [(socket.AF_INET6, "::1"), (socket.AF_INET6, "::")]
+    return addrs
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a normal server could bind and listen on PORT on every local address.
+
+    SO_REUSEADDR is set as servers set it, so TIME_WAIT leftovers do not count as busy,
+    while on Linux a socket in LISTEN on the port still makes the bind fail.
+    """
+    for family, host in _addresses():
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # Judge the IPv6 stack on its own; the IPv4 wildcard was tried above.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    return False
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    continue
+                raise
+    return True
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), or None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, it is just not ours
+    return True
+
+
+def owner_of(pid: int) -> Owner:
+    return Owner(pid=pid, start_ticks=process_start_ticks(pid))
+
+
+def owner_alive(owner: Owner) -> bool:
+    """Alive means the PID exists and, where the OS tells, started when we recorded it."""
+    if not pid_exists(owner.pid):
+        return False
+    if owner.start_ticks is None:
+        return True
+    current = process_start_ticks(owner.pid)
+    if current is None:
+        return True  # no /proc: the PID check is all we have
+    if current != owner.start_ticks:
+        return False
+    # A zombie has exited; its parent just has not reaped it yet.
+    try:
+        state = Path(f"/proc/{owner.pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rfind(")") + 2 :][:1] != "Z"

@@ -1,0 +1,67 @@
+"""The environment block as sh, fish, dotenv or JSON, quoted so no value can execute."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Mapping
+
+from portalloc.errors import UsageError
+
+FORMATS = ("sh", "fish", "dotenv", "json")
+_BARE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+
+
+def render_sh(env: Mapping[str, str]) -> str:
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+
+
+def fish_quote(value: str) -> str:
+    if _BARE.match(value):
+        return value
+    # Inside fish single quotes only \\ and \' are escapes; nothing expands.
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def render_fish(env: Mapping[str, str]) -> str:
+    return "".join(f"set -gx {name} {fish_quote(value)}\n" for name, value in env.items())
+
+
+def dotenv_quote(name: str, value: str) -> str:
+    """Quote so docker compose and python-dotenv both read VALUE back unchanged."""
+    if _BARE.match(value):
+        return value
+    if not any(char in value for char in "'\\\n\r"):
+        # Single quotes: neither reader expands or unescapes anything inside.
+        return f"'{value}'"
+    if "$" in value:
+        # Inside double quotes both readers expand variables, and they disagree
+        # on how to escape a dollar sign: no spelling is read back the same.
+        raise UsageError(
+            f"{name} cannot be written as dotenv: it holds both a quote or backslash and '$'"
+        )
+    escaped = (
+        value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    )
+    return f'"{escaped}"'
+
+
+def render_dotenv(env: Mapping[str, str]) -> str:
+    return "".join(f"{name}={dotenv_quote(name, value)}\n" for name, value in env.items())
+
+
+def render_json(env: Mapping[str, str]) -> str:
+    return json.dumps(dict(env), indent=2) + "\n"
+
+
+def render(env: Mapping[str, str], fmt: str) -> str:
+    if fmt == "sh":
+        return render_sh(env)
+    if fmt == "fish":
+        return render_fish(env)
+    if fmt == "dotenv":
+        return render_dotenv(env)
+    if fmt == "json":
+        return render_json(env)
+    raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
