@@ -14,7 +14,7 @@ import typer
 
 from portalloc import __version__
 from portalloc.config import PortAllocatorConfig
-from portalloc.errors import NoPortsAvailable, PortallocError, UsageError
+from portalloc.errors import MissingExtra, NoPortsAvailable, PortallocError, UsageError
 from portalloc.render import FORMATS, render
 
 if TYPE_CHECKING:
@@ -312,6 +312,44 @@ def prune(json_output: JsonOpt = False) -> None:
         _out("nothing to reclaim\n")
     for item in reclaimed:
         _out(f"reclaimed {item.lease.session_id} ({item.reason}, block {item.lease.start})\n")
+
+
+def _import_adapter(module: str, extra: str, packages: tuple[str, ...]) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing in packages:
+            raise MissingExtra(extra, missing) from None
+        raise
+
+
+@app.command()
+def mcp() -> None:
+    """Serve the MCP tools (allocate_ports, release_ports, ports_status) on stdio."""
+    with _errors():
+        adapter = _import_adapter("portalloc.adapters.mcp", "mcp", ("mcp",))
+        adapter.run_stdio()
+
+
+DEFAULT_HTTP_PORT = 7878
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", help="Port to listen on.", min=1, max=65535)
+    ] = DEFAULT_HTTP_PORT,
+) -> None:
+    """Serve the HTTP API; needs PORTALLOC_API_KEY."""
+    with _errors():
+        adapter = _import_adapter(
+            "portalloc.adapters.http", "http", ("fastapi", "uvicorn", "starlette", "pydantic")
+        )
+        adapter.serve(host=host, port=port)
 
 
 def main(argv: list[str] | None = None) -> int:
