@@ -168,9 +168,7 @@ def grant(
                 chosen = start
                 break
     if chosen is None:
-        raise NoPortsAvailable(
-            f"every block in {config.base}-{config.span_end} is taken or busy"
-        )
+        raise NoPortsAvailable(f"every block in {config.base}-{config.span_end} is taken or busy")
 
     taken_names = {lease.compose_project_name for lease in state.leases.values()}
     lease = new_lease(request, chosen, now, expires_at, taken_names)
@@ -185,7 +183,9 @@ def grant(
 
 def _is_block(start: int, config: PortAllocatorConfig) -> bool:
     offset = start - config.base
-    return offset >= 0 and offset % config.range == 0 and offset // config.range < config.max_sessions
+    return (
+        offset >= 0 and offset % config.range == 0 and offset // config.range < config.max_sessions
+    )
 
 
 def new_lease(

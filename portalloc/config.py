@@ -81,7 +81,9 @@ class PortAllocatorConfig:
     def with_ttl(self, ttl_minutes: int | None, source: str = "--ttl") -> PortAllocatorConfig:
         if ttl_minutes is None:
             return self
-        return replace(self, ttl_minutes=ttl_minutes, sources={**self.sources, "ttl_minutes": source})
+        return replace(
+            self, ttl_minutes=ttl_minutes, sources={**self.sources, "ttl_minutes": source}
+        )
 
     @classmethod
     def from_env(
@@ -206,7 +208,9 @@ def load_project_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     known = {"base", "range", "ttl_minutes", "max_sessions", "compose_prefix", "ports", "env"}
     for key in table:
         if key not in known:
-            raise ProfileError(path, prefix + key, f"unknown key (known: {', '.join(sorted(known))})")
+            raise ProfileError(
+                path, prefix + key, f"unknown key (known: {', '.join(sorted(known))})"
+            )
     for key in ("base", "range", "ttl_minutes", "max_sessions"):
         if key in table:
             value = table[key]

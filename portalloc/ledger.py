@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -128,7 +129,7 @@ def lease_from_raw(raw: object) -> Lease:
 def validate(state: LedgerState) -> None:
     """Refuse to write a ledger that breaks an invariant (overlapping spans, bad ports)."""
     spans = sorted((lease.start, lease.end, lease.session_id) for lease in state.leases.values())
-    for (_s1, end1, id1), (start2, _e2, id2) in zip(spans, spans[1:], strict=False):
+    for (_s1, end1, id1), (start2, _e2, id2) in pairwise(spans):
         if start2 <= end1:
             raise AssertionError(f"leases {id1!r} and {id2!r} overlap")
     for session_id, lease in state.leases.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -235,9 +234,8 @@ def env(
             if not tree.is_dir():
                 raise UsageError(f"--worktree {worktree}: not a directory")
         elif session is None:
-            tree = _worktree_top(Path(os.getcwd()))
+            tree = _worktree_top(Path.cwd())
         if session is None:
-            assert tree is not None
             session = str(tree)
         allocation = _service().allocate(session, ttl_minutes=ttl, pid=pid, worktree=tree)
         text = render(allocation.env, fmt)
@@ -275,7 +273,9 @@ def run(
     command: Annotated[
         list[str], typer.Argument(help="The command to run, after `--`.", metavar="-- COMMAND...")
     ],
-    keep: Annotated[bool, typer.Option("--keep", help="Keep the lease after COMMAND ends.")] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the lease after COMMAND ends.")
+    ] = False,
     ttl: TtlOpt = None,
 ) -> None:
     """Run COMMAND with SESSION's ports in its environment; release when it ends."""

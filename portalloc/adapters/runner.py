@@ -31,8 +31,10 @@ def run_with_lease(
 ) -> int:
     """Run COMMAND with the lease's environment; return its exit code (128+N for signal N)."""
     # The lease is tied to this process: if `portalloc run` is killed outright,
-    # the next operation sees its owner dead and reclaims the block.
-    allocation = service.allocate(session_id, ttl_minutes=ttl_minutes, pid=os.getpid())
+    # the next operation sees its owner dead and reclaims the block. With --keep
+    # the lease must outlive us, so only its TTL ends it.
+    owner = None if keep else os.getpid()
+    allocation = service.allocate(session_id, ttl_minutes=ttl_minutes, pid=owner)
     env = {**os.environ, **allocation.env}
     try:
         try:
@@ -53,7 +55,8 @@ def run_with_lease(
                 pass
 
         previous = {
-            sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            sig: signal.signal(sig, forward)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         }
         try:
             code = child.wait()

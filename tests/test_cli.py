@@ -1,0 +1,299 @@
+"""The `portalloc` command as users run it: real processes, outputs and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_cli
+
+DEFAULT_VARS = [
+    "AGENT_COORDINATOR_DB_PORT",
+    "AGENT_COORDINATOR_REST_PORT",
+    "AGENT_COORDINATOR_REALTIME_PORT",
+    "API_PORT",
+    "COMPOSE_PROJECT_NAME",
+    "SUPABASE_URL",
+]
+
+
+def test_allocate_json_shape_and_idempotence() -> None:
+    first = run_cli("allocate", "worktree-1", "--json")
+    assert first.returncode == 0
+    body = json.loads(first.stdout)
+    assert body["success"] is True
+    allocation = body["allocation"]
+    assert allocation["db_port"] == 10000 and allocation["api_port"] == 10003
+    assert allocation["compose_project_name"].startswith("ac-")
+    assert body["env_snippet"].startswith("export AGENT_COORDINATOR_DB_PORT=10000\n")
+    again = json.loads(run_cli("allocate", "worktree-1", "--json").stdout)
+    assert again["allocation"]["db_port"] == 10000
+    assert again["allocation"]["created_at"] == allocation["created_at"]
+
+
+def test_allocate_human_output() -> None:
+    result = run_cli("allocate", "w")
+    assert result.returncode == 0
+    assert "db=10000" in result.stdout and "api=10003" in result.stdout
+
+
+def test_release_json_and_idempotent() -> None:
+    run_cli("allocate", "s")
+    assert json.loads(run_cli("release", "s", "--json").stdout) == {
+        "success": True,
+        "released": True,
+    }
+    again = run_cli("release", "s", "--json")
+    assert again.returncode == 0
+    assert json.loads(again.stdout) == {"success": True, "released": False}
+
+
+def test_status_json_and_table() -> None:
+    run_cli("allocate", "a")
+    run_cli("allocate", "b", "--ttl", "5")
+    listing = json.loads(run_cli("status", "--json").stdout)
+    assert [item["session_id"] for item in listing] == ["a", "b"]
+    assert listing[1]["ttl_remaining_minutes"] <= 5.0
+    table = run_cli("status", env={"COLUMNS": "200"})
+    assert table.returncode == 0
+    assert "2 active / 20 max" in table.stdout
+    assert "10100-10199" in table.stdout
+
+
+def test_env_formats_are_exact() -> None:
+    sh = run_cli("env", "s").stdout
+    assert [line.split("=")[0] for line in sh.splitlines()] == [f"export {v}" for v in DEFAULT_VARS]
+    assert "export SUPABASE_URL=http://localhost:10001\n" in sh
+    fish = run_cli("env", "s", "--format", "fish").stdout
+    assert fish.splitlines()[0] == "set -gx AGENT_COORDINATOR_DB_PORT 10000"
+    dotenv = run_cli("env", "s", "--format", "dotenv").stdout
+    assert dotenv.splitlines()[3] == "API_PORT=10003"
+    as_json = json.loads(run_cli("env", "s", "--format", "json").stdout)
+    assert list(as_json) == DEFAULT_VARS
+    assert all(isinstance(value, str) for value in as_json.values())
+    bad = run_cli("env", "s", "--format", "xml")
+    assert bad.returncode == 2 and "unknown format" in bad.stderr
+
+
+def test_env_refreshes_ttl_and_reuses_lease() -> None:
+    run_cli("allocate", "s", "--ttl", "1")
+    run_cli("env", "s", "--ttl", "30")
+    [lease] = json.loads(run_cli("status", "--json").stdout)
+    assert lease["ttl_remaining_minutes"] > 29
+
+
+def test_eval_env_in_bash(tmp_path: Path) -> None:
+    portalloc = f"{shlex.quote(sys.executable)} -m portalloc"
+    script = (
+        f"cd {shlex.quote(str(tmp_path))} && "
+        f'eval "$({portalloc} env)" && echo "$API_PORT $SUPABASE_URL"'
+    )
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout == "10003 http://localhost:10001\n"
+
+
+def test_env_default_session_is_git_worktree_top(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "src" / "deep").mkdir(parents=True)
+    (repo / ".git").mkdir()
+    linked = tmp_path / "linked"
+    (linked / "sub").mkdir(parents=True)
+    (linked / ".git").write_text("gitdir: /elsewhere\n")  # a linked worktree has a .git file
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    run_cli("env", cwd=repo / "src" / "deep")
+    run_cli("env", cwd=linked / "sub")
+    run_cli("env", cwd=outside)
+    sessions = {item["session_id"] for item in json.loads(run_cli("status", "--json").stdout)}
+    assert sessions == {str(repo), str(linked), str(outside)}
+    listing = json.loads(run_cli("status", "--json").stdout)
+    assert {item["worktree"] for item in listing} == sessions
+
+
+def test_env_for_worktree_is_reclaimed_when_directory_goes(tmp_path: Path) -> None:
+    tree = tmp_path / "wt"
+    tree.mkdir()
+    run_cli("env", "--worktree", str(tree))
+    tree.rmdir()
+    result = run_cli("prune", "--json")
+    assert json.loads(result.stdout)["reclaimed"][0]["reason"] == "worktree_gone"
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("rest", "10001"),
+        ("rest_port", "10001"),
+        ("AGENT_COORDINATOR_REST_PORT", "10001"),
+        ("SUPABASE_URL", "http://localhost:10001"),
+    ],
+)
+def test_get_keys(key: str, expected: str) -> None:
+    run_cli("allocate", "s")
+    result = run_cli("get", "s", key)
+    assert result.returncode == 0
+    assert result.stdout == expected + "\n"
+
+
+def test_get_compose_name_unknown_key_and_missing_session() -> None:
+    allocation = json.loads(run_cli("allocate", "s", "--json").stdout)["allocation"]
+    assert (
+        run_cli("get", "s", "compose_project_name").stdout.strip()
+        == (allocation["compose_project_name"])
+    )
+    unknown = run_cli("get", "s", "nope")
+    assert unknown.returncode == 2 and "unknown key" in unknown.stderr
+    missing = run_cli("get", "ghost", "rest")
+    assert missing.returncode == 1
+    assert missing.stdout == ""
+    assert missing.stderr == "portalloc: no active lease for session 'ghost'\n"
+    assert [i["session_id"] for i in json.loads(run_cli("status", "--json").stdout)] == ["s"]
+
+
+def test_exhaustion_exit_3_and_json_body() -> None:
+    env = {"PORT_ALLOC_MAX_SESSIONS": "1"}
+    assert run_cli("allocate", "a", env=env).returncode == 0
+    full = run_cli("allocate", "b", "--json", env=env)
+    assert full.returncode == 3
+    assert json.loads(full.stdout) == {"success": False, "error": "no_ports_available"}
+    assert full.stderr.startswith("portalloc: no ports available")
+    plain = run_cli("env", "b", env=env)
+    assert plain.returncode == 3 and plain.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["allocate", ""],
+        ["allocate", "   "],
+        ["allocate", "a\nb"],
+        ["env", "x\x1by"],
+        ["release", "tab\there"],
+        ["get", "", "rest"],
+        ["allocate", "a" * 4097],
+    ],
+)
+def test_invalid_session_id_exit_2_nothing_written(state_dir: Path, args: list[str]) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("portalloc: invalid session id")
+    assert result.stderr.count("\n") == 1
+    assert not (state_dir / "leases.json").exists()
+
+
+def test_usage_errors_exit_2() -> None:
+    assert run_cli("allocate").returncode == 2
+    assert run_cli("allocate", "s", "--ttl", "0").returncode == 2
+    assert run_cli("allocate", "s", "--ttl", "abc").returncode == 2
+    assert run_cli("bogus").returncode == 2
+
+
+def test_hostile_session_ids_round_trip_and_stay_inert(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    hostile = [
+        f"$(touch {marker})",
+        f"`touch {marker}`",
+        f"'; touch {marker}; '",
+        f'"; touch {marker}; "',
+        "/home/me/my project/ünïcødé",
+        "a" * 4096,
+    ]
+    for session in hostile:
+        result = run_cli("allocate", session, "--json")
+        assert result.returncode == 0
+        assert json.loads(result.stdout)["allocation"]["session_id"] == session
+        script = f'eval "$({shlex.quote(sys.executable)} -m portalloc env {shlex.quote(session)})"'
+        subprocess.run(["bash", "-c", script], check=True)
+    assert not marker.exists()
+    listed = [item["session_id"] for item in json.loads(run_cli("status", "--json").stdout)]
+    assert sorted(listed) == sorted(hostile)
+
+
+def test_run_passes_env_releases_and_propagates_exit_code() -> None:
+    result = run_cli("run", "job", "--", "sh", "-c", 'echo "$API_PORT"; exit 7')
+    assert result.returncode == 7
+    assert result.stdout == "10003\n"
+    assert json.loads(run_cli("status", "--json").stdout) == []
+
+
+def test_run_keep_and_missing_command() -> None:
+    assert run_cli("run", "--keep", "job", "--", "true").returncode == 0
+    assert [i["session_id"] for i in json.loads(run_cli("status", "--json").stdout)] == ["job"]
+    missing = run_cli("run", "other", "--", "definitely-not-a-command-xyz")
+    assert missing.returncode == 127
+    assert "command not found" in missing.stderr
+
+
+def test_run_forwards_sigterm_and_releases(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    child = (
+        "import signal, sys, pathlib, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
+        f"pathlib.Path({str(ready)!r}).write_text('x')\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portalloc", "run", "sig", "--", sys.executable, "-c", child],
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline, "child never started"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 42
+    assert json.loads(run_cli("status", "--json").stdout) == []
+
+
+def test_run_killed_outright_leaves_lease_for_reclaim(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "portalloc",
+            "run",
+            "doomed",
+            "--",
+            "sh",
+            "-c",
+            f"touch {shlex.quote(str(ready))}; sleep 60",
+        ],
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    result = json.loads(run_cli("prune", "--json").stdout)
+    assert [(r["session_id"], r["reason"]) for r in result["reclaimed"]] == [
+        ("doomed", "owner_dead")
+    ]
+
+
+def test_prune_human_output() -> None:
+    assert run_cli("prune").stdout == "nothing to reclaim\n"
+
+
+def test_version_and_help() -> None:
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("portalloc ")
+    helptext = run_cli("--help").stdout
+    for command in ("allocate", "release", "status", "env", "get", "run", "prune"):
+        assert command in helptext
+
+
+def test_console_script_matches_module() -> None:
+    exe = Path(sys.executable).with_name("portalloc")
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout == run_cli("--version").stdout

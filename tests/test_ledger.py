@@ -1,0 +1,106 @@
+"""The ledger file: modes, versioning, quarantine of corrupt files, unwritable state dirs."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from portalloc.ledger import LEDGER_VERSION
+from tests.helpers import run_cli
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_new_state_dir_and_files_are_private(state_dir: Path) -> None:
+    assert run_cli("allocate", "s").returncode == 0
+    assert mode(state_dir) == 0o700
+    assert mode(state_dir / "leases.json") == 0o600
+    assert mode(state_dir / "leases.json.lock") == 0o600
+    assert sorted(p.name for p in state_dir.iterdir()) == ["leases.json", "leases.json.lock"]
+
+
+def test_group_shared_state_dir_keeps_group_access(state_dir: Path) -> None:
+    state_dir.mkdir()
+    state_dir.chmod(0o2770)
+    assert run_cli("allocate", "s").returncode == 0
+    assert mode(state_dir) == 0o2770
+    assert mode(state_dir / "leases.json") == 0o660
+    assert mode(state_dir / "leases.json") & 0o007 == 0
+
+
+def test_document_has_version_and_leases(state_dir: Path) -> None:
+    run_cli("allocate", "s")
+    document = json.loads((state_dir / "leases.json").read_text())
+    assert document["version"] == LEDGER_VERSION
+    assert [lease["session_id"] for lease in document["leases"]] == ["s"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"[1, 2]", b'{"version": 1, "leases": "x"}', b"\xff\xfe", b""],
+    ids=["garbage", "list", "wrong-shape", "binary", "empty"],
+)
+def test_corrupt_ledger_is_moved_aside_with_warning(state_dir: Path, content: bytes) -> None:
+    state_dir.mkdir(mode=0o700)
+    (state_dir / "leases.json").write_bytes(content)
+    result = run_cli("allocate", "s", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["allocation"]["db_port"] == 10000
+    aside = list(state_dir.glob("leases.json.corrupt-*"))
+    assert len(aside) == 1
+    assert aside[0].read_bytes() == content
+    assert str(state_dir / "leases.json") in result.stderr
+    assert str(aside[0]) in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_overlapping_leases_count_as_corrupt(state_dir: Path) -> None:
+    run_cli("allocate", "a")
+    run_cli("allocate", "b")
+    path = state_dir / "leases.json"
+    document = json.loads(path.read_text())
+    document["leases"][1]["start"] = document["leases"][0]["start"]
+    path.write_text(json.dumps(document))
+    result = run_cli("status", "--json")
+    assert result.returncode == 0
+    assert "overlap" in result.stderr
+    assert len(list(state_dir.glob("leases.json.corrupt-*"))) == 1
+
+
+def test_newer_version_is_never_overwritten(state_dir: Path) -> None:
+    state_dir.mkdir(mode=0o700)
+    newer = json.dumps({"version": LEDGER_VERSION + 1, "leases": "future format"})
+    (state_dir / "leases.json").write_text(newer)
+    for command in (["allocate", "s"], ["release", "s"], ["status"], ["prune"]):
+        result = run_cli(*command)
+        assert result.returncode == 1
+        assert "written by a newer portalloc" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert (state_dir / "leases.json").read_text() == newer
+
+
+@pytest.mark.parametrize("kind", ["file-in-the-way", "under-proc"])
+def test_unusable_state_dir_exits_1_with_one_line(tmp_path: Path, kind: str) -> None:
+    if kind == "file-in-the-way":
+        blocker = tmp_path / "blocker"
+        blocker.write_text("")
+        target = blocker / "state"
+    else:
+        target = Path("/proc/portalloc-cannot-live-here")
+    result = run_cli("allocate", "s", env={"PORTALLOC_STATE_DIR": str(target)})
+    assert result.returncode == 1
+    assert result.stderr.startswith("portalloc: ledger ")
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_no_temp_files_left_after_writes(state_dir: Path) -> None:
+    for name in ("a", "b", "c"):
+        run_cli("allocate", name)
+    run_cli("release", "b")
+    assert not list(state_dir.glob(".leases.*"))
