@@ -100,3 +100,60 @@ def owner_alive(owner: Owner) -> bool:
     except OSError:
         return False
     return state[state.rfind(")") + 2 :][:1] != "Z"
+
+
+def is_listening(port: int, timeout: float = 0.2) -> bool:
+    """Whether something accepts TCP connections on PORT on the loopback addresses."""
+    hosts = ["127.0.0.1", "::1"] if _has_ipv6() else ["127.0.0.1"]
+    for host in hosts:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
+                inodes.add(fields[9])
+    return inodes
+
+
+def listening_processes(port: int) -> list[tuple[int, str]]:
+    """(pid, command line) of processes with a LISTEN socket on PORT, where /proc tells."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return []
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    found: list[tuple[int, str]] = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            fds = list((proc_dir / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if str(fd.readlink()) in targets:
+                    raw = (proc_dir / "cmdline").read_bytes()
+                    command = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+                    found.append((int(proc_dir.name), command))
+                    break
+            except OSError:
+                continue
+    return found

@@ -234,7 +234,7 @@ def env(
             if not tree.is_dir():
                 raise UsageError(f"--worktree {worktree}: not a directory")
         elif session is None:
-            tree = _worktree_top(Path.cwd())
+            tree = Path(_session_or_worktree(None))
         if session is None:
             session = str(tree)
         allocation = _service().allocate(session, ttl_minutes=ttl, pid=pid, worktree=tree)
@@ -312,6 +312,101 @@ def prune(json_output: JsonOpt = False) -> None:
         _out("nothing to reclaim\n")
     for item in reclaimed:
         _out(f"reclaimed {item.lease.session_id} ({item.reason}, block {item.lease.start})\n")
+
+
+def _session_or_worktree(session: str | None) -> str:
+    return session if session is not None else str(_worktree_top(Path.cwd()))
+
+
+@app.command()
+def check(
+    session: Annotated[
+        str | None,
+        typer.Argument(help="Session id; default: the current git worktree's top directory."),
+    ] = None,
+    wait: Annotated[
+        float | None,
+        typer.Option("--wait", help="Wait up to SECONDS until every port listens.", min=0),
+    ] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Show which of the session's named ports have a listener now (or wait for them)."""
+    import time
+
+    from portalloc.probe import is_listening
+
+    with _errors(json_output):
+        allocation = _service().get(_session_or_worktree(session))
+    deadline = time.monotonic() + (wait or 0)
+    while True:
+        state = {name: is_listening(port) for name, port in allocation.ports.items()}
+        if all(state.values()) or wait is None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    closed = [f"{name} ({allocation.ports[name]})" for name, up in state.items() if not up]
+    if json_output:
+        _print_json(
+            {
+                "session_id": allocation.session_id,
+                "all_listening": not closed,
+                "ports": {
+                    name: {"port": allocation.ports[name], "listening": up}
+                    for name, up in state.items()
+                },
+            }
+        )
+    else:
+        for name, up in state.items():
+            _out(f"{name:<10} {allocation.ports[name]:>5}  {'listening' if up else 'closed'}\n")
+    if wait is not None and closed:
+        _err(f"still closed after {wait:g}s: {', '.join(closed)}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def why(
+    port: Annotated[int, typer.Argument(help="A TCP port number.", min=1, max=65535)],
+    json_output: JsonOpt = False,
+) -> None:
+    """Which lease holds PORT, whether something listens on it, and which process."""
+    from portalloc.probe import is_listening, listening_processes
+
+    with _errors(json_output):
+        service = _service()
+        holder = next((a for a in service.status() if a.block_start <= port <= a.block_end), None)
+    named = None
+    if holder is not None:
+        named = next((name for name, p in holder.ports.items() if p == port), None)
+    processes = listening_processes(port)
+    listening = bool(processes) or is_listening(port)
+    if json_output:
+        _print_json(
+            {
+                "port": port,
+                "session_id": holder.session_id if holder else None,
+                "block_start": holder.block_start if holder else None,
+                "block_end": holder.block_end if holder else None,
+                "port_name": named,
+                "listening": listening,
+                "processes": [{"pid": pid, "command": cmd} for pid, cmd in processes],
+            }
+        )
+        return
+    if holder is None:
+        _out(f"port {port}: no active lease holds it\n")
+    else:
+        role = f" as {named}" if named else " (unnamed port in the block)"
+        _out(
+            f"port {port}: session {holder.session_id}{role}, "
+            f"block {holder.block_start}-{holder.block_end}\n"
+        )
+    if not listening:
+        _out("  nothing listens on it now\n")
+    elif processes:
+        for pid, cmd in processes:
+            _out(f"  listening: pid {pid} {cmd}\n")
+    else:
+        _out("  something listens on it (the OS does not say which process)\n")
 
 
 def _import_adapter(module: str, extra: str, packages: tuple[str, ...]) -> Any:
