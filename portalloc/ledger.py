@@ -308,34 +308,39 @@ class Ledger:
         """Validate, then write atomically and durably. Call only while holding the lock."""
         validate(state)
         payload = json.dumps(state_to_raw(state), ensure_ascii=False, separators=(",", ":"))
-        mode = self._file_mode()
-        tmp: str | None = None
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".leases.", suffix=".tmp", dir=self.state_dir)
-            try:
-                if mode != 0o600:
-                    os.fchmod(fd, mode)
-                data = memoryview(payload.encode("utf-8"))
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            tmp = None
-            dir_fd = os.open(self.state_dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(self.path, payload.encode("utf-8"), self._file_mode())
         except OSError as exc:
             raise LedgerError(self.path, f"cannot write: {exc.strerror or exc}") from None
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace PATH with DATA so a crash leaves the old or the new file, never a torn one."""
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            if mode != 0o600:
+                os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
         finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def utcnow() -> datetime:

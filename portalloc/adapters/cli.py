@@ -28,6 +28,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+MANIFEST_NAME = ".worktree-ports.json"
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 TtlOpt = Annotated[
     int | None, typer.Option("--ttl", help="Lease lifetime in minutes (default 120).", min=1)
@@ -223,6 +224,13 @@ def env(
         Path | None,
         typer.Option("--worktree", help="Lease for this worktree; reclaimed once it is gone."),
     ] = None,
+    write: Annotated[
+        Path | None,
+        typer.Option(
+            "--write",
+            help=f"Also write the allocation as JSON to FILE (a directory gets {MANIFEST_NAME}).",
+        ),
+    ] = None,
 ) -> None:
     """Allocate or reuse SESSION's lease and print its environment block."""
     with _errors():
@@ -239,7 +247,20 @@ def env(
             session = str(tree)
         allocation = _service().allocate(session, ttl_minutes=ttl, pid=pid, worktree=tree)
         text = render(allocation.env, fmt)
+        if write is not None:
+            _write_manifest(write, allocation)
     _out(text)
+
+
+def _write_manifest(target: Path, allocation: PortAllocation) -> None:
+    from portalloc.ledger import atomic_write
+
+    path = target / MANIFEST_NAME if target.is_dir() else target
+    data = json.dumps(allocation.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    try:
+        atomic_write(path, data.encode("utf-8"), mode=0o644)
+    except OSError as exc:
+        raise PortallocError(f"--write {target}: {exc.strerror or exc}") from None
 
 
 def _lookup(allocation: PortAllocation, key: str) -> str:
