@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import portalloc.config
-from portalloc.service import get_port_allocator
+from portalloc.config import PortAllocatorConfig
+from portalloc.service import PortAllocatorService, get_port_allocator
 from tests.helpers import FakeClock
 
 ENV_VARS = (
@@ -26,6 +27,17 @@ ENV_VARS = (
     "API_PORT",
     "COMPOSE_PROJECT_NAME",
 )
+
+
+# portalloc's own integration tests find their ports the way users' tests do.
+pytest_plugins = ["portalloc.pytest_plugin"]
+
+
+@pytest.fixture(scope="session")
+def portalloc_service(tmp_path_factory: pytest.TempPathFactory) -> PortAllocatorService:
+    """The plugin leases from a session-private ledger, never the user's."""
+    state = tmp_path_factory.mktemp("plugin-state")
+    return PortAllocatorService(PortAllocatorConfig(state_dir=state, base=40000))
 
 
 def _no_default_state_dir() -> Path:

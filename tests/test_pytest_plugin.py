@@ -1,0 +1,100 @@
+"""The opt-in pytest plugin, run the way users run it: a real pytest in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from portalloc.config import PortAllocatorConfig
+from portalloc.pytest_plugin import PortallocPorts, ports_from_environment, session_key
+from tests.helpers import run_cli
+
+INNER_TEST = """
+import json, os, pathlib
+
+def test_ports(portalloc_ports):
+    out = {
+        "rest_url": portalloc_ports.url("rest", 3000),
+        "api": portalloc_ports.port("api", 8000),
+        "session_id": portalloc_ports.session_id,
+        "from_environment": portalloc_ports.from_environment,
+    }
+    pathlib.Path(os.environ["PLUGIN_OUT"]).write_text(json.dumps(out))
+"""
+
+
+def run_inner_pytest(tmp_path: Path, env: dict[str, str]) -> dict[str, object]:
+    project = tmp_path / "project"
+    project.mkdir(exist_ok=True)
+    (project / ".git").mkdir(exist_ok=True)
+    (project / "test_inner.py").write_text(INNER_TEST)
+    out = tmp_path / "out.json"
+    full_env = {**os.environ, "PLUGIN_OUT": str(out), **env}
+    full_env.pop("PYTEST_ADDOPTS", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "portalloc.pytest_plugin",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(project),
+        ],
+        cwd=project,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data: dict[str, object] = json.loads(out.read_text())
+    return data
+
+
+def test_plugin_leases_a_block_and_releases_it(tmp_path: Path) -> None:
+    seen = run_inner_pytest(tmp_path, {})
+    assert seen["rest_url"] == "http://localhost:10001"
+    assert seen["api"] == 10003
+    assert seen["from_environment"] is False
+    assert seen["session_id"] == session_key(tmp_path / "project", None)
+    assert json.loads(run_cli("status", "--json").stdout) == []
+
+
+def test_plugin_uses_ports_already_in_the_environment(tmp_path: Path) -> None:
+    seen = run_inner_pytest(tmp_path, {"AGENT_COORDINATOR_REST_PORT": "13000"})
+    assert seen["rest_url"] == "http://localhost:13000"
+    assert seen["api"] == 8000  # unset: the caller's default
+    assert seen["from_environment"] is True
+    assert not (Path(os.environ["PORTALLOC_STATE_DIR"]) / "leases.json").exists()
+
+
+def test_session_key_includes_xdist_worker(tmp_path: Path) -> None:
+    assert session_key(tmp_path, "gw1") == f"{tmp_path}#pytest-gw1"
+    assert session_key(tmp_path, None) != session_key(tmp_path, "gw0")
+
+
+def test_ports_from_environment_maps_profile_variables(tmp_path: Path) -> None:
+    config = PortAllocatorConfig(state_dir=tmp_path)
+    assert ports_from_environment(config, {}) is None
+    found = ports_from_environment(
+        config, {"API_PORT": "18003", "AGENT_COORDINATOR_DB_PORT": "18000"}
+    )
+    assert isinstance(found, PortallocPorts)
+    assert found.ports == {"db": 18000, "api": 18003}
+    assert found.url("api") == "http://localhost:18003"
+    assert found.url("rest", 3000) == "http://localhost:3000"
+
+
+def test_own_integration_tests_get_ports_from_the_plugin(
+    portalloc_ports: PortallocPorts,
+) -> None:
+    # portalloc's own suite opts in (tests/conftest.py) against a session-private ledger.
+    assert set(portalloc_ports.ports) == {"db", "rest", "realtime", "api"}
+    assert portalloc_ports.port("api") == portalloc_ports.port("db") + 3
