@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -263,6 +264,10 @@ def load_project_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                 raise ProfileError(path, key, "is not a valid shell variable name")
             if not isinstance(template, str):
                 raise ProfileError(path, key, "template must be a string")
+            if any(unicodedata.category(char) == "Cc" for char in template):
+                # Newlines, ESC and friends have no business in a port variable, and
+                # would reach terminals and env files raw.
+                raise ProfileError(path, key, "template must not contain control characters")
             try:
                 names = template_fields(template)
             except ValueError as exc:

@@ -32,6 +32,9 @@ def dotenv_quote(name: str, value: str) -> str:
     """Quote so docker compose and python-dotenv both read VALUE back unchanged."""
     if _BARE.match(value):
         return value
+    if "${" in value:
+        # python-dotenv expands ${NAME} inside any quotes and has no escape for it.
+        raise UsageError(f"{name} cannot be written as dotenv: python-dotenv would expand '${{'")
     if not any(char in value for char in "'\\\n\r"):
         # Single quotes: neither reader expands or unescapes anything inside.
         return f"'{value}'"

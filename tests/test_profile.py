@@ -107,6 +107,8 @@ def test_lease_keeps_the_profile_it_was_made_with(tmp_path: Path) -> None:
         ('[env]\nX = "{api_port!r}"\n', "env.X", "not allowed"),
         ('[env]\n"1BAD" = "{api_port}"\n', "env.1BAD", "not a valid shell variable name"),
         ('[env]\nX = "{"\n', "env.X", "Single '{'"),
+        ('[env]\nX = "a\\nb"\n', "env.X", "control characters"),
+        ('[env]\nX = "\\u001b[31m"\n', "env.X", "control characters"),
         ("base = 80\n", "base", "must be an integer >= 1024"),
         ('base = "high"\n', "base", "must be an integer"),
         ("[ports]\na = 0\nb = 0\n", "ports", "share one offset"),
