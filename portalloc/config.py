@@ -162,12 +162,17 @@ def _check_int(
 def find_project_file(start: Path) -> Path | None:
     """The nearest portalloc.toml, or pyproject.toml with [tool.portalloc], walking up."""
     for directory in (start, *start.parents):
-        candidate = directory / "portalloc.toml"
-        if candidate.is_file():
-            return candidate
-        pyproject = directory / "pyproject.toml"
-        if pyproject.is_file() and _has_tool_table(pyproject):
-            return pyproject
+        try:
+            candidate = directory / "portalloc.toml"
+            if candidate.is_file():
+                return candidate
+            pyproject = directory / "pyproject.toml"
+            if pyproject.is_file() and _has_tool_table(pyproject):
+                return pyproject
+        except OSError:
+            # A directory we may not look into (another user's home, a 0700 parent)
+            # holds no profile for us; keep walking up.
+            continue
     return None
 
 
