@@ -191,3 +191,15 @@ def test_check_and_wait() -> None:
     assert ready.returncode == 0
     assert json.loads(ready.stdout)["all_listening"] is True
     assert run_cli("check", "ghost").returncode == 1
+
+
+def test_span_inside_ephemeral_range_warns() -> None:
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    base = max(low, 1024)
+    inside = run_cli(
+        "allocate", "s", env={"PORT_ALLOC_BASE": str(base), "PORT_ALLOC_MAX_SESSIONS": "1"}
+    )
+    assert inside.returncode == 0
+    assert f"overlap the kernel's ephemeral range {low}-{high}" in inside.stderr
+    below = run_cli("allocate", "t", env={"PORT_ALLOC_BASE": "10000"})
+    assert "ephemeral" not in below.stderr
