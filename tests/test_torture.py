@@ -115,6 +115,7 @@ def test_sigkill_at_random_moments_never_loses_a_confirmed_lease(state_dir: Path
         ]
         for s in range(streams)
     ]
+    assert run_cli("allocate", "seed").returncode == 0  # the ledger exists from the start
     kills = 0
     for step in range(per_stream):
         running = []
