@@ -189,11 +189,36 @@ def test_invalid_session_id_exit_2_nothing_written(state_dir: Path, args: list[s
     assert not (state_dir / "leases.json").exists()
 
 
-def test_usage_errors_exit_2() -> None:
-    assert run_cli("allocate").returncode == 2
-    assert run_cli("allocate", "s", "--ttl", "0").returncode == 2
-    assert run_cli("allocate", "s", "--ttl", "abc").returncode == 2
-    assert run_cli("bogus").returncode == 2
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["allocate"],
+        ["allocate", "s", "--ttl", "0"],
+        ["allocate", "s", "--ttl", "abc"],
+        ["bogus"],
+        ["why", "70000"],
+        ["env", "--pid", "-3"],
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(state_dir: Path, args: list[str]) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("portalloc: ")
+    assert result.stderr.count("\n") == 1
+    assert not (state_dir / "leases.json").exists()
+
+
+def test_missing_extra_exits_1_naming_it(tmp_path: Path) -> None:
+    # Hide the mcp package as if the extra were not installed.
+    code = (
+        "import sys; sys.modules['mcp'] = None; "
+        "from portalloc.adapters.cli import main; raise SystemExit(main(['mcp']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    assert "pip install 'portalloc[mcp]'" in proc.stderr
+    assert proc.stderr.count("\n") == 1
 
 
 def test_hostile_session_ids_round_trip_and_stay_inert(tmp_path: Path) -> None:

@@ -470,11 +470,20 @@ def serve(
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
+    # Typer >= 0.29 vendors click; its exceptions are not re-exported publicly.
+    from typer._click.exceptions import ClickException
+
     try:
-        app(args=argv, prog_name="portalloc")
+        code = app(args=argv, prog_name="portalloc", standalone_mode=False)
+    except ClickException as exc:
+        # One line instead of click's usage block: bad input is reported like any
+        # other expected failure.
+        where = exc.ctx.command_path if getattr(exc, "ctx", None) else "portalloc"  # type: ignore[attr-defined]
+        _err(f"{exc.format_message()} (see '{where} --help')")
+        return exc.exit_code
+    except typer.Abort:
+        _err("aborted")
+        return 130
     except SystemExit as exc:
-        code = exc.code
-        if code is None:
-            return 0
-        return code if isinstance(code, int) else 1
-    return 0
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code if isinstance(code, int) else 0
