@@ -181,30 +181,33 @@ def status(json_output: JsonOpt = False) -> None:
         _print_json([allocation.to_dict() for allocation in allocations])
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(
         title="portalloc leases",
         caption=f"{len(allocations)} active / {service.config.max_sessions} max  "
-        f"· ledger {service.ledger.path}",
+        f"· ledger {escape(str(service.ledger.path))}",
     )
-    table.add_column("session", overflow="fold")
+    table.add_column("session", overflow="fold", ratio=1, min_width=12)
     table.add_column("block", no_wrap=True)
     table.add_column("ports", no_wrap=True)
     table.add_column("compose project", no_wrap=True)
     table.add_column("TTL left", no_wrap=True, justify="right")
-    table.add_column("owner", overflow="fold")
     for allocation in allocations:
-        owner = f"pid {allocation.pid}" if allocation.pid else ""
-        if allocation.worktree:
-            owner = f"{owner}\n{allocation.worktree}".strip()
+        # Text, not markup: a session id like "[bold]" must print as itself.
+        session = Text(allocation.session_id)
+        if allocation.pid:
+            session.append(f"\nowner pid {allocation.pid}", style="dim")
+        if allocation.worktree and allocation.worktree != allocation.session_id:
+            session.append(f"\nworktree {allocation.worktree}", style="dim")
         table.add_row(
-            allocation.session_id,
+            session,
             f"{allocation.block_start}-{allocation.block_end}",
             "\n".join(f"{name} {port}" for name, port in allocation.ports.items()),
             allocation.compose_project_name,
             f"{allocation.ttl_remaining_minutes:.1f} min",
-            owner,
         )
     Console(highlight=False).print(table)
 
