@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -94,6 +93,8 @@ def release(state: LedgerState, session_id: str) -> tuple[LedgerState, bool]:
 
 def compose_project_name(session_id: str, prefix: str, taken: set[str]) -> str:
     """`<prefix>-<sha256 hex>`, 8 hex chars unless a clash with `taken` needs more."""
+    import hashlib  # only new leases need it
+
     digest = hashlib.sha256(session_id.encode("utf-8")).hexdigest()
     for length in range(8, len(digest) + 1):
         name = f"{prefix}-{digest[:length]}"

@@ -44,7 +44,11 @@ def isoformat(moment: datetime) -> str:
 
 
 def parse_iso(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    # fromisoformat is ~30x faster than strptime, which matters with 1,000 leases.
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no timezone")
+    return moment.astimezone(UTC)
 
 
 def template_fields(template: str) -> list[str]:

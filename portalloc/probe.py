@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 from functools import cache
 from pathlib import Path
 
 from portalloc.models import Owner
 
+# `socket` is imported inside the functions: `portalloc env` for an existing lease
+# never probes, and start-up time is the budget that matters there.
+
 
 @cache
 def _has_ipv6() -> bool:
+    import socket
+
     if not socket.has_ipv6:
         return False
     try:
@@ -23,8 +27,10 @@ def _has_ipv6() -> bool:
     return True
 
 
-def _addresses() -> list[tuple[socket.AddressFamily, str]]:
-    addrs = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0")]
+def _addresses() -> list[tuple[int, str]]:
+    import socket
+
+    addrs: list[tuple[int, str]] = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0")]
     if _has_ipv6():
         addrs += [(socket.AF_INET6, "::1"), (socket.AF_INET6, "::")]
     return addrs
@@ -36,6 +42,8 @@ def port_is_free(port: int) -> bool:
     SO_REUSEADDR is set as servers set it, so TIME_WAIT leftovers do not count as busy,
     while on Linux a socket in LISTEN on the port still makes the bind fail.
     """
+    import socket
+
     for family, host in _addresses():
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -104,6 +112,8 @@ def owner_alive(owner: Owner) -> bool:
 
 def is_listening(port: int, timeout: float = 0.2) -> bool:
     """Whether something accepts TCP connections on PORT on the loopback addresses."""
+    import socket
+
     hosts = ["127.0.0.1", "::1"] if _has_ipv6() else ["127.0.0.1"]
     for host in hosts:
         try:

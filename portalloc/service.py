@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from datetime import datetime
@@ -16,11 +15,11 @@ from portalloc.errors import LeaseNotFound
 from portalloc.ledger import Ledger, utcnow
 from portalloc.models import Lease, Owner, PortAllocation, validate_session_id
 
-_log = logging.getLogger("portalloc")
-
 
 def _log_warning(message: str) -> None:
-    _log.warning("%s", message)
+    import logging
+
+    logging.getLogger("portalloc").warning("%s", message)
 
 
 class PortAllocatorService:
