@@ -129,12 +129,23 @@ def grant(
     expires_at = now + timedelta(minutes=config.ttl_minutes)
     existing = state.leases.get(request.session_id)
     if existing is not None:
+        owner = request.owner or existing.owner
+        worktree = request.worktree or existing.worktree
+        if (
+            abs(expires_at - existing.expires_at) < refresh_granularity(config.ttl_minutes)
+            and config.ttl_minutes == existing.ttl_minutes
+            and owner == existing.owner
+            and worktree == existing.worktree
+        ):
+            # Refreshed a moment ago: leave the ledger alone. `eval "$(portalloc env)"`
+            # in a prompt hook or direnv then reads without rewriting the file.
+            return Grant(state, existing, created=False)
         refreshed = replace(
             existing,
             expires_at=expires_at,
             ttl_minutes=config.ttl_minutes,
-            owner=request.owner or existing.owner,
-            worktree=request.worktree or existing.worktree,
+            owner=owner,
+            worktree=worktree,
         )
         leases = {**state.leases, request.session_id: refreshed}
         return Grant(replace(state, leases=leases), refreshed, created=False)
@@ -180,6 +191,11 @@ def grant(
     while len(history) > HISTORY_LIMIT:
         del history[next(iter(history))]
     return Grant(LedgerState(leases, history), lease, created=True, skipped=tuple(skipped))
+
+
+def refresh_granularity(ttl_minutes: int) -> timedelta:
+    """How close to "now + TTL" an expiry must be to count as already refreshed."""
+    return timedelta(seconds=min(60.0, ttl_minutes * 60 / 100))
 
 
 def _is_block(start: int, config: PortAllocatorConfig) -> bool:

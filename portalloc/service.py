@@ -65,9 +65,11 @@ class PortAllocatorService:
         checker = None if config.skip_port_check else self.port_is_free
         with self.ledger.locked():
             now = self.clock()
-            state, _reclaimed = self._reclaim(self.ledger.load(), now)
+            loaded = self.ledger.load()
+            state, _reclaimed = self._reclaim(loaded, now)
             result = allocator.grant(state, request, now, checker)
-            self.ledger.save(result.state)
+            if result.state is not loaded:
+                self.ledger.save(result.state)
         for skip in result.skipped:
             self.on_warning(
                 f"skipped block {skip.block_start}: port {skip.port} ({skip.port_name}) is in use"

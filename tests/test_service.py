@@ -244,3 +244,18 @@ def test_unknown_port_attribute_raises(state_dir: Path, clock: FakeClock) -> Non
     allocation = make_service(state_dir, clock).allocate("s")
     with pytest.raises(AttributeError):
         _ = allocation.web_port
+
+
+def test_refresh_within_a_minute_does_not_rewrite_the_ledger(
+    state_dir: Path, clock: FakeClock
+) -> None:
+    svc = make_service(state_dir, clock)
+    svc.allocate("s")
+    ledger = state_dir / "leases.json"
+    written = ledger.stat().st_mtime_ns, ledger.read_bytes()
+    clock.advance(0.5)
+    assert svc.allocate("s").ttl_remaining_minutes == 119.5
+    assert (ledger.stat().st_mtime_ns, ledger.read_bytes()) == written
+    clock.advance(1)
+    assert svc.allocate("s").ttl_remaining_minutes == 120.0
+    assert ledger.read_bytes() != written[1]
