@@ -1,0 +1,328 @@
+"""FastAPI routes over the same locked ledger as the CLI, served by uvicorn."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from portalloc import __version__
+from portalloc.config import PortAllocatorConfig
+from portalloc.errors import (
+    ConfigError,
+    InvalidSessionId,
+    LeaseNotFound,
+    LockTimeout,
+    NoPortsAvailable,
+    PortallocError,
+    UsageError,
+)
+from portalloc.models import MAX_SESSION_ID_LENGTH, validate_session_id
+from portalloc.service import PortAllocatorService
+
+ENV_API_KEY = "PORTALLOC_API_KEY"
+JSON_TYPE = "Content-Type: application/json"
+PROTECTED_PATHS = frozenset({"/ports/allocate", "/ports/release"})
+
+ServiceFactory = Callable[[], PortAllocatorService]
+
+
+class SessionRequest(BaseModel):
+    """The session a POST acts on."""
+
+    session_id: str = Field(
+        min_length=1,
+        max_length=MAX_SESSION_ID_LENGTH,
+        description="Any string without control characters, e.g. the worktree's absolute path.",
+        examples=["/home/me/src/shop-feature-x"],
+    )
+
+    @field_validator("session_id")
+    @classmethod
+    def _valid_session_id(cls, value: str) -> str:
+        try:
+            return validate_session_id(value)
+        except InvalidSessionId as exc:
+            raise ValueError(exc.message) from None
+
+
+class Allocation(BaseModel):
+    """A lease; each named port of the profile adds a `<name>_port` field (db_port, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    session_id: str
+    compose_project_name: str
+    created_at: str = Field(examples=["2026-11-22T10:00:00Z"])
+    expires_at: str = Field(examples=["2026-11-22T12:00:00Z"])
+    ttl_remaining_minutes: float
+    block_start: int
+    block_end: int
+    pid: int | None = None
+    worktree: str | None = None
+    env: dict[str, str] = Field(description="The environment block as NAME -> value.")
+
+
+class AllocateResponse(BaseModel):
+    success: Literal[True]
+    allocation: Allocation
+    env_snippet: str = Field(description="`export NAME=VALUE` lines, safe to eval in sh/bash/zsh.")
+
+
+class ReleaseResponse(BaseModel):
+    success: Literal[True]
+
+
+class NoPortsResponse(BaseModel):
+    success: Literal[False]
+    error: Literal["no_ports_available"]
+
+
+class ErrorResponse(BaseModel):
+    success: Literal[False]
+    error: str = Field(examples=["unauthorized", "lock_timeout", "ledger_error"])
+    message: str
+
+
+class ValidationErrorDetail(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(ErrorResponse):
+    detail: list[ValidationErrorDetail]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description=f"The key in {ENV_API_KEY}."
+)
+BEARER = HTTPBearer(auto_error=False, description=f"The key in {ENV_API_KEY}, as a bearer token.")
+
+UNAUTHORIZED_MESSAGE = "missing or wrong API key: send X-API-Key: KEY or Authorization: Bearer KEY"
+
+_MUTATING_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key."},
+    422: {"model": ValidationErrorResponse, "description": "Missing, empty or invalid session_id."},
+    503: {"model": ErrorResponse, "description": "Ledger locked past the timeout or unusable."},
+}
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"portalloc: warning: {message}\n")
+    sys.stderr.flush()
+
+
+def _key_matches(candidate: str | None, expected: bytes) -> bool:
+    if candidate is None or not expected:
+        return False
+    try:
+        # Starlette decodes header bytes as latin-1; encoding back gives the bytes sent.
+        presented = candidate.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(presented, expected)
+
+
+def _authorized(
+    api_key: str | None, bearer: HTTPAuthorizationCredentials | None, expected: bytes
+) -> bool:
+    # Check both, so the time taken does not say which header was close.
+    by_header = _key_matches(api_key, expected)
+    by_bearer = _key_matches(bearer.credentials if bearer else None, expected)
+    return by_header or by_bearer
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"success": False, "error": code, "message": message},
+        **extra,
+    )
+
+
+def _unauthorized() -> JSONResponse:
+    return _error(401, "unauthorized", UNAUTHORIZED_MESSAGE, headers={"WWW-Authenticate": "Bearer"})
+
+
+class _Unauthorized(Exception):
+    """Raised by the key check; rendered as a 401 by the app's handler."""
+
+
+def _status_for(exc: PortallocError) -> int:
+    if isinstance(exc, NoPortsAvailable):
+        return 409
+    if isinstance(exc, InvalidSessionId):
+        return 422
+    if isinstance(exc, UsageError):
+        return 400
+    if isinstance(exc, LeaseNotFound):
+        return 404
+    # Lock timeouts, an unusable ledger, settings gone bad since startup: the server
+    # cannot serve now, and nothing the client sent would change that.
+    return 503
+
+
+def _validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    # Leave out pydantic's `input`: it echoes the body back (NaN and lone surrogates
+    # included, which would not even render as JSON).
+    return [
+        {
+            "loc": [part if isinstance(part, int) else str(part) for part in error.get("loc", ())],
+            "msg": str(error.get("msg", "")),
+            "type": str(error.get("type", "")),
+        }
+        for error in errors
+    ]
+
+
+def _shared(service: PortAllocatorService) -> ServiceFactory:
+    return lambda: service
+
+
+def create_app(
+    service_factory: ServiceFactory | None = None, *, api_key: str | None = None
+) -> FastAPI:
+    """The HTTP API over SERVICE_FACTORY()'s ledger; API_KEY defaults to $PORTALLOC_API_KEY."""
+    # One service is enough: it keeps settings only, every lease lives in the ledger.
+    get_service = service_factory or _shared(
+        PortAllocatorService(PortAllocatorConfig.from_env(), on_warning=_warn)
+    )
+    key = api_key if api_key is not None else os.environ.get(ENV_API_KEY, "")
+    # Without a key nothing matches: an app built by mistake without one fails closed.
+    expected = key.encode("utf-8")
+
+    app = FastAPI(
+        title="portalloc",
+        version=__version__,
+        summary="Conflict-free blocks of TCP ports from one locked ledger.",
+    )
+
+    async def require_api_key(
+        header_key: Annotated[str | None, Security(API_KEY_HEADER)],
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+    ) -> None:
+        if not _authorized(header_key, bearer, expected):
+            raise _Unauthorized
+
+    @app.exception_handler(_Unauthorized)
+    async def _on_unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
+        return _unauthorized()
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A body that does not parse fails before the key check would run; an
+        # unauthenticated caller still gets 401, not a description of its mistake.
+        if request.url.path in PROTECTED_PATHS and not _authorized(
+            await API_KEY_HEADER(request), await BEARER(request), expected
+        ):
+            return _unauthorized()
+        detail = _validation_details(exc.errors())
+        on_session = any(tuple(d["loc"][:2]) == ("body", "session_id") for d in detail)
+        message = "; ".join(
+            f"{'.'.join(str(part) for part in d['loc'][1:]) or 'body'}: {d['msg']}" for d in detail
+        )
+        content_type = request.headers.get("content-type", "")
+        if not on_session and "json" not in content_type.lower():
+            message = f'send a JSON object {{"session_id": ...}} as {JSON_TYPE} ({message})'
+        return JSONResponse(
+            status_code=422,
+            content={
+                "success": False,
+                "error": "invalid_session_id" if on_session else "invalid_request",
+                "message": message or "invalid request",
+                "detail": detail,
+            },
+        )
+
+    @app.exception_handler(PortallocError)
+    async def _on_portalloc_error(request: Request, exc: PortallocError) -> JSONResponse:
+        if isinstance(exc, NoPortsAvailable):
+            return JSONResponse(status_code=409, content={"success": False, "error": exc.code})
+        headers = {"Retry-After": "1"} if isinstance(exc, LockTimeout) else None
+        return _error(_status_for(exc), exc.code, exc.message, headers=headers)
+
+    protected = [Depends(require_api_key)]
+
+    @app.post(
+        "/ports/allocate",
+        response_model=AllocateResponse,
+        dependencies=protected,
+        responses={
+            409: {"model": NoPortsResponse, "description": "Every block is taken."},
+            **_MUTATING_RESPONSES,
+        },
+        summary="Allocate a block for a session, or refresh its lease",
+    )
+    def allocate(body: SessionRequest) -> JSONResponse:
+        allocation = get_service().allocate(body.session_id)
+        return JSONResponse(
+            {
+                "success": True,
+                "allocation": allocation.to_dict(),
+                "env_snippet": allocation.env_snippet,
+            }
+        )
+
+    @app.post(
+        "/ports/release",
+        response_model=ReleaseResponse,
+        dependencies=protected,
+        responses=_MUTATING_RESPONSES,
+        summary="Release a session's block (succeeds for an unknown session too)",
+    )
+    def release(body: SessionRequest) -> JSONResponse:
+        get_service().release(body.session_id)
+        return JSONResponse({"success": True})
+
+    @app.get(
+        "/ports/status",
+        response_model=list[Allocation],
+        responses={503: _MUTATING_RESPONSES[503]},
+        summary="Active leases, lowest block first",
+    )
+    def status() -> JSONResponse:
+        return JSONResponse([allocation.to_dict() for allocation in get_service().status()])
+
+    @app.get("/healthz", response_model=Health, summary="Liveness check")
+    async def healthz() -> Health:
+        return Health(status="ok", version=__version__)
+
+    return app
+
+
+def _checked_api_key() -> str:
+    key = os.environ.get(ENV_API_KEY)
+    if key is None:
+        raise ConfigError(ENV_API_KEY, "(unset)", "must be set to start the HTTP server")
+    # Never echo the key itself: the message ends up in terminals and logs.
+    if not key:
+        raise ConfigError(ENV_API_KEY, "(empty)", "must be set to start the HTTP server")
+    if not all("!" <= char <= "~" for char in key):
+        raise ConfigError(
+            ENV_API_KEY,
+            "(hidden)",
+            "must be printable ASCII without spaces (it travels in an HTTP header)",
+        )
+    return key
+
+
+def serve(host: str = "127.0.0.1", port: int = 7878) -> None:
+    """Run the HTTP API with uvicorn; refuses to start without a usable API key."""
+    key = _checked_api_key()
+    app = create_app(api_key=key)  # bad settings raise here, before anything listens
+    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
