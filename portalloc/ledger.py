@@ -11,15 +11,19 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import count
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from portalloc.allocator import LedgerState
 from portalloc.errors import LedgerError, LockTimeout
 from portalloc.models import Lease, Owner, isoformat, parse_iso
 
+if TYPE_CHECKING:
+    import filelock
+
 LEDGER_VERSION = 1
 # Short: under contention filelock's default 50 ms poll is mostly idle waiting.
 LOCK_POLL_SECONDS = 0.002
+PID_WIDTH = 10  # wide enough for any pid_t
 
 
 class RawOwner(TypedDict):
@@ -218,6 +222,7 @@ class Ledger:
         self._warn = on_warning
         self._clock = clock
         self._known: dict[int, tuple[Lease, Any]] = {}
+        self._file_lock: filelock.FileLock | None = None
 
     def _file_mode(self) -> int:
         # A state dir the user made group-writable is shared on purpose: keep the
@@ -238,29 +243,40 @@ class Ledger:
             reason = exc.strerror or str(exc)
             raise LedgerError(self.path, f"cannot create state directory: {reason}") from None
 
+    def _lock(self) -> filelock.FileLock:
+        # One lock object per ledger, reused: building one costs more than taking it.
+        # Its state is per thread, so threads of one process (the HTTP server) each
+        # open their own descriptor and exclude each other like separate processes.
+        import filelock
+
+        if self._file_lock is None:
+
+            def record_holder(fd: int) -> None:
+                # Fixed width, written in place: truncating the file first would cost
+                # a journal commit on every acquire.
+                try:
+                    os.pwrite(fd, f"{os.getpid():>{PID_WIDTH}}\n".encode(), 0)
+                except OSError:
+                    pass  # naming the holder is a courtesy, not a requirement
+
+            self._file_lock = filelock.FileLock(
+                self.lock_path,
+                timeout=self.lock_timeout,
+                mode=self._file_mode(),
+                thread_local=True,
+                poll_interval=LOCK_POLL_SECONDS,
+                preserve_lock_file=True,
+                on_acquired=record_holder,
+            )
+        return self._file_lock
+
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the ledger's lock; raise LockTimeout past the configured timeout."""
         import filelock
 
         self._ensure_dir()
-
-        def record_holder(fd: int) -> None:
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            except OSError:
-                pass  # naming the holder is a courtesy, not a requirement
-
-        lock = filelock.FileLock(
-            self.lock_path,
-            timeout=self.lock_timeout,
-            mode=self._file_mode(),
-            thread_local=False,
-            poll_interval=LOCK_POLL_SECONDS,
-            preserve_lock_file=True,
-            on_acquired=record_holder,
-        )
+        lock = self._lock()
         try:
             lock.acquire()
         except filelock.Timeout:
