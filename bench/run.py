@@ -1,0 +1,385 @@
+"""portalloc's start-up, contention and ledger-size costs, each against a baseline run
+side by side (interleaved, medians) in the same run.
+
+    python bench/run.py [--reps 15] [--batch-reps 5] [--processes 50] [--leases 1000] [--json]
+
+1. `portalloc env S` for an existing lease vs a do-nothing Typer app with the same
+   imports (typer, filelock, platformdirs): what portalloc adds to Typer's floor.
+2. N processes running `portalloc allocate sI --json` at once vs N concurrent runs of
+   the do-nothing app: wall time of the whole batch, plus duplicated ports (must be 0).
+3. `portalloc env S` with 1,000 active leases vs with 1 active lease.
+
+Every measurement uses its own throwaway PORTALLOC_STATE_DIR; the user's real state
+directory is never touched. The exit status is 0 even when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from portalloc.allocator import LedgerState, Request, grant
+from portalloc.config import PortAllocatorConfig
+from portalloc.service import PortAllocatorService
+
+TARGET_STARTUP = 1.10
+TARGET_CONTENTION = 1.30
+TARGET_LEDGER_SIZE = 1.10
+SESSION = "bench-session"
+
+# The floor: a Typer app that does nothing, importing what portalloc's CLI imports.
+BASELINE_APP = '''\
+"""A do-nothing Typer app with portalloc's imports: the start-up floor."""
+
+import filelock  # noqa: F401
+import platformdirs  # noqa: F401
+import typer
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.command()
+def env(session: str, fmt: str = typer.Option("sh", "--format")) -> None:
+    print(f"export SESSION={session}")
+
+
+@app.command()
+def allocate(session: str, json_output: bool = typer.Option(False, "--json")) -> None:
+    print(session)
+
+
+if __name__ == "__main__":
+    app()
+'''
+
+
+@dataclass
+class Row:
+    measurement: str
+    portalloc: str
+    baseline: str
+    ratio: float | None
+    target: str
+    passed: bool
+
+
+@dataclass
+class Batch:
+    seconds: float
+    returncodes: list[int]
+    stdouts: list[str]
+    stderrs: list[str]
+
+
+class Bench:
+    """A scratch directory, the two commands under test, and a clean environment."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self.baseline_app = scratch / "noop_typer_app.py"
+        self.baseline_app.write_text(BASELINE_APP)
+        script = Path(sys.executable).parent / "portalloc"
+        # The console script is what users run; fall back to `python -m` without one.
+        self.portalloc = [str(script)] if script.is_file() else [sys.executable, "-m", "portalloc"]
+        self.baseline = [sys.executable, str(self.baseline_app)]
+        self.cwd = scratch / "cwd"  # no portalloc.toml or pyproject.toml up here
+        self.cwd.mkdir()
+        self._dirs = 0
+
+    def state_dir(self, label: str) -> Path:
+        self._dirs += 1
+        path = self.scratch / f"state-{self._dirs:03d}-{label}"
+        path.mkdir(mode=0o700)
+        return path
+
+    def env(self, state_dir: Path, **settings: str) -> dict[str, str]:
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("PORT_ALLOC_", "PORTALLOC_"))
+        }
+        env["PORTALLOC_STATE_DIR"] = str(state_dir)
+        # Belt and braces: even a default state dir would land in the scratch dir.
+        env["XDG_STATE_HOME"] = str(self.scratch / "xdg-state")
+        env.update(settings)
+        return env
+
+    def run(self, argv: Sequence[str], env: Mapping[str, str]) -> float:
+        """Seconds one command takes; it must succeed."""
+        started = time.perf_counter()
+        proc = subprocess.run(
+            list(argv), env=dict(env), cwd=self.cwd, capture_output=True, check=False
+        )
+        elapsed = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise SystemExit(
+                f"bench: {' '.join(argv)} exited {proc.returncode}: {proc.stderr.decode()}"
+            )
+        return elapsed
+
+    def batch(self, argvs: Sequence[Sequence[str]], env: Mapping[str, str]) -> Batch:
+        """Start every command at once; wall time until the last one has exited."""
+        started = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                list(argv),
+                env=dict(env),
+                cwd=self.cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for argv in argvs
+        ]
+        outputs = [proc.communicate() for proc in procs]
+        elapsed = time.perf_counter() - started
+        return Batch(
+            seconds=elapsed,
+            returncodes=[proc.returncode for proc in procs],
+            stdouts=[out.decode() for out, _err in outputs],
+            stderrs=[err.decode() for _out, err in outputs],
+        )
+
+
+def interleaved(
+    reps: int, first: Callable[[], float], second: Callable[[], float], warmup: int = 2
+) -> tuple[list[float], list[float]]:
+    """REPS timings of each, alternating which goes first so drift hits both alike."""
+    for _ in range(warmup):
+        first()
+        second()
+    a: list[float] = []
+    b: list[float] = []
+    for rep in range(reps):
+        if rep % 2 == 0:
+            a.append(first())
+            b.append(second())
+        else:
+            b.append(second())
+            a.append(first())
+    return a, b
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def ratio_row(
+    measurement: str, ours: list[float], theirs: list[float], target: float, unit: str = "ms"
+) -> Row:
+    mine, base = statistics.median(ours), statistics.median(theirs)
+    ratio = mine / base
+    show = ms if unit == "ms" else (lambda s: f"{s:.2f} s")
+    return Row(measurement, show(mine), show(base), ratio, f"<= {target:.2f}x", ratio <= target)
+
+
+def measure_startup(bench: Bench, reps: int) -> Row:
+    state = bench.state_dir("startup")
+    env = bench.env(state)
+    bench.run([*bench.portalloc, "allocate", SESSION], env)  # the lease exists from now on
+    ours, theirs = interleaved(
+        reps,
+        lambda: bench.run([*bench.portalloc, "env", SESSION], env),
+        lambda: bench.run([*bench.baseline, "env", SESSION], env),
+    )
+    return ratio_row("env S, existing lease vs do-nothing Typer", ours, theirs, TARGET_STARTUP)
+
+
+def measure_contention(bench: Bench, reps: int, processes: int) -> list[Row]:
+    settings = {"PORT_ALLOC_MAX_SESSIONS": str(processes + 10)}
+    ours: list[float] = []
+    theirs: list[float] = []
+    duplicates = 0
+    failures = 0
+    granted = 0
+
+    def portalloc_batch() -> float:
+        nonlocal duplicates, failures, granted
+        state = bench.state_dir("contention")
+        argvs = [[*bench.portalloc, "allocate", f"s{i}", "--json"] for i in range(processes)]
+        result = bench.batch(argvs, bench.env(state, **settings))
+        ports: list[int] = []
+        for code, out in zip(result.returncodes, result.stdouts, strict=True):
+            if code != 0:
+                failures += 1
+                continue
+            allocation = json.loads(out)["allocation"]
+            ports.extend(v for k, v in allocation.items() if k.endswith("_port"))
+            granted += 1
+        duplicates += len(ports) - len(set(ports))
+        return result.seconds
+
+    def baseline_batch() -> float:
+        state = bench.state_dir("contention-baseline")
+        argvs = [[*bench.baseline, "allocate", f"s{i}", "--json"] for i in range(processes)]
+        return bench.batch(argvs, bench.env(state, **settings)).seconds
+
+    ours, theirs = interleaved(reps, portalloc_batch, baseline_batch, warmup=0)
+    row = ratio_row(
+        f"{processes} concurrent allocate vs {processes} do-nothing Typer",
+        ours,
+        theirs,
+        TARGET_CONTENTION,
+        unit="s",
+    )
+    checks = Row(
+        f"  duplicated ports / failed processes ({granted} leases granted)",
+        f"{duplicates} / {failures}",
+        "-",
+        None,
+        "0 / 0",
+        duplicates == 0 and failures == 0,
+    )
+    return [row, checks]
+
+
+def fill_ledger(state_dir: Path, sessions: Sequence[str], settings: Mapping[str, str]) -> None:
+    """Write all SESSIONS into a fresh ledger at once, as `allocate` would grant them."""
+    config = PortAllocatorConfig(
+        base=int(settings["PORT_ALLOC_BASE"]),
+        range=int(settings["PORT_ALLOC_RANGE"]),
+        max_sessions=int(settings["PORT_ALLOC_MAX_SESSIONS"]),
+        state_dir=state_dir,
+        skip_port_check=True,
+    )
+    service = PortAllocatorService(config)
+    now = service.clock()
+    state = LedgerState()
+    for session in sessions:
+        state = grant(state, Request(session_id=session, config=config), now, None).state
+    with service.ledger.locked():
+        service.ledger.save(state)
+
+
+def measure_ledger_size(bench: Bench, reps: int, leases: int) -> Row:
+    # Small blocks, so a thousand of them stay below the ephemeral port range.
+    settings = {
+        "PORT_ALLOC_BASE": "10000",
+        "PORT_ALLOC_RANGE": "4",
+        "PORT_ALLOC_MAX_SESSIONS": str(leases + 100),
+    }
+    big, small = bench.state_dir("ledger-big"), bench.state_dir("ledger-small")
+    # SESSION holds the highest block of the big ledger: no early exit helps it.
+    fill_ledger(big, [*(f"other-{i}" for i in range(leases - 1)), SESSION], settings)
+    fill_ledger(small, [SESSION], settings)
+    big_env, small_env = bench.env(big, **settings), bench.env(small, **settings)
+    ours, theirs = interleaved(
+        reps,
+        lambda: bench.run([*bench.portalloc, "env", SESSION], big_env),
+        lambda: bench.run([*bench.portalloc, "env", SESSION], small_env),
+    )
+    size = (big / "leases.json").stat().st_size
+    return ratio_row(
+        f"env S, {leases} leases ({size // 1024} KiB) vs 1 lease",
+        ours,
+        theirs,
+        TARGET_LEDGER_SIZE,
+    )
+
+
+def filesystem_type(path: Path) -> str:
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    best = (-1, "unknown")
+    resolved = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point, fs_type = fields[1], fields[2]
+        inside = resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > best[0]:
+            best = (len(mount_point), fs_type)
+    return best[1]
+
+
+def table(rows: Sequence[Row]) -> str:
+    header = ("measurement", "portalloc", "baseline", "ratio", "target", "result")
+    cells = [
+        (
+            row.measurement,
+            row.portalloc,
+            row.baseline,
+            "-" if row.ratio is None else f"{row.ratio:.2f}x",
+            row.target,
+            "PASS" if row.passed else "MISS",
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in (header, *cells)) for i in range(len(header))]
+
+    def fmt(line: Sequence[str]) -> str:
+        first = line[0].ljust(widths[0])
+        rest = [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest])
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in cells)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--reps", type=int, default=15, help="timed runs of each side for 1 and 3 (default 15)"
+    )
+    parser.add_argument(
+        "--batch-reps", type=int, default=5, help="timed batches of each side for 2 (default 5)"
+    )
+    parser.add_argument(
+        "--processes", type=int, default=50, help="concurrent processes for 2 (default 50)"
+    )
+    parser.add_argument(
+        "--leases", type=int, default=1000, help="active leases for 3 (default 1000)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    if min(args.reps, args.batch_reps, args.processes, args.leases) < 1:
+        parser.error("every count must be >= 1")
+
+    scratch = Path(tempfile.mkdtemp(prefix="portalloc-bench-"))
+    began = time.perf_counter()
+    try:
+        bench = Bench(scratch)
+        header = (
+            f"portalloc bench: Python {platform.python_version()}, typer {version('typer')}, "
+            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, "
+            f"scratch on {filesystem_type(scratch)}\n"
+            f"  portalloc: {' '.join(bench.portalloc)}\n"
+            f"  baseline:  {' '.join(bench.baseline)} (typer + filelock + platformdirs)\n"
+            f"  medians of {args.reps} interleaved runs (1, 3) and "
+            f"{args.batch_reps} interleaved batches (2)"
+        )
+        if not args.json:
+            print(header, flush=True)
+        rows = [measure_startup(bench, args.reps)]
+        rows += measure_contention(bench, args.batch_reps, args.processes)
+        rows.append(measure_ledger_size(bench, args.reps, args.leases))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    elapsed = time.perf_counter() - began
+    if args.json:
+        print(json.dumps({"rows": [asdict(row) for row in rows], "seconds": elapsed}, indent=2))
+    else:
+        print()
+        print(table(rows))
+        missed = [row.measurement.strip() for row in rows if not row.passed]
+        verdict = "all targets met" if not missed else f"MISSED: {'; '.join(missed)}"
+        print(f"\n{verdict} ({elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,406 @@
+"""Real OS processes racing for the ledger, crashing in the middle of a write, or
+waiting on a lock that another process holds.
+
+Racing workers import everything first, then block on a shared flock of a barrier
+file that the test holds exclusively; releasing it wakes them all at the same moment,
+so the ledger lock really is contended.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from portalloc.allocator import LedgerState, Request, grant
+from portalloc.config import PortAllocatorConfig
+from portalloc.service import PortAllocatorService
+from tests.helpers import run_cli
+
+RACE_WORKER = r"""
+import contextlib, fcntl, io, json, os, sys, time
+
+barrier, ready, mode, *args = sys.argv[1:]
+if mode == "api":
+    from portalloc import get_port_allocator
+
+    service = get_port_allocator()
+else:
+    from portalloc.adapters.cli import main
+
+    # Typer imports most of its machinery on its first call. Pay for that before the
+    # barrier with an invalid session id, which is refused before any ledger is touched.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(["allocate", ""])
+fd = os.open(barrier, os.O_RDONLY)
+with open(ready, "w"):
+    pass
+fcntl.flock(fd, fcntl.LOCK_SH)  # blocks until the test lets go of its exclusive lock
+started = time.time()
+if mode == "api":
+    print(json.dumps(service.allocate(args[0]).to_dict()))
+    code = 0
+else:
+    code = main(args)
+with open(ready, "w") as handle:
+    handle.write(repr(started))
+sys.exit(code)
+"""
+
+
+@dataclass
+class Outcome:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    started: float  # wall-clock time the worker passed the barrier
+
+
+def race(
+    workdir: Path,
+    argvs: Sequence[Sequence[str]],
+    *,
+    mode: str,
+    env: Mapping[str, str] | None = None,
+) -> list[Outcome]:
+    """Start one worker per argv, wait until all are ready, then release them at once."""
+    workdir.mkdir()
+    barrier = workdir / "barrier"
+    barrier.touch()
+    ready = [workdir / f"ready-{index}" for index in range(len(argvs))]
+    full_env = {**os.environ, **(env or {})}
+    with barrier.open("rb") as hold:
+        fcntl.flock(hold, fcntl.LOCK_EX)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACE_WORKER, str(barrier), str(flag), mode, *argv],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=full_env,
+            )
+            for flag, argv in zip(ready, argvs, strict=True)
+        ]
+        try:
+            deadline = time.monotonic() + 60
+            while not all(flag.exists() for flag in ready):
+                early = [proc for proc in procs if proc.poll() is not None]
+                assert not early, early[0].communicate()[1]
+                assert time.monotonic() < deadline, "workers did not get ready in 60 s"
+                time.sleep(0.01)
+            fcntl.flock(hold, fcntl.LOCK_UN)
+            results = [proc.communicate(timeout=60) for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+    return [
+        Outcome(list(argv), proc.returncode, out, err, float(flag.read_text() or "nan"))
+        for argv, proc, (out, err), flag in zip(argvs, procs, results, ready, strict=True)
+    ]
+
+
+def assert_raced(outcomes: Sequence[Outcome]) -> None:
+    """The barrier worked: every worker got going within a moment of the others."""
+    starts = [outcome.started for outcome in outcomes]
+    assert max(starts) - min(starts) < 2.0, sorted(starts)
+
+
+def load_ledger(state_dir: Path) -> dict[str, Any]:
+    document = json.loads((state_dir / "leases.json").read_bytes())
+    assert isinstance(document, dict)
+    assert document["version"] == 1
+    return document
+
+
+def assert_disjoint(blocks: Sequence[tuple[int, int]], ports: Sequence[int]) -> None:
+    assert len(ports) == len(set(ports)), "a port was handed out twice"
+    ordered = sorted(blocks)
+    assert all(a[1] < b[0] for a, b in pairwise(ordered)), ordered
+
+
+def ledger_ports(document: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    return {lease["session_id"]: dict(lease["ports"]) for lease in document["leases"]}
+
+
+def allocation_ports(allocation: Mapping[str, Any]) -> dict[str, int]:
+    return {
+        key[: -len("_port")]: value for key, value in allocation.items() if key.endswith("_port")
+    }
+
+
+def test_forty_processes_distinct_sessions_get_disjoint_blocks(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    sessions = [f"wt-{index}" for index in range(40)]
+    outcomes = race(
+        tmp_path / "race",
+        [[session] for session in sessions],
+        mode="api",
+        env={"PORT_ALLOC_MAX_SESSIONS": "40"},
+    )
+    assert [o.returncode for o in outcomes] == [0] * 40, [o.stderr for o in outcomes if o.stderr]
+    assert_raced(outcomes)
+    allocations = [json.loads(outcome.stdout) for outcome in outcomes]
+    assert [a["session_id"] for a in allocations] == sessions
+    assert_disjoint(
+        [(a["block_start"], a["block_end"]) for a in allocations],
+        [port for a in allocations for port in allocation_ports(a).values()],
+    )
+    for allocation in allocations:
+        start = allocation["block_start"]
+        assert 10000 <= start <= 13900 and (start - 10000) % 100 == 0, allocation
+        assert allocation_ports(allocation) == {
+            "db": start,
+            "rest": start + 1,
+            "realtime": start + 2,
+            "api": start + 3,
+        }
+    assert len({a["compose_project_name"] for a in allocations}) == 40
+
+    # What each process was told is what the ledger holds, and nothing else.
+    document = load_ledger(state_dir)
+    assert ledger_ports(document) == {a["session_id"]: allocation_ports(a) for a in allocations}
+    status = run_cli("status", "--json", env={"PORT_ALLOC_MAX_SESSIONS": "40"})
+    assert status.returncode == 0 and "corrupt" not in status.stderr
+    assert sorted(item["session_id"] for item in json.loads(status.stdout)) == sorted(sessions)
+    assert not [p.name for p in state_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_forty_processes_same_session_share_one_lease(state_dir: Path, tmp_path: Path) -> None:
+    outcomes = race(tmp_path / "race", [["shared"]] * 40, mode="api")
+    assert [o.returncode for o in outcomes] == [0] * 40, [o.stderr for o in outcomes if o.stderr]
+    assert_raced(outcomes)
+    allocations = [json.loads(outcome.stdout) for outcome in outcomes]
+    stable = ("session_id", "block_start", "block_end", "compose_project_name", "created_at")
+    first = allocations[0]
+    for allocation in allocations:
+        assert allocation_ports(allocation) == allocation_ports(first)
+        assert {key: allocation[key] for key in stable} == {key: first[key] for key in stable}
+    document = load_ledger(state_dir)
+    assert len(document["leases"]) == 1
+    assert ledger_ports(document) == {"shared": allocation_ports(first)}
+
+
+def test_twelve_processes_eight_slots_exactly_eight_win(state_dir: Path, tmp_path: Path) -> None:
+    # Half of them ask for JSON, so both failure shapes of the contract are seen.
+    argvs = [
+        ["allocate", f"c{index}", "--json"] if index % 2 == 0 else ["allocate", f"c{index}"]
+        for index in range(12)
+    ]
+    outcomes = race(tmp_path / "race", argvs, mode="cli", env={"PORT_ALLOC_MAX_SESSIONS": "8"})
+    assert_raced(outcomes)
+    assert all("Traceback" not in o.stderr for o in outcomes), [o.stderr for o in outcomes]
+    winners = [o for o in outcomes if o.returncode == 0]
+    losers = [o for o in outcomes if o.returncode != 0]
+    assert len(winners) == 8, [(o.argv, o.returncode, o.stderr) for o in outcomes]
+    assert [o.returncode for o in losers] == [3] * 4, [(o.argv, o.stderr) for o in losers]
+    for loser in losers:
+        if "--json" in loser.argv:
+            assert json.loads(loser.stdout) == {"success": False, "error": "no_ports_available"}
+        else:
+            assert loser.stdout == ""
+        assert loser.stderr.startswith("portalloc: no ports available"), loser.stderr
+        assert loser.stderr.count("\n") == 1, loser.stderr
+    for winner in winners:
+        if "--json" in winner.argv:
+            body = json.loads(winner.stdout)
+            assert body["success"] is True
+            assert body["allocation"]["session_id"] == winner.argv[1]
+
+    document = load_ledger(state_dir)
+    assert sorted(ledger_ports(document)) == sorted(o.argv[1] for o in winners)
+    assert_disjoint(
+        [(lease["start"], lease["start"] + lease["span"] - 1) for lease in document["leases"]],
+        [port for lease in document["leases"] for port in lease["ports"].values()],
+    )
+
+
+CRASH_WORKER = r"""
+import os, sys, time
+from pathlib import Path
+
+stage, session, state_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+ledger = state_dir / "leases.json"
+from portalloc import get_port_allocator
+
+service = get_port_allocator()
+real_fsync, real_replace = os.fsync, os.replace
+
+
+def is_temp_file(fd):
+    try:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return False
+    return path.parent == state_dir and path.name not in ("leases.json", "leases.json.lock")
+
+
+def pause():
+    # The test SIGKILLs us here, in the middle of the ledger write.
+    sys.stdout.write(stage + "\n")
+    sys.stdout.flush()
+    time.sleep(120)
+
+
+def fsync(fd):
+    if stage == "before-fsync" and is_temp_file(fd):
+        pause()
+    real_fsync(fd)
+
+
+def replace(src, dst, *args, **kwargs):
+    target = Path(dst) == ledger
+    if stage == "before-replace" and target:
+        pause()
+    real_replace(src, dst, *args, **kwargs)
+    if stage == "after-replace" and target:
+        pause()
+
+
+os.fsync, os.replace = fsync, replace
+service.allocate(session)
+print("finished without reaching", stage, flush=True)
+"""
+
+BULK = {
+    "PORT_ALLOC_BASE": "20000",
+    "PORT_ALLOC_RANGE": "4",
+    "PORT_ALLOC_MAX_SESSIONS": "600",
+    "PORTALLOC_SKIP_PORT_CHECK": "1",  # the bind probe is not under test here
+}
+
+
+def fill_ledger(config: PortAllocatorConfig, count: int) -> None:
+    """Write COUNT leases in one go (allocating them one by one would rewrite it COUNT times)."""
+    service = PortAllocatorService(config)
+    now = service.clock()
+    state = LedgerState()
+    for index in range(count):
+        state = grant(state, Request(session_id=f"bulk-{index}", config=config), now, None).state
+    with service.ledger.locked():
+        service.ledger.save(state)
+
+
+def kill_mid_write(stage: str, session: str, state_dir: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASH_WORKER, stage, session, str(state_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        reached = proc.stdout.readline().strip()
+        if reached == stage:
+            proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+        assert reached == stage, f"worker: {reached}{out}\n{err}"
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("stage", ["before-fsync", "before-replace", "after-replace"])
+def test_sigkill_in_the_middle_of_a_write_leaves_old_or_new_ledger(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    for name, value in BULK.items():
+        monkeypatch.setenv(name, value)
+    config = PortAllocatorConfig.from_env()
+    fill_ledger(config, 500)  # about 250 kB: a write that takes a moment
+    ledger = state_dir / "leases.json"
+    before = ledger.read_bytes()
+    old = ledger_ports(json.loads(before))
+
+    kill_mid_write(stage, "crashed", state_dir)
+
+    document = load_ledger(state_dir)  # parses: never torn
+    current = ledger_ports(document)
+    if stage == "after-replace":
+        assert current == {**old, "crashed": current["crashed"]}  # the new ledger, complete
+    else:
+        assert ledger.read_bytes() == before  # the previous ledger, byte for byte
+
+    # The dead writer's lock is free again, and the ledger loads without being
+    # quarantined; the next writer does its job.
+    warnings: list[str] = []
+    service = PortAllocatorService(
+        PortAllocatorConfig.from_env(environ={**os.environ, "PORTALLOC_LOCK_TIMEOUT": "5"}),
+        on_warning=warnings.append,
+    )
+    assert {a.session_id for a in service.status()} == set(current)
+    service.allocate("next")
+    assert warnings == []
+    assert not [p.name for p in state_dir.iterdir() if ".corrupt-" in p.name]
+    status = run_cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert "corrupt" not in status.stderr
+    assert {item["session_id"] for item in json.loads(status.stdout)} == {*current, "next"}
+
+
+HOLDER = r"""
+import sys
+from portalloc import get_port_allocator
+
+with get_port_allocator().ledger.locked():
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_lock_held_past_timeout_exits_1_naming_lock_and_holder(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    assert run_cli("allocate", "existing").returncode == 0
+    script = tmp_path / "hold_ledger_lock.py"
+    script.write_text(HOLDER)
+    ledger = state_dir / "leases.json"
+    before = (ledger.read_bytes(), ledger.stat().st_mtime_ns)
+    lock_file = state_dir / "leases.json.lock"
+    env = {"PORTALLOC_LOCK_TIMEOUT": "0.3"}
+    holder = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "held\n"
+        for args in (["allocate", "newcomer", "--json"], ["env", "existing"]):
+            began = time.monotonic()
+            result = run_cli(*args, env=env)
+            elapsed = time.monotonic() - began
+            assert result.returncode == 1, (args, result)
+            assert elapsed >= 0.3
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1, result.stderr
+            assert str(lock_file) in lines[0]
+            assert f"pid {holder.pid}" in lines[0]
+            if "--json" in args:
+                assert json.loads(result.stdout)["success"] is False
+            else:
+                assert result.stdout == ""
+        assert (ledger.read_bytes(), ledger.stat().st_mtime_ns) == before
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    # Once the holder lets go, the same command goes through.
+    after = run_cli("allocate", "newcomer", env=env)
+    assert after.returncode == 0, after.stderr
