@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import cache
 from itertools import count
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
 LEDGER_VERSION = 1
 # Short: under contention filelock's default 50 ms poll is mostly idle waiting.
 LOCK_POLL_SECONDS = 0.002
-PID_WIDTH = 10  # wide enough for any pid_t
+# ... and then backs off, with jitter, up to this: forty waiters polling every 2 ms
+# would burn both cores of a small machine and slow the holder down.
+LOCK_POLL_CAP_SECONDS = 0.016
 
 
 class RawOwner(TypedDict):
@@ -205,6 +208,18 @@ def parse_document(document: object) -> tuple[LedgerState, dict[int, tuple[Lease
     return state, known
 
 
+@cache
+def _lock_class() -> type[filelock.FileLock]:
+    import filelock
+
+    class BackoffFileLock(filelock.FileLock):
+        # filelock's own jittered exponential backoff between polls (its soft locks
+        # use it); the attribute is read by FileLock's acquire loop.
+        _poll_backoff_cap = LOCK_POLL_CAP_SECONDS
+
+    return BackoffFileLock
+
+
 class Ledger:
     """leases.json and its lock file in one state directory."""
 
@@ -247,26 +262,15 @@ class Ledger:
         # One lock object per ledger, reused: building one costs more than taking it.
         # Its state is per thread, so threads of one process (the HTTP server) each
         # open their own descriptor and exclude each other like separate processes.
-        import filelock
 
         if self._file_lock is None:
-
-            def record_holder(fd: int) -> None:
-                # Fixed width, written in place: truncating the file first would cost
-                # a journal commit on every acquire.
-                try:
-                    os.pwrite(fd, f"{os.getpid():>{PID_WIDTH}}\n".encode(), 0)
-                except OSError:
-                    pass  # naming the holder is a courtesy, not a requirement
-
-            self._file_lock = filelock.FileLock(
+            self._file_lock = _lock_class()(
                 self.lock_path,
                 timeout=self.lock_timeout,
                 mode=self._file_mode(),
                 thread_local=True,
                 poll_interval=LOCK_POLL_SECONDS,
                 preserve_lock_file=True,
-                on_acquired=record_holder,
             )
         return self._file_lock
 
@@ -290,18 +294,15 @@ class Ledger:
             lock.release()
 
     def _holder(self) -> str | None:
-        try:
-            text = self.lock_path.read_text().strip()
-        except OSError:
+        # Asked of the kernel, not of a pid file: a pid written by the last holder goes
+        # stale, and a process that is not portalloc (`flock leases.json.lock ...`) writes none.
+        from portalloc.probe import command_line, lock_holders
+
+        pids = lock_holders(self.lock_path)
+        if not pids:
             return None
-        if not text.isdigit():
-            return None
-        pid = int(text)
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
-        except OSError:
-            return f"pid {pid}"
-        return f"pid {pid}: {cmdline.decode(errors='replace')[:120]}"
+        command = command_line(pids[0])
+        return f"pid {pids[0]}: {command}" if command else f"pid {pids[0]}"
 
     def load(self) -> LedgerState:
         """Read the ledger; quarantine a corrupt one. Call only while holding the lock."""
@@ -348,10 +349,30 @@ class Ledger:
         validate(state)
         document = state_to_raw(state, self._known)
         payload = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+        self._remove_stale_temps()
         try:
             atomic_write(self.path, payload.encode("utf-8"), self._file_mode())
         except OSError as exc:
             raise LedgerError(self.path, f"cannot write: {exc.strerror or exc}") from None
+
+    def _remove_stale_temps(self) -> None:
+        # Every writer holds the lock while its temp file exists, so under the lock any
+        # temp file found is the remains of a writer that was killed mid-write.
+        prefix, suffix = f".{self.path.name}.", ".tmp"
+        try:
+            with os.scandir(self.state_dir) as entries:
+                stale = [
+                    entry.path
+                    for entry in entries
+                    if entry.name.startswith(prefix) and entry.name.endswith(suffix)
+                ]
+        except OSError:
+            return
+        for path in stale:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 _TMP_COUNTER = count()  # threads of one process (the HTTP server) never share a name

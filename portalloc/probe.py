@@ -160,10 +160,42 @@ def listening_processes(port: int) -> list[tuple[int, str]]:
         for fd in fds:
             try:
                 if str(fd.readlink()) in targets:
-                    raw = (proc_dir / "cmdline").read_bytes()
-                    command = raw.replace(b"\0", b" ").decode(errors="replace").strip()
-                    found.append((int(proc_dir.name), command))
+                    pid = int(proc_dir.name)
+                    found.append((pid, command_line(pid) or ""))
                     break
             except OSError:
                 continue
     return found
+
+
+def command_line(pid: int, limit: int = 120) -> str | None:
+    """PID's command line on one printable line (control characters become spaces)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    text = raw.decode(errors="replace")
+    # A `python -c` script or a hostile argument may hold newlines or escapes: the
+    # line ends up in a one-line error message on someone's terminal.
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())[:limit]
+
+
+def lock_holders(path: Path) -> list[int]:
+    """PIDs holding a flock on PATH, from /proc/locks (Linux); [] where the OS does not tell."""
+    try:
+        st = path.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return []
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders: list[int] = []
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF"; blocked waiters have "->".
+        fields = line.split()
+        if len(fields) < 6 or "->" in fields or fields[1] != "FLOCK":
+            continue
+        if fields[5] == wanted and fields[4].lstrip("-").isdigit():
+            pid = int(fields[4])
+            if pid > 0 and pid not in holders:
+                holders.append(pid)
+    return holders

@@ -347,6 +347,8 @@ def test_sigkill_in_the_middle_of_a_write_leaves_old_or_new_ledger(
     assert {a.session_id for a in service.status()} == set(current)
     service.allocate("next")
     assert warnings == []
+    # The killed writer's temp file (a full copy of the ledger) went with that write.
+    assert not [p.name for p in state_dir.iterdir() if p.name.endswith(".tmp")]
     assert not [p.name for p in state_dir.iterdir() if ".corrupt-" in p.name]
     status = run_cli("status", "--json")
     assert status.returncode == 0, status.stderr
@@ -404,3 +406,44 @@ def test_lock_held_past_timeout_exits_1_naming_lock_and_holder(
     # Once the holder lets go, the same command goes through.
     after = run_cli("allocate", "newcomer", env=env)
     assert after.returncode == 0, after.stderr
+
+
+FOREIGN_HOLDER = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_lock_held_by_another_program_names_that_program_on_one_line(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    # The last portalloc process to take the lock has exited; the holder now is a
+    # different program, with a newline and an escape in its command line.
+    assert run_cli("allocate", "existing").returncode == 0
+    lock_file = state_dir / "leases.json.lock"
+    holder = subprocess.Popen(
+        ["two\nlines\x1b[31m", "-c", FOREIGN_HOLDER, str(lock_file)],
+        executable=sys.executable,  # the hostile name is its argv[0], first in its cmdline
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "held\n"
+        result = run_cli("release", "existing", env={"PORTALLOC_LOCK_TIMEOUT": "0.2"})
+        assert result.returncode == 1
+        (line,) = result.stderr.splitlines()
+        assert str(lock_file) in line
+        assert f"pid {holder.pid}" in line
+        assert "two lines [31m" in line
+        assert "\x1b" not in result.stderr
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
