@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable
@@ -18,22 +17,30 @@ HISTORY_LIMIT = 10_000
 ReclaimReason = Literal["expired", "owner_dead", "worktree_gone"]
 
 
-@dataclass(frozen=True)
 class LedgerState:
-    """Active leases by session, and the block each session held last (for stickiness)."""
+    """Active leases by session, and the block each session held last (for stickiness).
 
-    leases: dict[str, Lease] = field(default_factory=dict)
-    history: dict[str, int] = field(default_factory=dict)
+    Treated as immutable: operations return a new state rather than changing one.
+    """
+
+    __slots__ = ("history", "leases")
+
+    def __init__(
+        self, leases: dict[str, Lease] | None = None, history: dict[str, int] | None = None
+    ) -> None:
+        self.leases: dict[str, Lease] = {} if leases is None else leases
+        self.history: dict[str, int] = {} if history is None else history
+
+    def with_leases(self, leases: dict[str, Lease]) -> LedgerState:
+        return LedgerState(leases, self.history)
 
 
-@dataclass(frozen=True)
-class Reclaimed:
+class Reclaimed(NamedTuple):
     lease: Lease
     reason: ReclaimReason
 
 
-@dataclass(frozen=True)
-class Skip:
+class Skip(NamedTuple):
     """A candidate block passed over because one of its ports was busy."""
 
     block_start: int
@@ -41,16 +48,14 @@ class Skip:
     port_name: str
 
 
-@dataclass(frozen=True)
-class Grant:
+class Grant(NamedTuple):
     state: LedgerState
     lease: Lease
     created: bool
     skipped: tuple[Skip, ...] = ()
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     session_id: str
     config: PortAllocatorConfig
     owner: Owner | None = None
@@ -80,7 +85,7 @@ def reclaim(
             gone.append(Reclaimed(lease, reason))
     if not gone:
         return state, []
-    return replace(state, leases=kept), gone
+    return state.with_leases(kept), gone
 
 
 def release(state: LedgerState, session_id: str) -> tuple[LedgerState, bool]:
@@ -88,7 +93,7 @@ def release(state: LedgerState, session_id: str) -> tuple[LedgerState, bool]:
         return state, False
     leases = dict(state.leases)
     del leases[session_id]
-    return replace(state, leases=leases), True
+    return state.with_leases(leases), True
 
 
 def compose_project_name(session_id: str, prefix: str, taken: set[str]) -> str:
@@ -140,15 +145,14 @@ def grant(
             # Refreshed a moment ago: leave the ledger alone. `eval "$(portalloc env)"`
             # in a prompt hook or direnv then reads without rewriting the file.
             return Grant(state, existing, created=False)
-        refreshed = replace(
-            existing,
+        refreshed = existing._replace(
             expires_at=expires_at,
             ttl_minutes=config.ttl_minutes,
             owner=owner,
             worktree=worktree,
         )
         leases = {**state.leases, request.session_id: refreshed}
-        return Grant(replace(state, leases=leases), refreshed, created=False)
+        return Grant(state.with_leases(leases), refreshed, created=False)
 
     if len(state.leases) >= config.max_sessions:
         raise NoPortsAvailable(
