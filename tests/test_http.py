@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -379,6 +380,20 @@ def test_bad_settings_stop_the_server_before_it_listens(
     )
     assert code == 2
     assert stderr == "portalloc: PORT_ALLOC_BASE=80 is invalid: must be an integer >= 1024\n"
+
+
+def test_busy_port_is_one_line_and_exit_1(tmp_path: Path, portalloc_ports: PortallocPorts) -> None:
+    port = portalloc_ports.port("realtime")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        code, stderr = serve_without_key(tmp_path, port, PORTALLOC_API_KEY=API_KEY)
+    # Not uvicorn's exit 3, which would read as portalloc's "no ports available".
+    assert code == 1
+    assert stderr == (
+        f"portalloc: cannot listen on 127.0.0.1:{port}: Address already in use "
+        f"(`portalloc why {port}` tells who holds it)\n"
+    )
 
 
 JSON_SCALARS = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
@@ -123,7 +124,11 @@ _MUTATING_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def _warn(message: str) -> None:
-    sys.stderr.write(f"portalloc: warning: {message}\n")
+    _info(f"warning: {message}")
+
+
+def _info(message: str) -> None:
+    sys.stderr.write(f"portalloc: {message}\n")
     sys.stderr.flush()
 
 
@@ -321,8 +326,39 @@ def _checked_api_key() -> str:
     return key
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound socket for HOST:PORT, or a one-line PortallocError saying why not."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )[0]
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise PortallocError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise PortallocError(
+            f"cannot listen on {host}:{port}: {reason} (`portalloc why {port}` tells who holds it)"
+        ) from None
+    return sock
+
+
 def serve(host: str = "127.0.0.1", port: int = 7878) -> None:
     """Run the HTTP API with uvicorn; refuses to start without a usable API key."""
     key = _checked_api_key()
     app = create_app(api_key=key)  # bad settings raise here, before anything listens
-    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+    # Bind here rather than in uvicorn: a busy port is then our one-line error with
+    # exit 1, not uvicorn's log lines and its exit code 3 (portalloc's "no ports").
+    sock = _listen(host, port)
+    config = uvicorn.Config(app, log_level="info", server_header=False)
+    shown = f"[{host}]" if ":" in host else host
+    _info(f"serving on http://{shown}:{port} (API docs at /docs); Ctrl-C stops")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
