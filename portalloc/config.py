@@ -6,7 +6,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,25 +51,48 @@ class PortAllocatorConfig:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.state_dir, Path):
+            object.__setattr__(self, "state_dir", Path(self.state_dir))
+
         def label(key: str, env_name: str) -> str:
             return self.sources.get(key, env_name)
 
         _check_int(label("base", ENV_BASE), self.base, 1024, MAX_PORT)
+        source = self.profile.source
+        if self.range < self.profile.span_needed and "range" not in self.sources and source:
+            # The default range is fine; the profile's offsets are what the user wrote.
+            name, offset = max(self.profile.ports, key=lambda item: item[1])
+            raise ProfileError(
+                source,
+                f"ports.{name}",
+                f"offset {offset} does not fit in a block of {self.range} ports "
+                f"(set range >= {offset + 1})",
+            )
         min_range = max(4, self.profile.span_needed)
         _check_int(label("range", ENV_RANGE), self.range, min_range, MAX_PORT)
         _check_int(label("ttl_minutes", ENV_TTL), self.ttl_minutes, 1, None)
-        max_fit = (MAX_PORT - self.base + 1) // self.range
-        _check_int(
-            label("max_sessions", ENV_MAX),
-            self.max_sessions,
-            1,
-            max_fit,
-            why_max="so that base + range * max_sessions - 1 <= 65535",
-        )
+        _check_int(label("max_sessions", ENV_MAX), self.max_sessions, 1, None)
+        self._check_span(label)
         if not (self.lock_timeout > 0 and math.isfinite(self.lock_timeout)):
             raise ConfigError(
                 label("lock_timeout", ENV_LOCK_TIMEOUT), self.lock_timeout, "must be a number > 0"
             )
+
+    def _check_span(self, label: Callable[[str, str], str]) -> None:
+        """base + range * max_sessions - 1 <= 65535, blaming a value the user set."""
+        if self.base + self.range * self.max_sessions - 1 <= MAX_PORT:
+            return
+        why = "so that base + range * max_sessions - 1 <= 65535"
+        max_fit = (MAX_PORT - self.base + 1) // self.range
+        if max_fit >= 1 and ("max_sessions" in self.sources or not self.sources):
+            _check_int(label("max_sessions", ENV_MAX), self.max_sessions, 1, max_fit, why_max=why)
+        max_base = MAX_PORT + 1 - self.range * self.max_sessions
+        if ("base" in self.sources or "range" not in self.sources) and max_base >= 1024:
+            _check_int(label("base", ENV_BASE), self.base, 1024, max_base, why_max=why)
+        max_range = (MAX_PORT + 1 - self.base) // self.max_sessions
+        _check_int(label("range", ENV_RANGE), self.range, 4, max_range, why_max=why)
+        # Nothing single fits (e.g. every value at its limit): name the sessions.
+        _check_int(label("max_sessions", ENV_MAX), self.max_sessions, 1, max_fit, why_max=why)
 
     @property
     def ledger_path(self) -> Path:
@@ -111,7 +134,7 @@ class PortAllocatorConfig:
         ):
             raw = env.get(name)
             if raw is not None:
-                values[key] = _parse_int(name, raw)
+                values[key] = _parse_int(name, raw, MINIMUMS[key])
                 sources[key] = name
 
         raw_dir = env.get(ENV_STATE_DIR)
@@ -123,9 +146,12 @@ class PortAllocatorConfig:
         raw_timeout = env.get(ENV_LOCK_TIMEOUT)
         if raw_timeout is not None:
             try:
-                values["lock_timeout"] = float(raw_timeout)
+                timeout = float(raw_timeout)
             except ValueError:
-                raise ConfigError(ENV_LOCK_TIMEOUT, raw_timeout, "must be a number > 0") from None
+                timeout = math.nan
+            if not (timeout > 0 and math.isfinite(timeout)):
+                raise ConfigError(ENV_LOCK_TIMEOUT, raw_timeout, "must be a number > 0")
+            values["lock_timeout"] = timeout
 
         raw_skip = env.get(ENV_SKIP_PORT_CHECK)
         if raw_skip is not None:
@@ -140,18 +166,21 @@ class PortAllocatorConfig:
         return cls(**values, sources=sources)
 
 
-def _parse_int(name: str, raw: str) -> int:
+MINIMUMS = {"base": 1024, "range": 4, "ttl_minutes": 1, "max_sessions": 1}
+
+
+def _parse_int(name: str, raw: str, minimum: int) -> int:
     try:
         return int(raw.strip(), 10)
     except ValueError:
-        raise ConfigError(name, raw, "must be an integer") from None
+        raise ConfigError(name, raw, f"must be an integer >= {minimum}") from None
 
 
 def _check_int(
     name: str, value: object, minimum: int, maximum: int | None, *, why_max: str = ""
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, value, "must be an integer")
+        raise ConfigError(name, value, f"must be an integer >= {minimum}")
     if value < minimum:
         raise ConfigError(name, value, f"must be an integer >= {minimum}")
     if maximum is not None and value > maximum:
@@ -289,6 +318,14 @@ def load_project_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             *((f"{name.upper()}_PORT", "{" + name + "_port}") for name, _ in ports),
             ("COMPOSE_PROJECT_NAME", "{compose_project_name}"),
         )
+        variables = [variable for variable, _ in env]
+        if len(set(variables)) != len(variables):
+            raise ProfileError(
+                path,
+                prefix + "ports",
+                "two ports differ only in case, so they would export one variable "
+                "(rename one, or list the variables in an env table)",
+            )
 
     if custom:
         values["profile"] = Profile(

@@ -46,8 +46,8 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     ("name", "value", "message"),
     [
         ("PORT_ALLOC_BASE", "80", "PORT_ALLOC_BASE=80 is invalid: must be an integer >= 1024"),
-        ("PORT_ALLOC_BASE", "abc", "PORT_ALLOC_BASE=abc is invalid: must be an integer"),
-        ("PORT_ALLOC_BASE", "1e4", "PORT_ALLOC_BASE=1e4 is invalid: must be an integer"),
+        ("PORT_ALLOC_BASE", "abc", "PORT_ALLOC_BASE=abc is invalid: must be an integer >= 1024"),
+        ("PORT_ALLOC_BASE", "1e4", "PORT_ALLOC_BASE=1e4 is invalid: must be an integer >= 1024"),
         (
             "PORT_ALLOC_BASE",
             "70000",
@@ -73,7 +73,19 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         (
             "PORTALLOC_LOCK_TIMEOUT",
             "0",
-            "PORTALLOC_LOCK_TIMEOUT=0.0 is invalid: must be a number > 0",
+            "PORTALLOC_LOCK_TIMEOUT=0 is invalid: must be a number > 0",
+        ),
+        (
+            "PORT_ALLOC_BASE",
+            "65535",
+            "PORT_ALLOC_BASE=65535 is invalid: must be an integer <= 63536 "
+            "(so that base + range * max_sessions - 1 <= 65535)",
+        ),
+        (
+            "PORT_ALLOC_RANGE",
+            "5000",
+            "PORT_ALLOC_RANGE=5000 is invalid: must be an integer <= 2776 "
+            "(so that base + range * max_sessions - 1 <= 65535)",
         ),
         (
             "PORTALLOC_LOCK_TIMEOUT",

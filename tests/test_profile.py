@@ -116,6 +116,8 @@ def test_lease_keeps_the_profile_it_was_made_with(tmp_path: Path) -> None:
         ('compose_prefix = "Bad Name"\n', "compose_prefix", "lowercase"),
         ("colour = 1\n", "colour", "unknown key"),
         ("not toml = [\n", "(file)", "not valid TOML"),
+        ("[ports]\nx = 200\n", "ports.x", "offset 200 does not fit in a block of 100 ports"),
+        ("[ports]\nweb = 0\nWEB = 1\n", "ports", "differ only in case"),
     ],
 )
 def test_profile_errors_exit_2_naming_file_and_key(
