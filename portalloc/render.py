@@ -11,6 +11,8 @@ from portalloc.errors import UsageError
 
 FORMATS = ("sh", "fish", "dotenv", "json")
 _BARE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+# fish also expands a leading `%` (`%self` is its own PID in older releases).
+_FISH_BARE = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
 
 
 def render_sh(env: Mapping[str, str]) -> str:
@@ -18,7 +20,7 @@ def render_sh(env: Mapping[str, str]) -> str:
 
 
 def fish_quote(value: str) -> str:
-    if _BARE.match(value):
+    if _FISH_BARE.match(value):
         return value
     # Inside fish single quotes only \\ and \' are escapes; nothing expands.
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -42,7 +44,8 @@ def dotenv_quote(name: str, value: str) -> str:
         # Inside double quotes both readers expand variables, and they disagree
         # on how to escape a dollar sign: no spelling is read back the same.
         raise UsageError(
-            f"{name} cannot be written as dotenv: it holds both a quote or backslash and '$'"
+            f"{name} cannot be written as dotenv: it holds '$' together with a single quote, "
+            "a backslash or a line break"
         )
     escaped = (
         value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
