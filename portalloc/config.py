@@ -122,7 +122,11 @@ class PortAllocatorConfig:
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         if use_project_file:
-            found = find_project_file(cwd or Path.cwd())
+            found = None
+            try:
+                found = find_project_file(cwd or Path.cwd())
+            except FileNotFoundError:
+                pass  # the current directory was deleted: no project file to find
             if found is not None:
                 values, sources = load_project_file(found)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from portalloc import allocator, probe
 from portalloc.allocator import LedgerState, Reclaimed, Request
 from portalloc.config import PortAllocatorConfig
-from portalloc.errors import LeaseNotFound
+from portalloc.errors import LeaseNotFound, UsageError
 from portalloc.ledger import Ledger, utcnow
 from portalloc.models import Lease, Owner, PortAllocation, validate_session_id
 
@@ -56,6 +56,9 @@ class PortAllocatorService:
         validate_session_id(session_id)
         config = self.config.with_ttl(ttl_minutes)
         owner = probe.owner_of(pid) if pid is not None else None
+        if owner is not None and not self.owner_alive(owner):
+            # The lease would be reclaimed by the very next operation: say so now.
+            raise UsageError(f"no running process with PID {pid} to own the lease")
         request = Request(
             session_id=session_id,
             config=config,

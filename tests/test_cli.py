@@ -322,3 +322,40 @@ def test_console_script_matches_module() -> None:
     exe = Path(sys.executable).with_name("portalloc")
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True)
     assert out.stdout == run_cli("--version").stdout
+
+
+def test_deleted_current_directory_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    portalloc = shlex.join([sys.executable, "-m", "portalloc"])
+    script = f"cd {shlex.quote(str(gone))} && rmdir ../gone && {portalloc} env; echo rc=$?"
+    env_out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert env_out.stdout == "rc=2\n"
+    assert env_out.stderr == "portalloc: the current directory no longer exists; pass SESSION\n"
+    # With a session named, the command works: there is just no project file to find.
+    gone.mkdir()
+    script = f"cd {shlex.quote(str(gone))} && rmdir ../gone && {portalloc} env named >/dev/null"
+    named = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False)
+    assert (named.returncode, named.stderr) == (0, "")
+
+
+def test_unwritable_stdout_is_one_line_exit_1() -> None:
+    with Path("/dev/full").open("w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "portalloc", "env", "s"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr == "portalloc: cannot write (standard output): No space left on device\n"
+
+
+def test_pid_of_no_running_process_is_refused(state_dir: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    result = run_cli("allocate", "owned", "--pid", str(dead.pid))
+    assert result.returncode == 2
+    assert result.stderr == f"portalloc: no running process with PID {dead.pid} to own the lease\n"
+    assert json.loads(run_cli("status", "--json").stdout) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -339,7 +340,13 @@ def prune(json_output: JsonOpt = False) -> None:
 
 
 def _session_or_worktree(session: str | None) -> str:
-    return session if session is not None else str(_worktree_top(Path.cwd()))
+    if session is not None:
+        return session
+    try:
+        here = Path.cwd()
+    except FileNotFoundError:
+        raise UsageError("the current directory no longer exists; pass SESSION") from None
+    return str(_worktree_top(here))
 
 
 @app.command()
@@ -489,4 +496,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except OSError as exc:
+        # Mostly stdout going away (`| head`, a full disk): one line, not a traceback,
+        # and no second complaint when Python flushes stdout on its way out.
+        _silence_stdout()
+        if isinstance(exc, BrokenPipeError):
+            return 1
+        where = f": {exc.filename}" if exc.filename else " (standard output)"
+        _err(f"cannot write{where}: {exc.strerror or exc}")
+        return 1
     return code if isinstance(code, int) else 0
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
