@@ -359,3 +359,12 @@ def test_pid_of_no_running_process_is_refused(state_dir: Path) -> None:
     assert result.returncode == 2
     assert result.stderr == f"portalloc: no running process with PID {dead.pid} to own the lease\n"
     assert json.loads(run_cli("status", "--json").stdout) == []
+
+
+def test_env_json_flag_is_the_json_format() -> None:
+    flag = run_cli("env", "s", "--json")
+    assert flag.returncode == 0
+    assert json.loads(flag.stdout) == json.loads(run_cli("env", "s", "--format", "json").stdout)
+    clash = run_cli("env", "s", "--json", "--format", "fish")
+    assert clash.returncode == 2
+    assert clash.stderr == "portalloc: --json and --format fish contradict each other\n"

@@ -235,9 +235,14 @@ def env(
             help=f"Also write the allocation as JSON to FILE (a directory gets {MANIFEST_NAME}).",
         ),
     ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
 ) -> None:
     """Allocate or reuse SESSION's lease and print its environment block."""
-    with _errors():
+    with _errors(json_output):
+        if json_output:
+            if fmt not in ("sh", "json"):
+                raise UsageError(f"--json and --format {fmt} contradict each other")
+            fmt = "json"
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
         tree: Path | None = None
@@ -457,6 +462,7 @@ def mcp() -> None:
     """Serve the MCP tools (allocate_ports, release_ports, ports_status) on stdio."""
     with _errors():
         adapter = _import_adapter("portalloc.adapters.mcp", "mcp", ("mcp",))
+        _warn_ephemeral_overlap(PortAllocatorConfig.from_env())
         adapter.run_stdio()
 
 
@@ -475,6 +481,7 @@ def serve(
         adapter = _import_adapter(
             "portalloc.adapters.http", "http", ("fastapi", "uvicorn", "starlette", "pydantic")
         )
+        _warn_ephemeral_overlap(PortAllocatorConfig.from_env())
         adapter.serve(host=host, port=port)
 
 
