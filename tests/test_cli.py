@@ -368,3 +368,11 @@ def test_env_json_flag_is_the_json_format() -> None:
     clash = run_cli("env", "s", "--json", "--format", "fish")
     assert clash.returncode == 2
     assert clash.stderr == "portalloc: --json and --format fish contradict each other\n"
+
+
+def test_every_command_parses_alone_as_in_the_full_app() -> None:
+    # main() builds only the named command (start-up time); its help must not change.
+    for name in ("allocate", "release", "status", "env", "get", "run", "prune", "check", "why"):
+        alone = run_cli(name, "--help")
+        assert alone.returncode == 0, alone.stderr
+        assert f"Usage: portalloc {name} [OPTIONS]" in alone.stdout

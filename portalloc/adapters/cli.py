@@ -485,13 +485,32 @@ def serve(
         adapter.serve(host=host, port=port)
 
 
+def _app_for(args: list[str]) -> typer.Typer:
+    """APP, or a copy holding only the command ARGS names: Typer inspects every
+    command's signature before it parses, which costs `portalloc env` more start-up
+    time than all of portalloc's own imports. The copy keeps the root callback, so
+    it parses, helps and fails exactly like APP for that command."""
+    if not args:
+        return app
+    for info in app.registered_commands:
+        callback = info.callback
+        name = info.name or (callback.__name__.replace("_", "-") if callback else None)
+        if name == args[0]:
+            only = typer.Typer()
+            only.__dict__.update(app.__dict__)
+            only.registered_commands = [info]
+            return only
+    return app
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     # Typer >= 0.29 vendors click; its exceptions are not re-exported publicly.
     from typer._click.exceptions import ClickException
 
+    args = sys.argv[1:] if argv is None else argv
     try:
-        code = app(args=argv, prog_name="portalloc", standalone_mode=False)
+        code = _app_for(args)(args=args, prog_name="portalloc", standalone_mode=False)
     except ClickException as exc:
         # One line instead of click's usage block: bad input is reported like any
         # other expected failure.
