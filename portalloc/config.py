@@ -52,7 +52,11 @@ class PortAllocatorConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.state_dir, Path):
-            object.__setattr__(self, "state_dir", Path(self.state_dir))
+            # The Python API may pass a string; hold it to the rules of the variable.
+            raw: object = self.state_dir
+            if not isinstance(raw, str) or not raw.strip():
+                raise ConfigError(ENV_STATE_DIR, repr(raw), "must be a directory path")
+            object.__setattr__(self, "state_dir", Path(raw).expanduser())
 
         def label(key: str, env_name: str) -> str:
             return self.sources.get(key, env_name)
@@ -62,9 +66,10 @@ class PortAllocatorConfig:
         if self.range < self.profile.span_needed and "range" not in self.sources and source:
             # The default range is fine; the profile's offsets are what the user wrote.
             name, offset = max(self.profile.ports, key=lambda item: item[1])
+            table = "tool.portalloc." if source.name == "pyproject.toml" else ""
             raise ProfileError(
                 source,
-                f"ports.{name}",
+                f"{table}ports.{name}",
                 f"offset {offset} does not fit in a block of {self.range} ports "
                 f"(set range >= {offset + 1})",
             )
@@ -89,10 +94,21 @@ class PortAllocatorConfig:
         max_base = MAX_PORT + 1 - self.range * self.max_sessions
         if ("base" in self.sources or "range" not in self.sources) and max_base >= 1024:
             _check_int(label("base", ENV_BASE), self.base, 1024, max_base, why_max=why)
+        min_range = max(4, self.profile.span_needed)
         max_range = (MAX_PORT + 1 - self.base) // self.max_sessions
-        _check_int(label("range", ENV_RANGE), self.range, 4, max_range, why_max=why)
-        # Nothing single fits (e.g. every value at its limit): name the sessions.
-        _check_int(label("max_sessions", ENV_MAX), self.max_sessions, 1, max_fit, why_max=why)
+        if max_range >= min_range:
+            _check_int(label("range", ENV_RANGE), self.range, min_range, max_range, why_max=why)
+        if max_fit >= 1:
+            _check_int(label("max_sessions", ENV_MAX), self.max_sessions, 1, max_fit, why_max=why)
+        # Not even one block of this range fits above base.
+        why = "so that one block fits below 65536"
+        if MAX_PORT + 1 - self.range >= 1024:
+            _check_int(
+                label("base", ENV_BASE), self.base, 1024, MAX_PORT + 1 - self.range, why_max=why
+            )
+        _check_int(
+            label("range", ENV_RANGE), self.range, min_range, MAX_PORT + 1 - self.base, why_max=why
+        )
 
     @property
     def ledger_path(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -240,6 +241,7 @@ class Ledger:
         self._clock = clock
         self._known: dict[int, tuple[Lease, Any]] = {}
         self._file_lock: filelock.FileLock | None = None
+        self._lock_pid = 0
 
     def _file_mode(self) -> int:
         # A state dir the user made group-writable is shared on purpose: keep the
@@ -265,7 +267,9 @@ class Ledger:
         # Its state is per thread, so threads of one process (the HTTP server) each
         # open their own descriptor and exclude each other like separate processes.
 
-        if self._file_lock is None:
+        if self._file_lock is None or self._lock_pid != os.getpid():
+            # filelock refuses an instance inherited across fork: a child builds its own.
+            self._lock_pid = os.getpid()
             self._file_lock = _lock_class()(
                 self.lock_path,
                 timeout=self.lock_timeout,
@@ -360,14 +364,9 @@ class Ledger:
     def _remove_stale_temps(self) -> None:
         # Every writer holds the lock while its temp file exists, so under the lock any
         # temp file found is the remains of a writer that was killed mid-write.
-        prefix, suffix = f".{self.path.name}.", ".tmp"
         try:
             with os.scandir(self.state_dir) as entries:
-                stale = [
-                    entry.path
-                    for entry in entries
-                    if entry.name.startswith(prefix) and entry.name.endswith(suffix)
-                ]
+                stale = [entry.path for entry in entries if _TEMP_NAME.match(entry.name)]
         except OSError:
             return
         for path in stale:
@@ -377,6 +376,8 @@ class Ledger:
                 pass
 
 
+# The names atomic_write gives its temp files next to leases.json.
+_TEMP_NAME = re.compile(r"^\.leases\.json\.\d+\.\d+\.\d+\.tmp$")
 _TMP_COUNTER = count()  # threads of one process (the HTTP server) never share a name
 
 

@@ -188,14 +188,22 @@ def lock_holders(path: Path) -> list[int]:
     except OSError:
         return []
     wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    holders: list[int] = []
+    exact: list[int] = []
+    # btrfs subvolumes (and some overlays) report another device than /proc/locks
+    # does: fall back to the inode alone when only one holder matches it.
+    by_inode: set[int] = set()
     for line in table.splitlines():
         # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF"; blocked waiters have "->".
         fields = line.split()
         if len(fields) < 6 or "->" in fields or fields[1] != "FLOCK":
             continue
-        if fields[5] == wanted and fields[4].lstrip("-").isdigit():
-            pid = int(fields[4])
-            if pid > 0 and pid not in holders:
-                holders.append(pid)
-    return holders
+        if not fields[4].isdigit() or int(fields[4]) <= 0:
+            continue
+        pid = int(fields[4])
+        if fields[5] == wanted and pid not in exact:
+            exact.append(pid)
+        elif fields[5].rsplit(":", 1)[-1] == str(st.st_ino):
+            by_inode.add(pid)
+    if exact:
+        return exact
+    return list(by_inode) if len(by_inode) == 1 else []

@@ -70,7 +70,7 @@ def ports_from_environment(
             raise pytest.UsageError(f"{variable}={raw!r} is not a port number") from None
     if not ports:
         return None
-    env = {variable: environ[variable] for _, variable in config.profile.env if variable in environ}
+    env = {variable: environ[variable] for variable, _ in config.profile.env if variable in environ}
     return PortallocPorts(ports, env, from_environment=True, variables=variables)
 
 

@@ -376,3 +376,13 @@ def test_every_command_parses_alone_as_in_the_full_app() -> None:
         alone = run_cli(name, "--help")
         assert alone.returncode == 0, alone.stderr
         assert f"Usage: portalloc {name} [OPTIONS]" in alone.stdout
+
+
+def test_run_of_a_file_that_cannot_be_executed_is_one_line(tmp_path: Path) -> None:
+    script = tmp_path / "no-shebang"
+    script.write_text("echo hi\n")
+    script.chmod(0o755)
+    result = run_cli("run", "s", "--", str(script))
+    assert result.returncode == 126
+    assert result.stderr == f"portalloc: warning: cannot run {script}: Exec format error\n"
+    assert json.loads(run_cli("status", "--json").stdout) == []  # released

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
 
+from portalloc.config import PortAllocatorConfig
 from portalloc.ledger import LEDGER_VERSION
+from portalloc.service import PortAllocatorService
 from tests.helpers import run_cli
 
 
@@ -104,3 +108,33 @@ def test_no_temp_files_left_after_writes(state_dir: Path) -> None:
         run_cli("allocate", name)
     run_cli("release", "b")
     assert not list(state_dir.glob(".leases.*"))
+
+
+def test_service_keeps_working_in_a_forked_child(state_dir: Path) -> None:
+    # filelock refuses a lock object inherited across fork; the child must build its own.
+    svc = PortAllocatorService(PortAllocatorConfig(state_dir=state_dir, skip_port_check=True))
+    svc.allocate("parent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        try:
+            svc.allocate("child")
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert {allocation.session_id for allocation in svc.status()} == {"parent", "child"}
+
+
+def test_next_write_removes_only_temp_files_of_killed_writers(state_dir: Path) -> None:
+    svc = PortAllocatorService(PortAllocatorConfig(state_dir=state_dir, skip_port_check=True))
+    svc.allocate("a")
+    leftover = state_dir / ".leases.json.4242.0.123456789.tmp"  # as atomic_write names them
+    leftover.write_text("{")
+    unrelated = state_dir / ".leases.json.notes.tmp"
+    unrelated.write_text("mine")
+    svc.allocate("b")
+    assert not leftover.exists()
+    assert unrelated.read_text() == "mine"

@@ -84,10 +84,17 @@ def test_ports_from_environment_maps_profile_variables(tmp_path: Path) -> None:
     config = PortAllocatorConfig(state_dir=tmp_path)
     assert ports_from_environment(config, {}) is None
     found = ports_from_environment(
-        config, {"API_PORT": "18003", "AGENT_COORDINATOR_DB_PORT": "18000"}
+        config,
+        {"API_PORT": "18003", "AGENT_COORDINATOR_DB_PORT": "18000", "COMPOSE_PROJECT_NAME": "x"},
     )
     assert isinstance(found, PortallocPorts)
     assert found.ports == {"db": 18000, "api": 18003}
+    # The profile's variables that are set, in the profile's order.
+    assert found.env == {
+        "AGENT_COORDINATOR_DB_PORT": "18000",
+        "API_PORT": "18003",
+        "COMPOSE_PROJECT_NAME": "x",
+    }
     assert found.url("api") == "http://localhost:18003"
     assert found.url("rest", 3000) == "http://localhost:3000"
 

@@ -235,7 +235,10 @@ def env(
             help=f"Also write the allocation as JSON to FILE (a directory gets {MANIFEST_NAME}).",
         ),
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="--format json, and failures as a JSON body on stdout."),
+    ] = False,
 ) -> None:
     """Allocate or reuse SESSION's lease and print its environment block."""
     with _errors(json_output):
@@ -523,13 +526,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except OSError as exc:
-        # Mostly stdout going away (`| head`, a full disk): one line, not a traceback,
-        # and no second complaint when Python flushes stdout on its way out.
-        _silence_stdout()
-        if isinstance(exc, BrokenPipeError):
+        reason = exc.strerror or str(exc)
+        if exc.filename:
+            # An OS error no command turned into a message of its own: still one line.
+            _err(f"{exc.filename}: {reason}")
             return 1
-        where = f": {exc.filename}" if exc.filename else " (standard output)"
-        _err(f"cannot write{where}: {exc.strerror or exc}")
+        # Stdout going away (`| head`, a full disk): one line, not a traceback, and
+        # no second complaint when Python flushes stdout on its way out.
+        _silence_stdout()
+        if not isinstance(exc, BrokenPipeError):
+            _err(f"cannot write (standard output): {reason}")
         return 1
     return code if isinstance(code, int) else 0
 

@@ -326,26 +326,39 @@ def _checked_api_key() -> str:
     return key
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A bound socket for HOST:PORT, or a one-line PortallocError saying why not."""
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address HOST names (as uvicorn would bind them), or a
+    one-line PortallocError saying why not."""
     try:
-        family, kind, proto, _name, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM
-        )[0]
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except (OSError, UnicodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise PortallocError(f"cannot listen on {host}:{port}: {reason}") from None
-    sock = socket.socket(family, kind, proto)
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        for family, kind, proto, _name, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # `--host ::` means IPv6 only, as with uvicorn; 0.0.0.0 is separate.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)  # listen now: nothing can slip in before uvicorn starts
     except OSError as exc:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         reason = exc.strerror or str(exc)
         raise PortallocError(
             f"cannot listen on {host}:{port}: {reason} (`portalloc why {port}` tells who holds it)"
         ) from None
-    return sock
+    return sockets
 
 
 def serve(host: str = "127.0.0.1", port: int = 7878) -> None:
@@ -354,11 +367,12 @@ def serve(host: str = "127.0.0.1", port: int = 7878) -> None:
     app = create_app(api_key=key)  # bad settings raise here, before anything listens
     # Bind here rather than in uvicorn: a busy port is then our one-line error with
     # exit 1, not uvicorn's log lines and its exit code 3 (portalloc's "no ports").
-    sock = _listen(host, port)
+    sockets = _listen(host, port)
     config = uvicorn.Config(app, log_level="info", server_header=False)
-    shown = f"[{host}]" if ":" in host else host
+    shown = f"[{host}]" if ":" in host else (host or "0.0.0.0")
     _info(f"serving on http://{shown}:{port} (API docs at /docs); Ctrl-C stops")
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(config).run(sockets=sockets)
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()

@@ -45,6 +45,9 @@ def run_with_lease(
         except PermissionError:
             warn(f"command not executable: {command[0]}")
             return 126
+        except OSError as exc:  # e.g. ENOEXEC: an executable file with no #! line
+            warn(f"cannot run {command[0]}: {exc.strerror or exc}")
+            return 126
 
         def forward(signum: int, _frame: FrameType | None) -> None:
             if signum == signal.SIGINT and _tty_delivers_sigint():
