@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import filesystem_type  # bench/common.py; bench/ is on sys.path when run
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.service import PortAllocatorService
@@ -32,25 +33,6 @@ TARGET_OPS_PER_SECOND = 500
 STARTUP_SECONDS = 30
 # A few sessions in turn: each allocate re-grants its sticky block, as agents do all day.
 SESSIONS = 8
-
-
-def filesystem_type(path: Path) -> str | None:
-    """The mount's filesystem type (Linux), to flag a tmpfs where fsync costs nothing."""
-    try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    best: tuple[int, str] | None = None
-    resolved = str(path.resolve())
-    for line in mounts:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        mount_point, fs_type = fields[1], fields[2]
-        inside = resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")
-        if inside and (best is None or len(mount_point) > best[0]):
-            best = (len(mount_point), fs_type)
-    return best[1] if best else None
 
 
 def lease_server_port(scratch: Path) -> tuple[PortAllocatorService, str, int]:

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from common import filesystem_type  # bench/common.py; bench/ is on sys.path when run
+
 from portalloc.allocator import LedgerState, Request, grant
 from portalloc.config import PortAllocatorConfig
 from portalloc.service import PortAllocatorService
@@ -288,24 +290,6 @@ def measure_ledger_size(bench: Bench, reps: int, leases: int) -> Row:
     )
 
 
-def filesystem_type(path: Path) -> str:
-    try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return "unknown"
-    best = (-1, "unknown")
-    resolved = str(path.resolve())
-    for line in mounts:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        mount_point, fs_type = fields[1], fields[2]
-        inside = resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) > best[0]:
-            best = (len(mount_point), fs_type)
-    return best[1]
-
-
 def table(rows: Sequence[Row]) -> str:
     header = ("measurement", "portalloc", "baseline", "ratio", "target", "result")
     cells = [
@@ -356,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         header = (
             f"portalloc bench: Python {platform.python_version()}, typer {version('typer')}, "
             f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, "
-            f"scratch on {filesystem_type(scratch)}\n"
+            f"scratch on {filesystem_type(scratch) or 'unknown'}\n"
             f"  portalloc: {' '.join(bench.portalloc)}\n"
             f"  baseline:  {' '.join(bench.baseline)} (typer + filelock + platformdirs)\n"
             f"  medians of {args.reps} interleaved runs (1, 3) and "
