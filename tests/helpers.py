@@ -30,18 +30,29 @@ class Result:
     stderr: str
 
 
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+def run_process(
+    argv: list[str | Path], *, env: dict[str, str], cwd: Path | None = None, timeout: float = 60
 ) -> Result:
-    """Run `python -m portalloc ARGS` as a real process with the test's environment."""
-    full_env = {**os.environ, **(env or {})}
+    """Run ARGV as a real process with exactly ENV; capture its output as text."""
     proc = subprocess.run(
-        [sys.executable, "-m", "portalloc", *args],
+        [str(arg) for arg in argv],
         capture_output=True,
         text=True,
-        env=full_env,
+        env=env,
         cwd=cwd,
         timeout=timeout,
         check=False,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> Result:
+    """Run `python -m portalloc ARGS` as a real process with the test's environment."""
+    return run_process(
+        [sys.executable, "-m", "portalloc", *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=timeout,
+    )

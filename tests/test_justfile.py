@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Result
+from tests.helpers import Result, run_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: `just` (rust-just) and `portalloc`
@@ -42,16 +42,7 @@ def tool_env(**extra: str) -> dict[str, str]:
 
 
 def run(*args: str | Path, cwd: Path, env: dict[str, str], timeout: float = 60) -> Result:
-    proc = subprocess.run(
-        [str(arg) for arg in args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-    return Result(proc.returncode, proc.stdout, proc.stderr)
+    return run_process(list(args), env=env, cwd=cwd, timeout=timeout)
 
 
 def ok(*args: str | Path, cwd: Path, env: dict[str, str]) -> str:
