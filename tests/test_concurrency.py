@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -356,6 +357,25 @@ def test_sigkill_in_the_middle_of_a_write_leaves_old_or_new_ledger(
     assert {item["session_id"] for item in json.loads(status.stdout)} == {*current, "next"}
 
 
+@contextmanager
+def lock_holder(argv: list[str], *, executable: str | None = None) -> Iterator[int]:
+    """Run ARGV, which takes the ledger lock, prints "held" and keeps it until its stdin
+    closes; yield its pid while it holds the lock."""
+    holder = subprocess.Popen(
+        argv, executable=executable, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
 HOLDER = r"""
 import sys
 from portalloc import get_port_allocator
@@ -376,12 +396,7 @@ def test_lock_held_past_timeout_exits_1_naming_lock_and_holder(
     before = (ledger.read_bytes(), ledger.stat().st_mtime_ns)
     lock_file = state_dir / "leases.json.lock"
     env = {"PORTALLOC_LOCK_TIMEOUT": "0.3"}
-    holder = subprocess.Popen(
-        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None and holder.stdin is not None
-        assert holder.stdout.readline() == "held\n"
+    with lock_holder([sys.executable, str(script)]) as holder_pid:
         for args in (["allocate", "newcomer", "--json"], ["env", "existing"]):
             began = time.monotonic()
             result = run_cli(*args, env=env)
@@ -391,18 +406,12 @@ def test_lock_held_past_timeout_exits_1_naming_lock_and_holder(
             lines = result.stderr.splitlines()
             assert len(lines) == 1, result.stderr
             assert str(lock_file) in lines[0]
-            assert f"pid {holder.pid}" in lines[0]
+            assert f"pid {holder_pid}" in lines[0]
             if "--json" in args:
                 assert json.loads(result.stdout)["success"] is False
             else:
                 assert result.stdout == ""
         assert (ledger.read_bytes(), ledger.stat().st_mtime_ns) == before
-    finally:
-        if holder.stdin is not None:
-            holder.stdin.close()
-        holder.wait(timeout=10)
-        if holder.stdout is not None:
-            holder.stdout.close()
     # Once the holder lets go, the same command goes through.
     after = run_cli("allocate", "newcomer", env=env)
     assert after.returncode == 0, after.stderr
@@ -424,26 +433,14 @@ def test_lock_held_by_another_program_names_that_program_on_one_line(
     # different program, with a newline and an escape in its command line.
     assert run_cli("allocate", "existing").returncode == 0
     lock_file = state_dir / "leases.json.lock"
-    holder = subprocess.Popen(
+    with lock_holder(
         ["two\nlines\x1b[31m", "-c", FOREIGN_HOLDER, str(lock_file)],
         executable=sys.executable,  # the hostile name is its argv[0], first in its cmdline
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdin is not None
-        assert holder.stdout.readline() == "held\n"
+    ) as holder_pid:
         result = run_cli("release", "existing", env={"PORTALLOC_LOCK_TIMEOUT": "0.2"})
         assert result.returncode == 1
         (line,) = result.stderr.splitlines()
         assert str(lock_file) in line
-        assert f"pid {holder.pid}" in line
+        assert f"pid {holder_pid}" in line
         assert "two lines [31m" in line
         assert "\x1b" not in result.stderr
-    finally:
-        if holder.stdin is not None:
-            holder.stdin.close()
-        holder.wait(timeout=10)
-        if holder.stdout is not None:
-            holder.stdout.close()
