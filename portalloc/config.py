@@ -8,6 +8,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ ENV_MAX = "PORT_ALLOC_MAX_SESSIONS"
 ENV_STATE_DIR = "PORTALLOC_STATE_DIR"
 ENV_LOCK_TIMEOUT = "PORTALLOC_LOCK_TIMEOUT"
 ENV_SKIP_PORT_CHECK = "PORTALLOC_SKIP_PORT_CHECK"
+# The smallest value each integer setting accepts (range also needs the profile's span).
+MINIMUMS = {"base": 1024, "range": 4, "ttl_minutes": 1, "max_sessions": 1}
 
 
 def default_state_dir() -> Path:
@@ -61,7 +64,7 @@ class PortAllocatorConfig:
         def label(key: str, env_name: str) -> str:
             return self.sources.get(key, env_name)
 
-        _check_int(label("base", ENV_BASE), self.base, 1024, MAX_PORT)
+        _check_int(label("base", ENV_BASE), self.base, MINIMUMS["base"], MAX_PORT)
         source = self.profile.source
         if self.range < self.profile.span_needed and "range" not in self.sources and source:
             # The default range is fine; the profile's offsets are what the user wrote.
@@ -73,10 +76,11 @@ class PortAllocatorConfig:
                 f"offset {offset} does not fit in a block of {self.range} ports "
                 f"(set range >= {offset + 1})",
             )
-        min_range = max(4, self.profile.span_needed)
-        _check_int(label("range", ENV_RANGE), self.range, min_range, MAX_PORT)
-        _check_int(label("ttl_minutes", ENV_TTL), self.ttl_minutes, 1, None)
-        _check_int(label("max_sessions", ENV_MAX), self.max_sessions, 1, None)
+        _check_int(label("range", ENV_RANGE), self.range, self.min_range, MAX_PORT)
+        _check_int(label("ttl_minutes", ENV_TTL), self.ttl_minutes, MINIMUMS["ttl_minutes"], None)
+        _check_int(
+            label("max_sessions", ENV_MAX), self.max_sessions, MINIMUMS["max_sessions"], None
+        )
         self._check_span(label)
         if not (self.lock_timeout > 0 and math.isfinite(self.lock_timeout)):
             raise ConfigError(
@@ -88,27 +92,35 @@ class PortAllocatorConfig:
         if self.base + self.range * self.max_sessions - 1 <= MAX_PORT:
             return
         why = "so that base + range * max_sessions - 1 <= 65535"
+        min_base, min_sessions = MINIMUMS["base"], MINIMUMS["max_sessions"]
         max_fit = (MAX_PORT - self.base + 1) // self.range
+        check_sessions = partial(
+            _check_int, label("max_sessions", ENV_MAX), self.max_sessions, min_sessions, max_fit
+        )
         if max_fit >= 1 and ("max_sessions" in self.sources or not self.sources):
-            _check_int(label("max_sessions", ENV_MAX), self.max_sessions, 1, max_fit, why_max=why)
+            check_sessions(why_max=why)
         max_base = MAX_PORT + 1 - self.range * self.max_sessions
-        if ("base" in self.sources or "range" not in self.sources) and max_base >= 1024:
-            _check_int(label("base", ENV_BASE), self.base, 1024, max_base, why_max=why)
-        min_range = max(4, self.profile.span_needed)
+        if ("base" in self.sources or "range" not in self.sources) and max_base >= min_base:
+            _check_int(label("base", ENV_BASE), self.base, min_base, max_base, why_max=why)
+        min_range = self.min_range
         max_range = (MAX_PORT + 1 - self.base) // self.max_sessions
         if max_range >= min_range:
             _check_int(label("range", ENV_RANGE), self.range, min_range, max_range, why_max=why)
         if max_fit >= 1:
-            _check_int(label("max_sessions", ENV_MAX), self.max_sessions, 1, max_fit, why_max=why)
+            check_sessions(why_max=why)
         # Not even one block of this range fits above base.
         why = "so that one block fits below 65536"
-        if MAX_PORT + 1 - self.range >= 1024:
+        if MAX_PORT + 1 - self.range >= min_base:
             _check_int(
-                label("base", ENV_BASE), self.base, 1024, MAX_PORT + 1 - self.range, why_max=why
+                label("base", ENV_BASE), self.base, min_base, MAX_PORT + 1 - self.range, why_max=why
             )
         _check_int(
             label("range", ENV_RANGE), self.range, min_range, MAX_PORT + 1 - self.base, why_max=why
         )
+
+    @property
+    def min_range(self) -> int:
+        return max(MINIMUMS["range"], self.profile.span_needed)
 
     @property
     def ledger_path(self) -> Path:
@@ -184,9 +196,6 @@ class PortAllocatorConfig:
                 raise ConfigError(ENV_SKIP_PORT_CHECK, raw_skip, "must be 1 or 0")
 
         return cls(**values, sources=sources)
-
-
-MINIMUMS = {"base": 1024, "range": 4, "ttl_minutes": 1, "max_sessions": 1}
 
 
 def _parse_int(name: str, raw: str, minimum: int) -> int:
