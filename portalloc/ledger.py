@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -366,7 +365,7 @@ class Ledger:
         # temp file found is the remains of a writer that was killed mid-write.
         try:
             with os.scandir(self.state_dir) as entries:
-                stale = [entry.path for entry in entries if _TEMP_NAME.match(entry.name)]
+                stale = [entry.path for entry in entries if is_temp_name(entry.name, self.path)]
         except OSError:
             return
         for path in stale:
@@ -376,18 +375,29 @@ class Ledger:
                 pass
 
 
-# The names atomic_write gives its temp files next to leases.json.
-_TEMP_NAME = re.compile(r"^\.leases\.json\.\d+\.\d+\.\d+\.tmp$")
 _TMP_COUNTER = count()  # threads of one process (the HTTP server) never share a name
+
+
+def temp_name(path: Path) -> str:
+    """The name atomic_write gives its temp file next to PATH: unique per process,
+    thread and call, without `tempfile` (whose imports cost start-up time)."""
+    return f".{path.name}.{os.getpid()}.{next(_TMP_COUNTER)}.{time.monotonic_ns()}.tmp"
+
+
+def is_temp_name(name: str, path: Path) -> bool:
+    """Whether NAME is one temp_name(PATH) gives."""
+    prefix, suffix = f".{path.name}.", ".tmp"
+    if not (name.startswith(prefix) and name.endswith(suffix)):
+        return False
+    parts = name[len(prefix) : -len(suffix)].split(".")
+    return len(parts) == 3 and all(part.isdigit() for part in parts)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace PATH with DATA so a crash leaves the old or the new file, never a torn one."""
     tmp: str | None = None
     try:
-        # A unique name without `tempfile` (whose imports cost start-up time).
-        unique = f"{os.getpid()}.{next(_TMP_COUNTER)}.{time.monotonic_ns()}"
-        tmp = str(path.parent / f".{path.name}.{unique}.tmp")
+        tmp = str(path.parent / temp_name(path))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             if mode != 0o600:
