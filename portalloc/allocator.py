@@ -11,28 +11,35 @@ from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable
 from portalloc.models import Lease, Owner, render_template
 
-# Sticky blocks remembered for sessions without a lease; oldest forgotten first.
+# Home blocks remembered for sessions; the least recently granted forgotten first.
 HISTORY_LIMIT = 10_000
+# Files portalloc wrote for one session (manifests, env files), newest kept.
+FILES_LIMIT = 8
 
 ReclaimReason = Literal["expired", "owner_dead", "worktree_gone"]
+FileRecord = tuple[str, str]  # (kind, absolute path)
 
 
 class LedgerState:
-    """Active leases by session, and the block each session held last (for stickiness).
+    """Active leases by session, each session's home block, and the files written for it.
 
     Treated as immutable: operations return a new state rather than changing one.
     """
 
-    __slots__ = ("history", "leases")
+    __slots__ = ("files", "homes", "leases")
 
     def __init__(
-        self, leases: dict[str, Lease] | None = None, history: dict[str, int] | None = None
+        self,
+        leases: dict[str, Lease] | None = None,
+        homes: dict[str, int] | None = None,
+        files: dict[str, tuple[FileRecord, ...]] | None = None,
     ) -> None:
         self.leases: dict[str, Lease] = {} if leases is None else leases
-        self.history: dict[str, int] = {} if history is None else history
+        self.homes: dict[str, int] = {} if homes is None else homes
+        self.files: dict[str, tuple[FileRecord, ...]] = {} if files is None else files
 
     def with_leases(self, leases: dict[str, Lease]) -> LedgerState:
-        return LedgerState(leases, self.history)
+        return LedgerState(leases, self.homes, self.files)
 
 
 class Reclaimed(NamedTuple):
@@ -46,6 +53,14 @@ class Skip(NamedTuple):
     block_start: int
     port: int
     port_name: str
+    holder: str = ""  # who listens there, where the OS tells
+
+
+class Move(NamedTuple):
+    """A session granted a block other than its home, and why."""
+
+    home: int
+    reason: str
 
 
 class Grant(NamedTuple):
@@ -53,6 +68,7 @@ class Grant(NamedTuple):
     lease: Lease
     created: bool
     skipped: tuple[Skip, ...] = ()
+    moved: Move | None = None
 
 
 class Request(NamedTuple):
@@ -60,6 +76,16 @@ class Request(NamedTuple):
     config: PortAllocatorConfig
     owner: Owner | None = None
     worktree: str | None = None
+    # A process that uses the lease while it runs without taking it over (`run`).
+    user: Owner | None = None
+    # With `user`: a new lease outlives the user (`run --keep`) instead of ending with it.
+    keep: bool = False
+    files: tuple[FileRecord, ...] = ()
+
+
+# port, "may the session's own processes hold it" -> None if grantable, else the holder
+# ("" when the OS does not say who).
+PortCheck = Callable[[int, bool], "str | None"]
 
 
 def reclaim(
@@ -68,22 +94,34 @@ def reclaim(
     owner_alive: Callable[[Owner], bool],
     path_exists: Callable[[str], bool],
 ) -> tuple[LedgerState, list[Reclaimed]]:
-    """Drop expired leases, leases whose owner died and leases whose worktree vanished."""
+    """Drop leases whose anchor is gone: a dead owner, a vanished worktree, or, for
+    leases with neither, an expired TTL. A live `run` using a lease keeps it."""
     kept: dict[str, Lease] = {}
     gone: list[Reclaimed] = []
+    changed = False
     for session_id, lease in state.leases.items():
+        if lease.guests:
+            guests = tuple(guest for guest in lease.guests if owner_alive(guest))
+            if guests != lease.guests:
+                lease = lease._replace(guests=guests)
+                changed = True
         reason: ReclaimReason | None = None
-        if lease.expired(now):
+        if lease.owner is not None:
+            if not owner_alive(lease.owner):
+                reason = "owner_dead"
+            elif lease.worktree is not None and not path_exists(lease.worktree):
+                reason = "worktree_gone"
+        elif lease.worktree is not None:
+            if not path_exists(lease.worktree):
+                reason = "worktree_gone"
+        elif lease.expired(now):
             reason = "expired"
-        elif lease.owner is not None and not owner_alive(lease.owner):
-            reason = "owner_dead"
-        elif lease.worktree is not None and not path_exists(lease.worktree):
-            reason = "worktree_gone"
-        if reason is None:
+        if reason is None or lease.guests:
             kept[session_id] = lease
         else:
             gone.append(Reclaimed(lease, reason))
-    if not gone:
+            changed = True
+    if not changed:
         return state, []
     return state.with_leases(kept), gone
 
@@ -94,6 +132,23 @@ def release(state: LedgerState, session_id: str) -> tuple[LedgerState, bool]:
     leases = dict(state.leases)
     del leases[session_id]
     return state.with_leases(leases), True
+
+
+def leave(
+    state: LedgerState, session_id: str, user: Owner, owner_alive: Callable[[Owner], bool]
+) -> tuple[LedgerState, bool]:
+    """USER stops using the session's lease: a guest steps out; the owner releases it
+    unless other users still run in it. True if the lease was released."""
+    lease = state.leases.get(session_id)
+    if lease is None:
+        return state, False
+    if user in lease.guests:
+        guests = tuple(guest for guest in lease.guests if guest != user)
+        lease = lease._replace(guests=guests)
+        state = state.with_leases({**state.leases, session_id: lease})
+    if lease.owner == user and not any(owner_alive(guest) for guest in lease.guests):
+        return release(state, session_id)
+    return state, False
 
 
 def compose_project_name(session_id: str, prefix: str, taken: set[str]) -> str:
@@ -127,74 +182,140 @@ def grant(
     state: LedgerState,
     request: Request,
     now: datetime,
-    port_is_free: Callable[[int], bool] | None,
+    port_check: PortCheck | None,
 ) -> Grant:
     """Return the session's lease (TTL refreshed) or a new one; raise NoPortsAvailable."""
     config = request.config
     expires_at = now + timedelta(minutes=config.ttl_minutes)
+    files = _merge_files(state.files, request)
     existing = state.leases.get(request.session_id)
     if existing is not None:
-        owner = request.owner or existing.owner
-        worktree = request.worktree or existing.worktree
-        if (
-            abs(expires_at - existing.expires_at) < refresh_granularity(config.ttl_minutes)
-            and config.ttl_minutes == existing.ttl_minutes
-            and owner == existing.owner
-            and worktree == existing.worktree
-        ):
-            # Refreshed a moment ago: leave the ledger alone. `eval "$(portalloc env)"`
-            # in a prompt hook or direnv then reads without rewriting the file.
-            return Grant(state, existing, created=False)
-        refreshed = existing._replace(
-            expires_at=expires_at,
-            ttl_minutes=config.ttl_minutes,
-            owner=owner,
-            worktree=worktree,
-        )
-        leases = {**state.leases, request.session_id: refreshed}
-        return Grant(state.with_leases(leases), refreshed, created=False)
+        return _refresh(state, existing, request, expires_at, files)
 
     if len(state.leases) >= config.max_sessions:
         raise NoPortsAvailable(
             f"{len(state.leases)} active leases reach max sessions ({config.max_sessions})"
         )
 
-    occupancy = _Occupancy(list(state.leases.values()))
+    leases = list(state.leases.values())
+    occupancy = _Occupancy(leases)
     skipped: list[Skip] = []
+
+    def busy_port(start: int, own: bool) -> Skip | None:
+        if port_check is None:
+            return None
+        for name, offset in config.profile.ports:
+            holder = port_check(start + offset, own)
+            if holder is not None:
+                return Skip(start, start + offset, name, holder)
+        return None
 
     def usable(start: int) -> bool:
         if occupancy.overlaps(start, start + config.range - 1):
             return False
-        if port_is_free is None:
-            return True
-        for name, offset in config.profile.ports:
-            if not port_is_free(start + offset):
-                skipped.append(Skip(start, start + offset, name))
-                return False
-        return True
+        skip = busy_port(start, False)
+        if skip is not None:
+            skipped.append(skip)
+        return skip is None
 
     chosen: int | None = None
-    previous = state.history.get(request.session_id)
-    if previous is not None and _is_block(previous, config) and usable(previous):
-        chosen = previous
+    moved: Move | None = None
+    home = state.homes.get(request.session_id)
+    if home is not None and not _is_block(home, config):
+        home = None  # made under other settings: the first block granted now is home
+    if home is not None:
+        holder = next(
+            (lease for lease in leases if lease.overlaps(home, home + config.range - 1)), None
+        )
+        if holder is not None:
+            moved = Move(home, f"it is held by session {holder.session_id!r}")
+        else:
+            skip = busy_port(home, True)
+            if skip is None:
+                chosen = home
+            else:
+                moved = Move(home, _busy_reason(skip))
     if chosen is None:
-        for index in range(config.max_sessions):
-            start = config.base + index * config.range
-            if start != previous and usable(start):
+        # Other sessions' homes last: a newcomer should not take a block someone
+        # returns to tomorrow while a block nobody calls home is free.
+        homes = set(state.homes.values())
+        candidates = [
+            config.base + index * config.range
+            for index in range(config.max_sessions)
+            if config.base + index * config.range != home
+        ]
+        for start in sorted(candidates, key=lambda start: start in homes):
+            if usable(start):
                 chosen = start
                 break
     if chosen is None:
         raise NoPortsAvailable(f"every block in {config.base}-{config.span_end} is taken or busy")
 
-    taken_names = {lease.compose_project_name for lease in state.leases.values()}
+    taken_names = {lease.compose_project_name for lease in leases}
     lease = new_lease(request, chosen, now, expires_at, taken_names)
-    leases = {**state.leases, request.session_id: lease}
-    history = dict(state.history)
-    history.pop(request.session_id, None)
-    history[request.session_id] = chosen
-    while len(history) > HISTORY_LIMIT:
-        del history[next(iter(history))]
-    return Grant(LedgerState(leases, history), lease, created=True, skipped=tuple(skipped))
+    homes_after = dict(state.homes)
+    homes_after.pop(request.session_id, None)
+    homes_after[request.session_id] = chosen if home is None else home
+    while len(homes_after) > HISTORY_LIMIT:
+        forgotten = next(iter(homes_after))
+        del homes_after[forgotten]
+        if forgotten in files:
+            files = {key: value for key, value in files.items() if key != forgotten}
+    new_state = LedgerState({**state.leases, request.session_id: lease}, homes_after, files)
+    return Grant(new_state, lease, created=True, skipped=tuple(skipped), moved=moved)
+
+
+def _busy_reason(skip: Skip) -> str:
+    holder = f" by {skip.holder}" if skip.holder else ""
+    return f"port {skip.port} ({skip.port_name}) is in use{holder}"
+
+
+def _merge_files(
+    files: dict[str, tuple[FileRecord, ...]], request: Request
+) -> dict[str, tuple[FileRecord, ...]]:
+    """FILES with the request's files recorded for its session (same object if no change)."""
+    known = files.get(request.session_id, ())
+    new = tuple(record for record in dict.fromkeys(request.files) if record not in known)
+    if not new:
+        return files
+    return {**files, request.session_id: (*known, *new)[-FILES_LIMIT:]}
+
+
+def _refresh(
+    state: LedgerState,
+    existing: Lease,
+    request: Request,
+    expires_at: datetime,
+    files: dict[str, tuple[FileRecord, ...]],
+) -> Grant:
+    config = request.config
+    owner = request.owner or existing.owner
+    worktree = request.worktree or existing.worktree
+    guests = existing.guests
+    if request.user is not None and request.user not in guests:
+        # Used as it is: `run` joins the lease, it never takes it over.
+        guests = (*guests, request.user)
+    if (
+        abs(expires_at - existing.expires_at) < refresh_granularity(config.ttl_minutes)
+        and config.ttl_minutes == existing.ttl_minutes
+        and owner == existing.owner
+        and worktree == existing.worktree
+        and guests == existing.guests
+    ):
+        # Refreshed a moment ago: leave the leases alone. `eval "$(portalloc env)"`
+        # in a prompt hook or direnv then reads without rewriting the file.
+        if files is state.files:
+            return Grant(state, existing, created=False)
+        return Grant(LedgerState(state.leases, state.homes, files), existing, created=False)
+    refreshed = existing._replace(
+        expires_at=expires_at,
+        ttl_minutes=config.ttl_minutes,
+        owner=owner,
+        worktree=worktree,
+        guests=guests,
+    )
+    leases = {**state.leases, request.session_id: refreshed}
+    return Grant(LedgerState(leases, state.homes, files), refreshed, created=False)
 
 
 def refresh_granularity(ttl_minutes: int) -> timedelta:
@@ -230,6 +351,7 @@ def new_lease(
         created_at=now,
         expires_at=expires_at,
         ttl_minutes=config.ttl_minutes,
-        owner=request.owner,
+        owner=request.owner if request.user is None or request.keep else request.user,
         worktree=request.worktree,
+        guests=(request.user,) if request.user is not None and request.keep else (),
     )

@@ -21,7 +21,7 @@ from portalloc.models import Lease, Owner, isoformat, parse_iso
 if TYPE_CHECKING:
     import filelock
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 # Short: under contention filelock's default 50 ms poll is mostly idle waiting.
 LOCK_POLL_SECONDS = 0.002
 # ... and then backs off, with jitter, up to this: forty waiters polling every 2 ms
@@ -46,26 +46,82 @@ class RawLease(TypedDict):
     ttl_minutes: int
     owner: RawOwner | None
     worktree: str | None
+    guests: list[RawOwner]
+
+
+class RawFile(TypedDict):
+    kind: str
+    path: str
 
 
 class RawLedger(TypedDict):
     version: int
     leases: list[RawLease]
-    history: dict[str, int]
+    homes: dict[str, int]
+    files: dict[str, list[RawFile]]
 
 
 class _Malformed(Exception):
     """The file parses but does not have the ledger's shape."""
 
 
+class _TooNew(Exception):
+    """The file was written by a newer portalloc; it must not be overwritten."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(version)
+        self.version = version
+
+
+def _v1_to_v2(document: dict[str, Any]) -> dict[str, Any]:
+    # v1 remembered each session's last block ("history"); v2 remembers its home
+    # block, and which `run` processes use a lease. The last block is the best
+    # guess of home a v1 ledger holds.
+    leases = document.get("leases")
+    if isinstance(leases, list):
+        leases = [{**raw, "guests": []} if type(raw) is dict else raw for raw in leases]
+    return {
+        "version": 2,
+        "leases": leases,
+        "homes": document.get("history", {}),
+        "files": {},
+    }
+
+
 # version -> function turning that version's document into the next version's.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def migrate(document: object) -> dict[str, Any]:
+    """DOCUMENT brought to LEDGER_VERSION; raise _TooNew or _Malformed."""
+    if type(document) is not dict:
+        raise _Malformed("top level is not an object")
+    version = document.get("version")
+    if type(version) is not int:
+        raise _Malformed("no integer 'version'")
+    if version > LEDGER_VERSION:
+        raise _TooNew(version)
+    while version < LEDGER_VERSION:
+        if version not in MIGRATIONS:
+            raise _Malformed(f"version {version} is unknown")
+        document = MIGRATIONS[version](document)
+        version = document["version"]
+    return document
+
+
+def _owner_to_raw(owner: Owner) -> RawOwner:
+    return {"pid": owner.pid, "start_ticks": owner.start_ticks}
+
+
+def _owner_from_raw(raw: object) -> Owner:
+    pid = raw.get("pid") if type(raw) is dict else None
+    ticks = raw.get("start_ticks") if type(raw) is dict else None
+    if type(pid) is not int or (ticks is not None and type(ticks) is not int):
+        raise _Malformed("an owner must hold an integer pid and start_ticks")
+    return Owner(pid=pid, start_ticks=ticks)
 
 
 def lease_to_raw(lease: Lease) -> RawLease:
-    owner: RawOwner | None = None
-    if lease.owner is not None:
-        owner = {"pid": lease.owner.pid, "start_ticks": lease.owner.start_ticks}
     return {
         "session_id": lease.session_id,
         "start": lease.start,
@@ -76,8 +132,9 @@ def lease_to_raw(lease: Lease) -> RawLease:
         "created_at": isoformat(lease.created_at),
         "expires_at": isoformat(lease.expires_at),
         "ttl_minutes": lease.ttl_minutes,
-        "owner": owner,
+        "owner": None if lease.owner is None else _owner_to_raw(lease.owner),
         "worktree": lease.worktree,
+        "guests": [_owner_to_raw(guest) for guest in lease.guests],
     }
 
 
@@ -107,14 +164,12 @@ def lease_from_raw(raw: object) -> Lease:
         worktree = raw.get("worktree")
         if worktree is not None and type(worktree) is not str:
             raise _Malformed("'worktree' must be a string")
-        owner: Owner | None = None
         owner_raw = raw.get("owner")
-        if owner_raw is not None:
-            pid = owner_raw.get("pid") if type(owner_raw) is dict else None
-            ticks = owner_raw.get("start_ticks") if type(owner_raw) is dict else None
-            if type(pid) is not int or (ticks is not None and type(ticks) is not int):
-                raise _Malformed("'owner' must hold an integer pid and start_ticks")
-            owner = Owner(pid=pid, start_ticks=ticks)
+        owner = None if owner_raw is None else _owner_from_raw(owner_raw)
+        guests_raw = raw["guests"]
+        if type(guests_raw) is not list:
+            raise _Malformed("'guests' must be a list")
+        guests = tuple(map(_owner_from_raw, guests_raw))
         # Positional: a thousand keyword constructions cost a few milliseconds more.
         return Lease(
             session_id,
@@ -128,6 +183,7 @@ def lease_from_raw(raw: object) -> Lease:
             ttl,
             owner,
             worktree,
+            guests,
         )
     except KeyError as exc:
         raise _Malformed(f"a lease lacks {exc.args[0]!r}") from None
@@ -168,7 +224,16 @@ def state_to_raw(
         leases.append(
             cached[1] if cached is not None and cached[0] is lease else lease_to_raw(lease)
         )
-    return {"version": LEDGER_VERSION, "leases": leases, "history": dict(state.history)}
+    files: dict[str, list[RawFile]] = {
+        session_id: [{"kind": kind, "path": path} for kind, path in records]
+        for session_id, records in state.files.items()
+    }
+    return {
+        "version": LEDGER_VERSION,
+        "leases": leases,
+        "homes": dict(state.homes),
+        "files": files,
+    }
 
 
 def state_from_document(document: object) -> LedgerState:
@@ -177,20 +242,12 @@ def state_from_document(document: object) -> LedgerState:
 
 def parse_document(document: object) -> tuple[LedgerState, dict[int, tuple[Lease, Any]]]:
     """The state in DOCUMENT, and each lease's raw form keyed by id(lease)."""
-    if not isinstance(document, dict):
-        raise _Malformed("top level is not an object")
-    version = document.get("version")
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise _Malformed("no integer 'version'")
-    while version < LEDGER_VERSION:
-        if version not in MIGRATIONS:
-            raise _Malformed(f"version {version} is unknown")
-        document = MIGRATIONS[version](document)
-        version = document["version"]
+    document = migrate(document)
     raw_leases = document.get("leases")
-    raw_history = document.get("history", {})
-    if not isinstance(raw_leases, list) or not isinstance(raw_history, dict):
-        raise _Malformed("'leases' is not a list or 'history' is not an object")
+    raw_homes = document.get("homes")
+    raw_files = document.get("files")
+    if type(raw_leases) is not list or type(raw_homes) is not dict or type(raw_files) is not dict:
+        raise _Malformed("'leases' is not a list, or 'homes' or 'files' is not an object")
     leases: dict[str, Lease] = {}
     known: dict[int, tuple[Lease, Any]] = {}
     for raw in raw_leases:
@@ -199,15 +256,30 @@ def parse_document(document: object) -> tuple[LedgerState, dict[int, tuple[Lease
             raise _Malformed(f"session {lease.session_id!r} appears twice")
         leases[lease.session_id] = lease
         known[id(lease)] = (lease, raw)
-    if not _all_typed(raw_history, int):
-        raise _Malformed("'history' must map session ids to integers")
-    history: dict[str, int] = raw_history
-    state = LedgerState(leases, history)
+    if not _all_typed(raw_homes, int):
+        raise _Malformed("'homes' must map session ids to integers")
+    state = LedgerState(leases, raw_homes, _files_from_raw(raw_files))
     try:
         validate(state)
     except AssertionError as exc:
         raise _Malformed(str(exc)) from None
     return state, known
+
+
+def _files_from_raw(raw: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...]]:
+    files: dict[str, tuple[tuple[str, str], ...]] = {}
+    for session_id, records in raw.items():
+        if type(records) is not list:
+            raise _Malformed("'files' must map session ids to lists")
+        parsed: list[tuple[str, str]] = []
+        for record in records:
+            kind = record.get("kind") if type(record) is dict else None
+            path = record.get("path") if type(record) is dict else None
+            if type(kind) is not str or type(path) is not str:
+                raise _Malformed("a file record must hold a string kind and path")
+            parsed.append((kind, path))
+        files[session_id] = tuple(parsed)
+    return files
 
 
 @cache
@@ -321,16 +393,14 @@ class Ledger:
             document = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             return self._quarantine(f"not JSON: {exc}")
-        if isinstance(document, dict):
-            version = document.get("version")
-            if isinstance(version, int) and version > LEDGER_VERSION:
-                raise LedgerError(
-                    self.path,
-                    f"written by a newer portalloc (ledger version {version}; this one "
-                    f"understands up to {LEDGER_VERSION}); upgrade portalloc",
-                )
         try:
             state, self._known = parse_document(document)
+        except _TooNew as exc:
+            raise LedgerError(
+                self.path,
+                f"written by a newer portalloc (ledger version {exc.version}; this one "
+                f"understands up to {LEDGER_VERSION}); upgrade portalloc",
+            ) from None
         except _Malformed as exc:
             return self._quarantine(str(exc))
         return state
@@ -421,7 +491,3 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)

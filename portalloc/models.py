@@ -7,11 +7,13 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from portalloc.errors import InvalidSessionId
 
 MAX_SESSION_ID_LENGTH = 4096
+
+HeldWhile = Literal["pid", "worktree", "ttl"]
 
 
 def validate_session_id(session_id: object) -> str:
@@ -129,6 +131,9 @@ class Lease(NamedTuple):
     ttl_minutes: int
     owner: Owner | None = None
     worktree: str | None = None
+    # `portalloc run` processes using a lease they did not make: while any of them
+    # lives the lease stays, whatever its own anchor says.
+    guests: tuple[Owner, ...] = ()
 
     @property
     def end(self) -> int:
@@ -139,6 +144,15 @@ class Lease(NamedTuple):
 
     def expired(self, now: datetime) -> bool:
         return now >= self.expires_at
+
+    @property
+    def held_while(self) -> HeldWhile:
+        """What keeps the lease: its owner process, its worktree, or only its TTL."""
+        if self.owner is not None:
+            return "pid"
+        if self.worktree is not None:
+            return "worktree"
+        return "ttl"
 
     def port_named(self, name: str) -> int | None:
         return dict(self.ports).get(name)
@@ -159,9 +173,12 @@ class PortAllocation:
     block_end: int
     pid: int | None = None
     worktree: str | None = None
+    held_while: HeldWhile = "ttl"
+    guests: tuple[int, ...] = ()
+    home_block: int | None = None
 
     @classmethod
-    def from_lease(cls, lease: Lease, now: datetime) -> PortAllocation:
+    def from_lease(cls, lease: Lease, now: datetime, home: int | None = None) -> PortAllocation:
         remaining = max(0.0, (lease.expires_at - now).total_seconds() / 60)
         return cls(
             session_id=lease.session_id,
@@ -175,6 +192,9 @@ class PortAllocation:
             block_end=lease.end,
             pid=lease.owner.pid if lease.owner else None,
             worktree=lease.worktree,
+            held_while=lease.held_while,
+            guests=tuple(guest.pid for guest in lease.guests),
+            home_block=home,
         )
 
     def __getattr__(self, name: str) -> int:
@@ -205,6 +225,9 @@ class PortAllocation:
             block_end=self.block_end,
             pid=self.pid,
             worktree=self.worktree,
+            held_while=self.held_while,
+            guests=list(self.guests),
+            home_block=self.home_block,
             env=self.env,
         )
         return data

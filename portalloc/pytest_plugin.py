@@ -3,6 +3,8 @@
 The session-scoped `portalloc_ports` fixture uses the port variables already in the
 environment (a run inside `portalloc run`, a direnv shell or a compose stack), and
 otherwise leases a block keyed by worktree and xdist worker, released at the end.
+Under pytest-xdist every worker leases its own block even when the variables are
+set: one set of ports shared by several workers would collide.
 """
 
 from __future__ import annotations
@@ -85,6 +87,16 @@ def _worktree_top(start: Path) -> Path:
     return start
 
 
+def _xdist_worker(config: pytest.Config) -> str | None:
+    # xdist's documented `config.workerinput`, not PYTEST_XDIST_WORKER: a pytest run
+    # started from inside an xdist worker inherits that variable without being one.
+    workerinput = getattr(config, "workerinput", None)
+    if isinstance(workerinput, dict):
+        worker = workerinput.get("workerid")
+        return str(worker) if worker is not None else None
+    return None
+
+
 @pytest.fixture(scope="session")
 def portalloc_service() -> PortAllocatorService:
     """The service the plugin leases from; override it to point at another ledger."""
@@ -97,13 +109,16 @@ def portalloc_ports(
 ) -> Iterator[PortallocPorts]:
     """Ports for this test session: from the environment, or a lease released at the end."""
     config = portalloc_service.config
-    existing = ports_from_environment(config, os.environ)
+    worker = _xdist_worker(request.config)
+    existing = None if worker else ports_from_environment(config, os.environ)
     if existing is not None:
         yield existing
         return
     root = _worktree_top(Path(str(request.config.rootpath)))
-    session_id = session_key(root, os.environ.get("PYTEST_XDIST_WORKER"))
-    allocation = portalloc_service.allocate(session_id)
+    session_id = session_key(root, worker)
+    # Tied to this process: a pytest killed outright leaves nothing behind for long.
+    me = os.getpid()
+    allocation = portalloc_service.hold(session_id, pid=me).allocation
     try:
         yield PortallocPorts(
             dict(allocation.ports),
@@ -112,4 +127,4 @@ def portalloc_ports(
             variables=port_variables(config),
         )
     finally:
-        portalloc_service.release(session_id)
+        portalloc_service.leave(session_id, me)

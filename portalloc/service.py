@@ -1,25 +1,46 @@
-"""Operations: each one is lock -> load -> reclaim -> decide -> save, under one lock."""
+"""Operations: each one is one transaction, lock -> load -> reclaim -> decide -> save."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from functools import cache
 from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
-from portalloc import allocator, probe
-from portalloc.allocator import LedgerState, Reclaimed, Request
+from portalloc import allocator, outputs
+from portalloc.allocator import Grant, LedgerState, PortCheck, Reclaimed, Request
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import LeaseNotFound, UsageError
-from portalloc.ledger import Ledger, utcnow
+from portalloc.host import Host, Listener, inside
+from portalloc.ledger import Ledger
 from portalloc.models import Lease, Owner, PortAllocation, validate_session_id
+
+T = TypeVar("T")
 
 
 def _log_warning(message: str) -> None:
     import logging
 
     logging.getLogger("portalloc").warning("%s", message)
+
+
+class Outcome(NamedTuple):
+    """What one transaction decided, and the state and time it decided on."""
+
+    value: Any
+    state: LedgerState
+    now: datetime
+    reclaimed: list[Reclaimed]
+
+
+class Held(NamedTuple):
+    """A lease a process runs in (`run`, the pytest plugin), and whether it made it."""
+
+    allocation: PortAllocation
+    created: bool
 
 
 class PortAllocatorService:
@@ -29,20 +50,59 @@ class PortAllocatorService:
         self,
         config: PortAllocatorConfig | None = None,
         *,
-        clock: Callable[[], datetime] = utcnow,
-        port_is_free: Callable[[int], bool] = probe.port_is_free,
-        owner_alive: Callable[[Owner], bool] = probe.owner_alive,
+        host: Host | None = None,
+        clock: Callable[[], datetime] | None = None,
+        port_is_free: Callable[[int], bool] | None = None,
+        owner_alive: Callable[[Owner], bool] | None = None,
         on_warning: Callable[[str], None] = _log_warning,
     ) -> None:
         self.config = config if config is not None else PortAllocatorConfig.from_env()
-        self.clock = clock
-        self.port_is_free = port_is_free
-        self.owner_alive = owner_alive
+        # clock/port_is_free/owner_alive replace one fact of HOST each (tests, embedders).
+        overrides: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("now", clock),
+                ("port_is_free", port_is_free),
+                ("owner_alive", owner_alive),
+            )
+            if value is not None
+        }
+        self.host = replace(host or Host(), **overrides)
         self.on_warning = on_warning
-        self.ledger = Ledger(self.config.state_dir, self.config.lock_timeout, on_warning, clock)
+        self.ledger = Ledger(
+            self.config.state_dir, self.config.lock_timeout, on_warning, self.clock
+        )
 
-    def _reclaim(self, state: LedgerState, now: datetime) -> tuple[LedgerState, list[Reclaimed]]:
-        return allocator.reclaim(state, now, self.owner_alive, lambda path: Path(path).is_dir())
+    def clock(self) -> datetime:
+        return self.host.now()
+
+    def _transact(
+        self, decide: Callable[[LedgerState, datetime], tuple[LedgerState, T]]
+    ) -> Outcome:
+        """The one way to touch the ledger: under its lock, load, reclaim what is dead,
+        let DECIDE return the new state and a value, and save only if the state changed."""
+        with self.ledger.locked():
+            now = self.host.now()
+            loaded = self.ledger.load()
+            state, reclaimed = allocator.reclaim(
+                loaded, now, self.host.owner_alive, self.host.path_exists
+            )
+            state, value = decide(state, now)
+            if state is not loaded:
+                self.ledger.save(state)
+        return Outcome(value, state, now, reclaimed)
+
+    def _read(self) -> Outcome:
+        return self._transact(lambda state, _now: (state, None))
+
+    def _owner(self, pid: int | None) -> Owner | None:
+        if pid is None:
+            return None
+        owner = self.host.owner_of(pid)
+        if not self.host.owner_alive(owner):
+            # The lease would be reclaimed by the very next operation: say so now.
+            raise UsageError(f"no running process with PID {pid} to own the lease")
+        return owner
 
     def allocate(
         self,
@@ -51,78 +111,141 @@ class PortAllocatorService:
         ttl_minutes: int | None = None,
         pid: int | None = None,
         worktree: str | Path | None = None,
+        manifest: str | Path | None = None,
     ) -> PortAllocation:
         """Return the session's lease with its TTL refreshed, or grant a new block."""
         validate_session_id(session_id)
-        config = self.config.with_ttl(ttl_minutes)
-        owner = probe.owner_of(pid) if pid is not None else None
-        if owner is not None and not self.owner_alive(owner):
-            # The lease would be reclaimed by the very next operation: say so now.
-            raise UsageError(f"no running process with PID {pid} to own the lease")
+        files = () if manifest is None else ((outputs.MANIFEST, str(Path(manifest).absolute())),)
         request = Request(
             session_id=session_id,
-            config=config,
-            owner=owner,
+            config=self.config.with_ttl(ttl_minutes),
+            owner=self._owner(pid),
             worktree=None if worktree is None else os.fspath(worktree),
+            files=files,
         )
-        checker = None if config.skip_port_check else self.port_is_free
-        with self.ledger.locked():
-            now = self.clock()
-            loaded = self.ledger.load()
-            state, _reclaimed = self._reclaim(loaded, now)
-            result = allocator.grant(state, request, now, checker)
-            if result.state is not loaded:
-                self.ledger.save(result.state)
+        return self._grant(request).allocation
+
+    def hold(
+        self,
+        session_id: str,
+        *,
+        pid: int,
+        keep: bool = False,
+        ttl_minutes: int | None = None,
+        worktree: str | Path | None = None,
+    ) -> Held:
+        """Use the session's lease while process PID runs, making one if there is none.
+
+        An existing lease is used as it is (PID joins it and keeps it alive while it
+        runs); a new one is tied to PID unless KEEP. End with `leave`.
+        """
+        validate_session_id(session_id)
+        user = self._owner(pid)
+        request = Request(
+            session_id=session_id,
+            config=self.config.with_ttl(ttl_minutes),
+            worktree=None if worktree is None else os.fspath(worktree),
+            user=user,
+            keep=keep,
+        )
+        return self._grant(request)
+
+    def leave(self, session_id: str, pid: int) -> bool:
+        """Process PID stops using the lease; True if that released it (it made it)."""
+        validate_session_id(session_id)
+        user = self.host.owner_of(pid)
+        outcome = self._transact(
+            lambda state, _now: allocator.leave(state, session_id, user, self.host.owner_alive)
+        )
+        released: bool = outcome.value
+        return released
+
+    def _grant(self, request: Request) -> Held:
+        check = None if request.config.skip_port_check else self._port_check(request)
+        outcome = self._transact(
+            lambda state, now: _with_value(allocator.grant(state, request, now, check))
+        )
+        result: Grant = outcome.value
+        allocation = self._allocation(result.lease, outcome)
+        home = result.moved.home if result.moved else None
         for skip in result.skipped:
+            if skip.block_start != home:
+                holder = f" by {skip.holder}" if skip.holder else ""
+                self.on_warning(
+                    f"skipped block {skip.block_start}: port {skip.port} ({skip.port_name}) "
+                    f"is in use{holder}"
+                )
+        if result.moved is not None:
+            old = f"{result.moved.home}-{result.moved.home + request.config.range - 1}"
             self.on_warning(
-                f"skipped block {skip.block_start}: port {skip.port} ({skip.port_name}) is in use"
+                f"session {request.session_id!r} MOVED from block {old} "
+                f"to {allocation.block_start}-{allocation.block_end}: {result.moved.reason}"
             )
-        return PortAllocation.from_lease(result.lease, now)
+            for kind, path in outcome.state.files.get(request.session_id, ()):
+                if outputs.refresh(kind, path, allocation):
+                    self.on_warning(f"rewrote {path} with the new ports")
+        return Held(allocation, result.created)
+
+    def _port_check(self, request: Request) -> PortCheck:
+        host = self.host
+        anchor = request.owner or request.user
+
+        def own(listener: Listener) -> bool:
+            if listener.pid is None:
+                return False
+            if request.worktree and listener.cwd and inside(listener.cwd, request.worktree):
+                return True
+            return anchor is not None and host.is_descendant(listener.pid, anchor)
+
+        def check(port: int, allow_own: bool) -> str | None:
+            if host.port_is_free(port):
+                return None
+            found = host.listeners(port)
+            if allow_own and found and all(map(own, found)):
+                return None  # the session's own servers: its home block is still its own
+            return ", ".join(listener.describe() for listener in found)
+
+        return check
+
+    def _allocation(self, lease: Lease, outcome: Outcome) -> PortAllocation:
+        return PortAllocation.from_lease(
+            lease, outcome.now, outcome.state.homes.get(lease.session_id)
+        )
 
     def release(self, session_id: str) -> bool:
         """Remove the session's lease; False if it had none."""
         validate_session_id(session_id)
-        with self.ledger.locked():
-            now = self.clock()
-            loaded = self.ledger.load()
-            state, _reclaimed = self._reclaim(loaded, now)
-            state, removed = allocator.release(state, session_id)
-            if state is not loaded:
-                self.ledger.save(state)
-        return removed
-
-    def _read(self) -> tuple[LedgerState, datetime, list[Reclaimed]]:
-        """Load and reclaim under the lock, saving only when something was reclaimed."""
-        with self.ledger.locked():
-            now = self.clock()
-            loaded = self.ledger.load()
-            state, reclaimed = self._reclaim(loaded, now)
-            if state is not loaded:
-                self.ledger.save(state)
-        return state, now, reclaimed
+        released: bool = self._transact(
+            lambda state, _now: allocator.release(state, session_id)
+        ).value
+        return released
 
     def status(self) -> list[PortAllocation]:
         """Active leases, lowest block first."""
-        state, now, _reclaimed = self._read()
-        leases = sorted(state.leases.values(), key=lambda lease: lease.start)
-        return [PortAllocation.from_lease(lease, now) for lease in leases]
+        outcome = self._read()
+        leases = sorted(outcome.state.leases.values(), key=lambda lease: lease.start)
+        return [self._allocation(lease, outcome) for lease in leases]
 
     def get(self, session_id: str) -> PortAllocation:
         """The session's active lease, unchanged; raise LeaseNotFound without one."""
         validate_session_id(session_id)
-        state, now, _reclaimed = self._read()
-        lease = state.leases.get(session_id)
+        outcome = self._read()
+        lease = outcome.state.leases.get(session_id)
         if lease is None:
             raise LeaseNotFound(session_id)
-        return PortAllocation.from_lease(lease, now)
+        return self._allocation(lease, outcome)
 
     def prune(self) -> list[Reclaimed]:
         """Reclaim expired and dead leases; return what was reclaimed."""
-        return self._read()[2]
+        return self._read().reclaimed
 
     def leases(self) -> list[Lease]:
-        state = self._read()[0]
+        state = self._read().state
         return sorted(state.leases.values(), key=lambda lease: lease.start)
+
+
+def _with_value(result: Grant) -> tuple[LedgerState, Grant]:
+    return result.state, result
 
 
 @cache

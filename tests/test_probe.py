@@ -101,8 +101,15 @@ def test_sticky_regrant_is_probed_too() -> None:
     run_cli("release", "a", env=env)
     run_cli("release", "b", env=env)
     with listener(socket.AF_INET, "127.0.0.1", 20800):
-        got = json.loads(run_cli("allocate", "b", "--json", env=env).stdout)["allocation"]
-    assert got["db_port"] == 20700  # b's old block 20800 was busy; lowest free instead
+        result = run_cli("allocate", "b", "--json", env=env)
+    got = json.loads(result.stdout)["allocation"]
+    # b's home 20800 is busy; a's home 20700 is free but kept for a: a block nobody
+    # calls home instead, and one loud line about the move.
+    assert got["db_port"] == 20900
+    assert got["home_block"] == 20800
+    assert "'b' MOVED from block 20800-20899 to 20900-20999: port 20800 (db) is in use by pid" in (
+        result.stderr
+    )
 
 
 def test_dead_pid_block_goes_to_next_session() -> None:

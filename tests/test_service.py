@@ -67,12 +67,13 @@ def test_duplicate_allocate_returns_same_lease_and_refreshes_ttl(
 
 
 def test_lease_expires_after_ttl_and_block_is_reused(state_dir: Path, clock: FakeClock) -> None:
-    svc = make_service(state_dir, clock)
+    svc = make_service(state_dir, clock, max_sessions=1)
     svc.allocate("old", ttl_minutes=5)
     clock.advance(4.9)
     assert svc.status()[0].ttl_remaining_minutes == pytest.approx(0.1, abs=0.01)
     clock.advance(0.2)
     assert svc.status() == []
+    # The only block is old's home; with nothing else free a newcomer takes it.
     assert svc.allocate("new").db_port == 10000
 
 
@@ -95,14 +96,35 @@ def test_expired_session_gets_its_block_back(state_dir: Path, clock: FakeClock) 
     assert svc.allocate("b").db_port == 10100
 
 
-def test_sticky_block_taken_by_someone_else_falls_back_to_lowest(
-    state_dir: Path, clock: FakeClock
-) -> None:
+def test_newcomer_avoids_a_released_sessions_home(state_dir: Path, clock: FakeClock) -> None:
     svc = make_service(state_dir, clock)
     svc.allocate("a")
     svc.release("a")
-    svc.allocate("intruder")  # lowest free: a's old block
-    assert svc.allocate("a").db_port == 10100
+    assert svc.allocate("newcomer").db_port == 10100  # 10000 is a's home
+    assert svc.allocate("a").db_port == 10000
+
+
+def test_home_taken_by_someone_else_moves_loudly_then_comes_back(
+    state_dir: Path, clock: FakeClock
+) -> None:
+    warnings: list[str] = []
+    config = PortAllocatorConfig(state_dir=state_dir, max_sessions=2)
+    svc = PortAllocatorService(
+        config, clock=clock, port_is_free=lambda _port: True, on_warning=warnings.append
+    )
+    svc.allocate("a")
+    svc.release("a")
+    svc.allocate("b")  # 10100
+    svc.release("b")
+    svc.allocate("intruder")  # every block is someone's home: the lowest free one
+    moved = svc.allocate("a")
+    assert (moved.db_port, moved.home_block) == (10100, 10000)
+    assert warnings == [
+        "session 'a' MOVED from block 10000-10099 to 10100-10199: it is held by session 'intruder'"
+    ]
+    svc.release("a")
+    svc.release("intruder")
+    assert svc.allocate("a").db_port == 10000  # home again, the move forgotten
 
 
 def test_release_unknown_session_is_false(state_dir: Path, clock: FakeClock) -> None:

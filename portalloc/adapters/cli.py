@@ -29,7 +29,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-MANIFEST_NAME = ".worktree-ports.json"
+MANIFEST_NAME = ".worktree-ports.json"  # outputs.MANIFEST_NAME, without importing it here
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 TtlOpt = Annotated[
     int | None, typer.Option("--ttl", help="Lease lifetime in minutes (default 120).", min=1)
@@ -195,7 +195,7 @@ def status(json_output: JsonOpt = False) -> None:
     table.add_column("block", no_wrap=True)
     table.add_column("ports", no_wrap=True)
     table.add_column("compose project", no_wrap=True)
-    table.add_column("TTL left", no_wrap=True, justify="right")
+    table.add_column("held while", no_wrap=True, justify="right")
     for allocation in allocations:
         # Text, not markup: a session id like "[bold]" must print as itself.
         session = Text(allocation.session_id)
@@ -208,9 +208,22 @@ def status(json_output: JsonOpt = False) -> None:
             f"{allocation.block_start}-{allocation.block_end}",
             "\n".join(f"{name} {port}" for name, port in allocation.ports.items()),
             allocation.compose_project_name,
-            f"{allocation.ttl_remaining_minutes:.1f} min",
+            _held(allocation),
         )
     Console(highlight=False).print(table)
+
+
+def _held(allocation: PortAllocation) -> str:
+    """What keeps the lease, instead of a countdown for anchored ones."""
+    if allocation.held_while == "pid":
+        held = f"pid {allocation.pid} runs"
+    elif allocation.held_while == "worktree":
+        held = "worktree exists"
+    else:
+        held = f"{allocation.ttl_remaining_minutes:.1f} min left"
+    if allocation.guests:
+        held += "\n+ run " + " ".join(f"pid {pid}" for pid in allocation.guests)
+    return held
 
 
 @app.command()
@@ -257,22 +270,29 @@ def env(
             tree = Path(_session_or_worktree(None))
         if session is None:
             session = str(tree)
-        allocation = _service().allocate(session, ttl_minutes=ttl, pid=pid, worktree=tree)
-        text = render(allocation.env, fmt)
+        service = _service()
+        manifest: Path | None = None
         if write is not None:
-            _write_manifest(write, allocation)
+            from portalloc import outputs
+
+            manifest = outputs.manifest_path(write)
+            outputs.check_writable(manifest, "--write", service.config.state_dir)
+        allocation = service.allocate(
+            session, ttl_minutes=ttl, pid=pid, worktree=tree, manifest=manifest
+        )
+        text = render(allocation.env, fmt)
+        if manifest is not None:
+            _write_manifest(manifest, allocation)
     _out(text)
 
 
-def _write_manifest(target: Path, allocation: PortAllocation) -> None:
-    from portalloc.ledger import atomic_write
+def _write_manifest(path: Path, allocation: PortAllocation) -> None:
+    from portalloc import outputs
 
-    path = target / MANIFEST_NAME if target.is_dir() else target
-    data = json.dumps(allocation.to_dict(), indent=2, ensure_ascii=False) + "\n"
     try:
-        atomic_write(path, data.encode("utf-8"), mode=0o644)
+        outputs.write_manifest(path, allocation)
     except OSError as exc:
-        raise PortallocError(f"--write {target}: {exc.strerror or exc}") from None
+        raise PortallocError(f"--write {path}: {exc.strerror or exc}") from None
 
 
 def _lookup(allocation: PortAllocation, key: str) -> str:

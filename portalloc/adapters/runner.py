@@ -20,6 +20,30 @@ def _tty_delivers_sigint() -> bool:
         return False
 
 
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A preexec hook that has Linux signal the child when `portalloc run` dies, even
+    by SIGKILL (PR_SET_PDEATHSIG); None where the OS offers nothing like it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        # SIGTERM rather than SIGKILL: a compose stack or dev server gets to clean up.
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            # The parent died between fork and prctl: the signal will never come.
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
 def run_with_lease(
     service: PortAllocatorService,
     session_id: str,
@@ -30,15 +54,16 @@ def run_with_lease(
     warn: Callable[[str], None],
 ) -> int:
     """Run COMMAND with the lease's environment; return its exit code (128+N for signal N)."""
-    # The lease is tied to this process: if `portalloc run` is killed outright,
-    # the next operation sees its owner dead and reclaims the block. With --keep
-    # the lease must outlive us, so only its TTL ends it.
-    owner = None if keep else os.getpid()
-    allocation = service.allocate(session_id, ttl_minutes=ttl_minutes, pid=owner)
+    # A lease we make is tied to this process: if `portalloc run` is killed
+    # outright, the next operation sees it dead and reclaims the block. A lease
+    # the session already had is only joined: it stays while we run, and is left
+    # as it was when we end. With --keep a lease we make outlives us.
+    me = os.getpid()
+    allocation = service.hold(session_id, pid=me, keep=keep, ttl_minutes=ttl_minutes).allocation
     env = {**os.environ, **allocation.env}
     try:
         try:
-            child = subprocess.Popen(command, env=env)
+            child = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent(me))
         except FileNotFoundError:
             warn(f"command not found: {command[0]}")
             return 127
@@ -67,6 +92,5 @@ def run_with_lease(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     finally:
-        if not keep:
-            service.release(session_id)
+        service.leave(session_id, me)
     return code if code >= 0 else 128 - code

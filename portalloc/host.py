@@ -1,0 +1,115 @@
+"""The outside world behind one object: the clock, the port probe, process and path facts.
+
+The core asks `Host` and nothing else, so a test can fake the whole world in one value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NamedTuple
+
+from portalloc import probe
+from portalloc.models import Owner
+
+
+class Listener(NamedTuple):
+    """A process with a LISTEN socket on a port; fields are None where the OS does not tell."""
+
+    pid: int | None
+    command: str | None = None
+    cwd: str | None = None
+
+    def describe(self) -> str:
+        if self.pid is None:
+            return "a process the OS does not name"
+        return f"pid {self.pid} ({self.command})" if self.command else f"pid {self.pid}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def path_exists(path: str) -> bool:
+    """Whether PATH exists; a path we may not inspect counts as existing.
+
+    In a shared state dir another user's worktree may sit under a 0700 home: not
+    being allowed to look is no proof that it is gone.
+    """
+    try:
+        Path(path).stat()
+    except PermissionError:
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError):
+        return True  # an odd path (ELOOP, EIO, NUL byte): never reclaim on a guess
+    return True
+
+
+def listeners(port: int) -> list[Listener]:
+    """Processes listening on TCP PORT, with their command line and working directory."""
+    import psutil
+
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return [Listener(None)]
+    pids = {
+        conn.pid
+        for conn in connections
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port
+    }
+    found: list[Listener] = []
+    for pid in sorted(pids, key=lambda p: -1 if p is None else p):
+        if pid is None:
+            found.append(Listener(None))
+            continue
+        found.append(Listener(pid, probe.command_line(pid), _cwd(pid)))
+    return found
+
+
+def _cwd(pid: int) -> str | None:
+    import psutil
+
+    try:
+        return str(psutil.Process(pid).cwd())
+    except (psutil.Error, OSError):
+        return None
+
+
+def is_descendant(pid: int, ancestor: Owner) -> bool:
+    """Whether PID is ANCESTOR itself or runs below it in the process tree."""
+    import psutil
+
+    if not probe.owner_alive(ancestor):
+        return False
+    try:
+        process = psutil.Process(pid)
+        lineage = [process, *process.parents()]
+    except (psutil.Error, OSError):
+        return False
+    return any(p.pid == ancestor.pid for p in lineage)
+
+
+def inside(path: str, directory: str) -> bool:
+    """Whether PATH is DIRECTORY or lies below it (both absolute, compared as paths)."""
+    path = os.path.normpath(path)
+    directory = os.path.normpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+@dataclass
+class Host:
+    """Every fact the core takes from the world; replace any field to fake it."""
+
+    now: Callable[[], datetime] = utcnow
+    port_is_free: Callable[[int], bool] = probe.port_is_free
+    listeners: Callable[[int], list[Listener]] = listeners
+    owner_of: Callable[[int], Owner] = probe.owner_of
+    owner_alive: Callable[[Owner], bool] = probe.owner_alive
+    is_descendant: Callable[[int, Owner], bool] = is_descendant
+    path_exists: Callable[[str], bool] = path_exists
