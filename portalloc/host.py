@@ -95,6 +95,36 @@ def is_descendant(pid: int, ancestor: Owner) -> bool:
     return any(p.pid == ancestor.pid for p in lineage)
 
 
+def compose_publishes(project: str, port: int) -> bool:
+    """Whether a running container of compose project PROJECT publishes PORT (asks docker).
+
+    Docker's published ports are held by `docker-proxy`, a child of dockerd that
+    runs nowhere near the worktree: the compose label is what ties it to a session.
+    """
+    import re
+    import subprocess
+
+    try:
+        result = subprocess.run(
+            [
+                "docker",
+                "ps",
+                "--filter",
+                f"label=com.docker.compose.project={project}",
+                "--format",
+                "{{.Ports}}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    # "0.0.0.0:10001->3000/tcp, [::]:10001->3000/tcp"
+    return result.returncode == 0 and re.search(rf":{port}->", result.stdout) is not None
+
+
 def inside(path: str, directory: str) -> bool:
     """Whether PATH is DIRECTORY or lies below it (both absolute, compared as paths)."""
     path = os.path.normpath(path)
@@ -112,4 +142,5 @@ class Host:
     owner_of: Callable[[int], Owner] = probe.owner_of
     owner_alive: Callable[[Owner], bool] = probe.owner_alive
     is_descendant: Callable[[int, Owner], bool] = is_descendant
+    compose_publishes: Callable[[str, int], bool] = compose_publishes
     path_exists: Callable[[str], bool] = path_exists

@@ -181,27 +181,37 @@ class PortAllocatorService:
                 f"session {request.session_id!r} MOVED from block {old} "
                 f"to {allocation.block_start}-{allocation.block_end}: {result.moved.reason}"
             )
+        if result.created:
+            # A new lease may sit elsewhere than the last one: every file written for
+            # the session follows it (home again after a move, too).
             for kind, path in outcome.state.files.get(request.session_id, ()):
-                if outputs.refresh(kind, path, allocation):
+                if outputs.refresh(kind, path, allocation) and result.moved is not None:
                     self.on_warning(f"rewrote {path} with the new ports")
         return Held(allocation, result.created)
 
     def _port_check(self, request: Request) -> PortCheck:
         host = self.host
         anchor = request.owner or request.user
+        profile = request.config.profile
+        project = allocator.compose_project_name(request.session_id, profile.compose_prefix, set())
 
-        def own(listener: Listener) -> bool:
+        def own(listener: Listener, port: int) -> bool:
             if listener.pid is None:
                 return False
             if request.worktree and listener.cwd and inside(listener.cwd, request.worktree):
                 return True
-            return anchor is not None and host.is_descendant(listener.pid, anchor)
+            if anchor is not None and host.is_descendant(listener.pid, anchor):
+                return True
+            # The session's own compose stack, published through dockerd's proxy.
+            return "docker-proxy" in (listener.command or "") and host.compose_publishes(
+                project, port
+            )
 
         def check(port: int, allow_own: bool) -> str | None:
             if host.port_is_free(port):
                 return None
             found = host.listeners(port)
-            if allow_own and found and all(map(own, found)):
+            if allow_own and found and all(own(listener, port) for listener in found):
                 return None  # the session's own servers: its home block is still its own
             return ", ".join(listener.describe() for listener in found)
 

@@ -37,6 +37,7 @@ pytest_plugins = ["portalloc.pytest_plugin"]
 def portalloc_service(tmp_path_factory: pytest.TempPathFactory) -> PortAllocatorService:
     """The plugin leases from a session-private ledger, never the user's."""
     state = tmp_path_factory.mktemp("plugin-state")
+    # The HTTP tests listen on these ports: other tests keep clear of 40000-41999.
     return PortAllocatorService(PortAllocatorConfig(state_dir=state, base=40000))
 
 

@@ -78,7 +78,7 @@ def test_pyproject_without_table_is_ignored(tmp_path: Path) -> None:
 def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
     (tmp_path / "portalloc.toml").write_text("base = 30000\nttl_minutes = 7\n")
     assert env_json(tmp_path, "a")["API_PORT"] == "30003"
-    assert env_json(tmp_path, "b", env={"PORT_ALLOC_BASE": "40000"})["API_PORT"] == "40003"
+    assert env_json(tmp_path, "b", env={"PORT_ALLOC_BASE": "45000"})["API_PORT"] == "45003"
     [a, _b] = json.loads(run_cli("status", "--json", cwd=tmp_path).stdout)
     assert a["ttl_remaining_minutes"] <= 7
     run_cli("env", "c", "--ttl", "3", cwd=tmp_path, env={"PORT_ALLOC_TTL_MINUTES": "50"})
