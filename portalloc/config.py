@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -13,12 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from portalloc.errors import ConfigError, ProfileError
-from portalloc.models import DEFAULT_PROFILE, Profile, template_fields
+from portalloc.models import (
+    COMPOSE_NAME,
+    DEFAULT_PROFILE,
+    MAX_TTL_MINUTES,
+    SHELL_NAME,
+    Profile,
+    forbidden_variable,
+    template_fields,
+)
 
 MAX_PORT = 65535
 PROJECT_FILES = ("portalloc.toml", "pyproject.toml")
-_SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_COMPOSE_PREFIX = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 ENV_BASE = "PORT_ALLOC_BASE"
 ENV_RANGE = "PORT_ALLOC_RANGE"
@@ -59,7 +64,7 @@ class PortAllocatorConfig:
             raw: object = self.state_dir
             if not isinstance(raw, str) or not raw.strip():
                 raise ConfigError(ENV_STATE_DIR, repr(raw), "must be a directory path")
-            object.__setattr__(self, "state_dir", Path(raw).expanduser())
+            object.__setattr__(self, "state_dir", _expand_dir(raw))
 
         def label(key: str, env_name: str) -> str:
             return self.sources.get(key, env_name)
@@ -77,7 +82,13 @@ class PortAllocatorConfig:
                 f"(set range >= {offset + 1})",
             )
         _check_int(label("range", ENV_RANGE), self.range, self.min_range, MAX_PORT)
-        _check_int(label("ttl_minutes", ENV_TTL), self.ttl_minutes, MINIMUMS["ttl_minutes"], None)
+        _check_int(
+            label("ttl_minutes", ENV_TTL),
+            self.ttl_minutes,
+            MINIMUMS["ttl_minutes"],
+            MAX_TTL_MINUTES,
+            why_max="one year",
+        )
         _check_int(
             label("max_sessions", ENV_MAX), self.max_sessions, MINIMUMS["max_sessions"], None
         )
@@ -173,7 +184,7 @@ class PortAllocatorConfig:
         if raw_dir is not None:
             if not raw_dir.strip():
                 raise ConfigError(ENV_STATE_DIR, repr(raw_dir), "must be a directory path")
-            values["state_dir"] = Path(raw_dir).expanduser()
+            values["state_dir"] = _expand_dir(raw_dir)
 
         raw_timeout = env.get(ENV_LOCK_TIMEOUT)
         if raw_timeout is not None:
@@ -196,6 +207,15 @@ class PortAllocatorConfig:
                 raise ConfigError(ENV_SKIP_PORT_CHECK, raw_skip, "must be 1 or 0")
 
         return cls(**values, sources=sources)
+
+
+def _expand_dir(raw: str) -> Path:
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:  # `~nosuchuser/...`
+        raise ConfigError(
+            ENV_STATE_DIR, raw, "names a home directory that does not exist"
+        ) from None
 
 
 def _parse_int(name: str, raw: str, minimum: int) -> int:
@@ -259,10 +279,13 @@ def load_project_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Settings and profile from a project file, as constructor keyword arguments."""
     data = _read_toml(path)
     if path.name == "pyproject.toml":
-        table = data.get("tool", {}).get("portalloc")
+        tool = data.get("tool", {})
+        table = tool.get("portalloc") if isinstance(tool, dict) else None
         prefix = "tool.portalloc."
-        if not isinstance(table, dict):
+        if table is None:
             return {}, {}
+        if not isinstance(table, dict):
+            raise ProfileError(path, "tool.portalloc", "must be a table")
     else:
         table = data
         prefix = ""
@@ -290,7 +313,7 @@ def load_project_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
     if "compose_prefix" in table:
         compose_prefix = table["compose_prefix"]
-        if not isinstance(compose_prefix, str) or not _COMPOSE_PREFIX.match(compose_prefix):
+        if not isinstance(compose_prefix, str) or not COMPOSE_NAME.fullmatch(compose_prefix):
             raise ProfileError(
                 path,
                 prefix + "compose_prefix",
@@ -304,7 +327,7 @@ def load_project_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             raise ProfileError(path, prefix + "ports", "must be a table of name = offset")
         parsed: list[tuple[str, int]] = []
         for name, offset in raw_ports.items():
-            if not _SHELL_NAME.match(name):
+            if not isinstance(name, str) or not SHELL_NAME.fullmatch(name):
                 raise ProfileError(path, f"{prefix}ports.{name}", "must be a plain identifier")
             if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
                 raise ProfileError(path, f"{prefix}ports.{name}", "offset must be an integer >= 0")
@@ -323,8 +346,15 @@ def load_project_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         parsed_env: list[tuple[str, str]] = []
         for variable, template in raw_env.items():
             key = f"{prefix}env.{variable}"
-            if not _SHELL_NAME.match(variable):
+            if not SHELL_NAME.fullmatch(variable):
                 raise ProfileError(path, key, "is not a valid shell variable name")
+            if forbidden_variable(variable):
+                raise ProfileError(
+                    path,
+                    key,
+                    "changes how shells, loaders or interpreters behave; a project file "
+                    "may not set it",
+                )
             if not isinstance(template, str):
                 raise ProfileError(path, key, "template must be a string")
             if any(unicodedata.category(char) == "Cc" for char in template):

@@ -6,17 +6,29 @@ import json
 import os
 import stat
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from itertools import count
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 from portalloc.allocator import LedgerState
-from portalloc.errors import LedgerError, LockTimeout
-from portalloc.models import Lease, Owner, isoformat, parse_iso
+from portalloc.errors import InvalidSessionId, LedgerError, LockTimeout
+from portalloc.models import (
+    COMPOSE_NAME,
+    MAX_PID,
+    MAX_TTL_MINUTES,
+    SHELL_NAME,
+    Lease,
+    Owner,
+    forbidden_variable,
+    isoformat,
+    parse_iso,
+    validate_session_id,
+)
 
 if TYPE_CHECKING:
     import filelock
@@ -171,7 +183,7 @@ def lease_from_raw(raw: object) -> Lease:
             raise _Malformed("'guests' must be a list")
         guests = tuple(map(_owner_from_raw, guests_raw))
         # Positional: a thousand keyword constructions cost a few milliseconds more.
-        return Lease(
+        lease = Lease(
             session_id,
             start,
             span,
@@ -187,8 +199,42 @@ def lease_from_raw(raw: object) -> Lease:
         )
     except KeyError as exc:
         raise _Malformed(f"a lease lacks {exc.args[0]!r}") from None
-    except ValueError as exc:
+    except (ValueError, OverflowError, TypeError) as exc:
+        # fromisoformat past year 9999 with its offset, and the like
         raise _Malformed(str(exc)) from None
+    _check_rules(lease)
+    return lease
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(char) == "Cc" for char in text)
+
+
+def _check_rules(lease: Lease) -> None:
+    """The rules every lease from the file must meet before anything of it is printed:
+    in a shared state dir, other users can write this file."""
+    try:
+        validate_session_id(lease.session_id)
+    except InvalidSessionId as exc:
+        raise _Malformed(exc.message) from None
+    if not 1 <= lease.ttl_minutes <= MAX_TTL_MINUTES or not 1 <= lease.span <= 65535:
+        raise _Malformed(f"lease {lease.session_id!r} has an absurd TTL or span")
+    for name, port in lease.ports:
+        if not SHELL_NAME.fullmatch(name) or not 1 <= port <= 65535:
+            raise _Malformed(f"lease {lease.session_id!r} has a bad port {name!r}")
+    for name, value in lease.env:
+        if not SHELL_NAME.fullmatch(name) or forbidden_variable(name) or _has_control(value):
+            raise _Malformed(f"lease {lease.session_id!r} sets variable {name!r}")
+    if not COMPOSE_NAME.fullmatch(lease.compose_project_name):
+        raise _Malformed(f"lease {lease.session_id!r} has a bad compose project name")
+    if lease.worktree is not None and (not lease.worktree or _has_control(lease.worktree)):
+        raise _Malformed(f"lease {lease.session_id!r} has a bad worktree path")
+    for owner in (lease.owner, *lease.guests):
+        if owner is not None and not (
+            1 <= owner.pid <= MAX_PID
+            and (owner.start_ticks is None or 0 <= owner.start_ticks < 2**63)
+        ):
+            raise _Malformed(f"lease {lease.session_id!r} has an impossible PID")
 
 
 def validate(state: LedgerState) -> None:
@@ -237,11 +283,17 @@ def state_to_raw(
 
 
 def state_from_document(document: object) -> LedgerState:
-    return parse_document(document)[0]
+    return parse_document(document).state
 
 
-def parse_document(document: object) -> tuple[LedgerState, dict[int, tuple[Lease, Any]]]:
-    """The state in DOCUMENT, and each lease's raw form keyed by id(lease)."""
+class Parsed(NamedTuple):
+    state: LedgerState
+    known: dict[int, tuple[Lease, Any]]  # id(lease) -> the lease and its raw form
+    dropped: list[str]  # why each unusable lease was left out
+
+
+def parse_document(document: object) -> Parsed:
+    """The state in DOCUMENT, each lease's raw form, and the leases left out as unusable."""
     document = migrate(document)
     raw_leases = document.get("leases")
     raw_homes = document.get("homes")
@@ -250,8 +302,13 @@ def parse_document(document: object) -> tuple[LedgerState, dict[int, tuple[Lease
         raise _Malformed("'leases' is not a list, or 'homes' or 'files' is not an object")
     leases: dict[str, Lease] = {}
     known: dict[int, tuple[Lease, Any]] = {}
+    dropped: list[str] = []
     for raw in raw_leases:
-        lease = lease_from_raw(raw)
+        try:
+            lease = lease_from_raw(raw)
+        except _Malformed as exc:
+            dropped.append(str(exc))
+            continue
         if lease.session_id in leases:
             raise _Malformed(f"session {lease.session_id!r} appears twice")
         leases[lease.session_id] = lease
@@ -263,7 +320,7 @@ def parse_document(document: object) -> tuple[LedgerState, dict[int, tuple[Lease
         validate(state)
     except AssertionError as exc:
         raise _Malformed(str(exc)) from None
-    return state, known
+    return Parsed(state, known, dropped)
 
 
 def _files_from_raw(raw: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...]]:
@@ -311,6 +368,8 @@ class Ledger:
         self._warn = on_warning
         self._clock = clock
         self._known: dict[int, tuple[Lease, Any]] = {}
+        # The last load left leases out: the next transaction writes the file back.
+        self.dirty = False
         self._file_lock: filelock.FileLock | None = None
         self._lock_pid = 0
 
@@ -393,8 +452,10 @@ class Ledger:
             document = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             return self._quarantine(f"not JSON: {exc}")
+        except RecursionError:
+            return self._quarantine("not JSON a program can use: nested too deeply")
         try:
-            state, self._known = parse_document(document)
+            state, self._known, dropped = parse_document(document)
         except _TooNew as exc:
             raise LedgerError(
                 self.path,
@@ -403,15 +464,36 @@ class Ledger:
             ) from None
         except _Malformed as exc:
             return self._quarantine(str(exc))
+        except (RecursionError, OverflowError, TypeError, ValueError) as exc:
+            return self._quarantine(f"unusable content ({type(exc).__name__})")
+        self.dirty = bool(dropped)
+        if dropped:
+            target = self._copy_aside()
+            self._warn(
+                f"ledger {self.path}: left out {len(dropped)} unusable lease(s) "
+                f"({dropped[0]}); copied the file to {target}; the other leases carry on"
+            )
         return state
 
-    def _quarantine(self, reason: str) -> LedgerState:
+    def _corrupt_name(self) -> Path:
         stamp = self._clock().astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         counter = 1
         while target.exists():
             target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{counter}")
             counter += 1
+        return target
+
+    def _copy_aside(self) -> Path:
+        target = self._corrupt_name()
+        try:
+            atomic_write(target, self.path.read_bytes(), self._file_mode())
+        except OSError as exc:
+            raise LedgerError(self.path, f"cannot copy unusable leases aside: {exc}") from None
+        return target
+
+    def _quarantine(self, reason: str) -> LedgerState:
+        target = self._corrupt_name()
         try:
             os.replace(self.path, target)
         except OSError as exc:

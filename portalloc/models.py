@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 import unicodedata
 from dataclasses import dataclass
@@ -14,6 +15,41 @@ from portalloc.errors import InvalidSessionId
 MAX_SESSION_ID_LENGTH = 4096
 
 HeldWhile = Literal["pid", "worktree", "ttl"]
+MAX_TTL_MINUTES = 525_600  # one year
+MAX_PID = 4_194_304  # Linux's PID_MAX_LIMIT; no OS portalloc runs on goes higher
+
+# Every name that reaches an output must match its rule as a whole: fullmatch, so a
+# trailing newline ("NAME\n") is not a match, as it would be with `^...$`.
+SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+COMPOSE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+# Variables that change how a shell, loader or interpreter behaves: a project file
+# in a cloned repository must not set them in its users' shells. Compared upper-cased
+# (zsh ties lowercase `path`, `cdpath`, `fpath`... to the uppercase ones).
+FORBIDDEN_VARIABLES = frozenset(
+    {
+        "PATH", "HOME", "SHELL", "IFS", "ENV", "CDPATH", "FPATH", "MANPATH", "MAILPATH",
+        "MAIL", "MODULE_PATH", "PROMPT_COMMAND", "PROMPT", "RPROMPT", "RPS1", "RPS2",
+        "PS0", "PS1", "PS2", "PS3", "PS4", "PSVAR", "SHELLOPTS", "BASHOPTS", "GLOBIGNORE",
+        "FIGNORE", "HISTFILE", "HISTCONTROL", "INPUTRC", "ZDOTDIR", "TMOUT", "TERM",
+        "TMPDIR", "EDITOR", "VISUAL", "PAGER", "MANPAGER", "BROWSER", "LESSOPEN",
+        "LESSCLOSE", "NODE_OPTIONS", "NODE_PATH", "RUBYOPT", "RUBYLIB", "JAVA_TOOL_OPTIONS",
+        "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "SSH_ASKPASS", "SUDO_ASKPASS", "POSIXLY_CORRECT",
+        "LANG", "LANGUAGE", "NLSPATH", "GCONV_PATH", "HOSTALIASES", "RESOLV_HOST_CONF",
+        "MALLOC_CHECK_", "TZ", "TZDIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME",
+        "XDG_CONFIG_DIRS", "XDG_DATA_DIRS",
+    }
+)  # fmt: skip
+FORBIDDEN_PREFIXES = (
+    "LD_", "DYLD_", "PYTHON", "PERL5", "PERLLIB", "GIT_", "BASH_", "ZSH", "KSH_", "FISH_",
+    "LC_", "PORTALLOC_", "PORT_ALLOC_", "SSH_", "GPG_", "DOCKER_", "NPM_CONFIG_",
+)  # fmt: skip
+
+
+def forbidden_variable(name: str) -> bool:
+    """Whether NAME changes how a shell, loader or interpreter behaves."""
+    upper = name.upper()
+    return upper in FORBIDDEN_VARIABLES or upper.startswith(FORBIDDEN_PREFIXES)
 
 
 def validate_session_id(session_id: object) -> str:

@@ -8,31 +8,49 @@ import shlex
 from collections.abc import Mapping
 
 from portalloc.errors import UsageError
+from portalloc.models import SHELL_NAME
 
 FORMATS = ("sh", "fish", "dotenv", "json")
-_BARE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+_BARE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 # fish also expands a leading `%` (`%self` is its own PID in older releases).
-_FISH_BARE = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
+_FISH_BARE = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
+
+
+def _checked(env: Mapping[str, str]) -> Mapping[str, str]:
+    # The last line of defence: config and ledger loading already refuse such names.
+    for name in env:
+        if not SHELL_NAME.fullmatch(name):
+            raise UsageError(f"refusing to print variable {name!r}: not a valid shell name")
+    return env
+
+
+def sh_quote(value: str) -> str:
+    """shlex.quote, and quotes for a leading `=` or `~` and for `:=`/`:~`, which zsh
+    expands in an assignment (`=ls` becomes /usr/bin/ls)."""
+    quoted = shlex.quote(value)
+    if quoted == value and value and (value[0] in "=~" or ":=" in value):
+        return "'" + value + "'"  # shlex found nothing to escape: no quote inside
+    return quoted
 
 
 def render_sh(env: Mapping[str, str]) -> str:
-    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+    return "".join(f"export {name}={sh_quote(value)}\n" for name, value in _checked(env).items())
 
 
 def fish_quote(value: str) -> str:
-    if _FISH_BARE.match(value):
+    if _FISH_BARE.fullmatch(value):
         return value
     # Inside fish single quotes only \\ and \' are escapes; nothing expands.
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def render_fish(env: Mapping[str, str]) -> str:
-    return "".join(f"set -gx {name} {fish_quote(value)}\n" for name, value in env.items())
+    return "".join(f"set -gx {name} {fish_quote(value)}\n" for name, value in _checked(env).items())
 
 
 def dotenv_quote(name: str, value: str) -> str:
     """Quote so docker compose and python-dotenv both read VALUE back unchanged."""
-    if _BARE.match(value):
+    if _BARE.fullmatch(value):
         return value
     if "${" in value:
         # python-dotenv expands ${NAME} inside any quotes and has no escape for it.
@@ -54,7 +72,7 @@ def dotenv_quote(name: str, value: str) -> str:
 
 
 def render_dotenv(env: Mapping[str, str]) -> str:
-    return "".join(f"{name}={dotenv_quote(name, value)}\n" for name, value in env.items())
+    return "".join(f"{name}={dotenv_quote(name, value)}\n" for name, value in _checked(env).items())
 
 
 def render_json(env: Mapping[str, str]) -> str:

@@ -16,7 +16,7 @@ from portalloc.config import PortAllocatorConfig
 from portalloc.errors import LeaseNotFound, UsageError
 from portalloc.host import Host, Listener, inside
 from portalloc.ledger import Ledger
-from portalloc.models import Lease, Owner, PortAllocation, validate_session_id
+from portalloc.models import MAX_PID, Lease, Owner, PortAllocation, validate_session_id
 
 T = TypeVar("T")
 
@@ -88,8 +88,9 @@ class PortAllocatorService:
                 loaded, now, self.host.owner_alive, self.host.path_exists
             )
             state, value = decide(state, now)
-            if state is not loaded:
+            if state is not loaded or self.ledger.dirty:
                 self.ledger.save(state)
+                self.ledger.dirty = False
         return Outcome(value, state, now, reclaimed)
 
     def _read(self) -> Outcome:
@@ -98,6 +99,8 @@ class PortAllocatorService:
     def _owner(self, pid: int | None) -> Owner | None:
         if pid is None:
             return None
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 1 <= pid <= MAX_PID:
+            raise UsageError(f"--pid {pid} is invalid: must be an integer from 1 to {MAX_PID}")
         owner = self.host.owner_of(pid)
         if not self.host.owner_alive(owner):
             # The lease would be reclaimed by the very next operation: say so now.

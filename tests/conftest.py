@@ -52,6 +52,8 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
         monkeypatch.delenv(name, raising=False)
     state = tmp_path / "state"
     monkeypatch.setenv("PORTALLOC_STATE_DIR", str(state))
+    # Bugs raise as they are: the last-resort guard would turn them into one line.
+    monkeypatch.setenv("PORTALLOC_DEBUG", "1")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state-must-stay-unused"))
     monkeypatch.setattr(portalloc.config, "default_state_dir", _no_default_state_dir)
     # Project files in the checkout must not leak into tests that run from it.

@@ -15,6 +15,7 @@ import typer
 from portalloc import __version__
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import MissingExtra, NoPortsAvailable, PortallocError, UsageError
+from portalloc.models import MAX_PID, MAX_TTL_MINUTES
 from portalloc.render import FORMATS, render
 
 if TYPE_CHECKING:
@@ -32,10 +33,14 @@ app = typer.Typer(
 MANIFEST_NAME = ".worktree-ports.json"  # outputs.MANIFEST_NAME, without importing it here
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 TtlOpt = Annotated[
-    int | None, typer.Option("--ttl", help="Lease lifetime in minutes (default 120).", min=1)
+    int | None,
+    typer.Option(
+        "--ttl", help="Lease lifetime in minutes (default 120).", min=1, max=MAX_TTL_MINUTES
+    ),
 ]
 PidOpt = Annotated[
-    int | None, typer.Option("--pid", help="End the lease when this process exits.", min=1)
+    int | None,
+    typer.Option("--pid", help="End the lease when this process exits.", min=1, max=MAX_PID),
 ]
 SessionArg = Annotated[str, typer.Argument(help="Session id: any non-empty string, e.g. a path.")]
 
@@ -536,9 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         code = _app_for(args)(args=args, prog_name="portalloc", standalone_mode=False)
     except ClickException as exc:
         # One line instead of click's usage block: bad input is reported like any
-        # other expected failure.
+        # other expected failure. (No message: `portalloc` alone printed the help.)
         where = exc.ctx.command_path if getattr(exc, "ctx", None) else "portalloc"  # type: ignore[attr-defined]
-        _err(f"{exc.format_message()} (see '{where} --help')")
+        if exc.format_message():
+            _err(f"{exc.format_message()} (see '{where} --help')")
         return exc.exit_code
     except typer.Abort:
         _err("aborted")
@@ -556,6 +562,13 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         if not isinstance(exc, BrokenPipeError):
             _err(f"cannot write (standard output): {reason}")
+        return 1
+    except Exception as exc:
+        from portalloc.adapters import guard
+
+        if guard.debugging():
+            raise
+        _err(guard.report(exc))
         return 1
     return code if isinstance(code, int) else 0
 

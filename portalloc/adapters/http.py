@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from portalloc import __version__
 from portalloc.config import PortAllocatorConfig
@@ -35,6 +37,8 @@ JSON_TYPE = "Content-Type: application/json"
 PROTECTED_PATHS = frozenset({"/ports/allocate", "/ports/release"})
 
 ServiceFactory = Callable[[], PortAllocatorService]
+MAX_BODY_BYTES = 64 * 1024
+SESSION_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 
 
 class SessionRequest(BaseModel):
@@ -43,7 +47,12 @@ class SessionRequest(BaseModel):
     session_id: str = Field(
         min_length=1,
         max_length=MAX_SESSION_ID_LENGTH,
-        description="Any string without control characters, e.g. the worktree's absolute path.",
+        # The rule validate_session_id enforces, stated in the schema: no C0/C1 control
+        # characters, and not only whitespace.
+        pattern=SESSION_ID_PATTERN,
+        description="Any string of 1-4096 characters without control characters (no NUL, "
+        "newline, CR, tab, ESC, DEL, U+0080-U+009F) and not only whitespace, e.g. the "
+        "worktree's absolute path.",
         examples=["/home/me/src/shop-feature-x"],
     )
 
@@ -168,6 +177,93 @@ class _Unauthorized(Exception):
     """Raised by the key check; rendered as a 401 by the app's handler."""
 
 
+async def _send_json(send: Send, status: int, body: dict[str, Any], **headers: str) -> None:
+    import json
+
+    payload = json.dumps(body).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        *((name.lower().encode(), value.encode()) for name, value in headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class _Guard:
+    """Outermost checks, before FastAPI reads anything: the key of a protected POST
+    (so an unauthenticated body is never read), the 64 KiB body limit (read at most
+    that much, never buffered whole), and one JSON line for any unexpected error."""
+
+    def __init__(self, app: ASGIApp, expected: bytes) -> None:
+        self.app = app
+        self.expected = expected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        if scope["path"] in PROTECTED_PATHS and scope["method"] == "POST":
+            bearer = headers.get(b"authorization", b"").decode("latin-1")
+            token = bearer[7:] if bearer[:7].lower() == "bearer " else None
+            key = headers.get(b"x-api-key", b"").decode("latin-1") or None
+            if not (_key_matches(key, self.expected) | _key_matches(token, self.expected)):
+                await _send_json(
+                    send,
+                    401,
+                    {"success": False, "error": "unauthorized", "message": UNAUTHORIZED_MESSAGE},
+                    **{"WWW-Authenticate": "Bearer"},
+                )
+                return
+        too_big = {
+            "success": False,
+            "error": "body_too_large",
+            "message": f"the request body exceeds {MAX_BODY_BYTES} bytes",
+        }
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            await _send_json(send, 413, too_big, Connection="close")
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_json(send, 413, too_big, Connection="close")
+        except Exception as exc:
+            from portalloc.adapters import guard
+
+            if guard.debugging() or started:
+                raise
+            message = guard.report(exc)
+            _warn(message)
+            await _send_json(
+                send, 500, {"success": False, "error": "internal_error", "message": message}
+            )
+
+
+class _BodyTooLarge(Exception):
+    """A chunked body grew past MAX_BODY_BYTES while the app read it."""
+
+
 def _status_for(exc: PortallocError) -> int:
     if isinstance(exc, NoPortsAvailable):
         return 409
@@ -215,7 +311,22 @@ def create_app(
         title="portalloc",
         version=__version__,
         summary="Conflict-free blocks of TCP ports from one locked ledger.",
+        # Swagger UI and ReDoc load their scripts from a public CDN: blank offline, and
+        # a third party's code in the page. The schema itself is at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
     )
+    app.add_middleware(_Guard, expected=expected)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+        return _error(
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            headers=exc.headers,
+        )
 
     async def require_api_key(
         header_key: Annotated[str | None, Security(API_KEY_HEADER)],
@@ -370,7 +481,7 @@ def serve(host: str = "127.0.0.1", port: int = 7878) -> None:
     sockets = _listen(host, port)
     config = uvicorn.Config(app, log_level="info", server_header=False)
     shown = f"[{host}]" if ":" in host else (host or "0.0.0.0")
-    _info(f"serving on http://{shown}:{port} (API docs at /docs); Ctrl-C stops")
+    _info(f"serving on http://{shown}:{port} (OpenAPI schema at /openapi.json); Ctrl-C stops")
     try:
         uvicorn.Server(config).run(sockets=sockets)
     finally:

@@ -96,6 +96,17 @@ def _service() -> PortAllocatorService:
     return PortAllocatorService(PortAllocatorConfig.from_env(), on_warning=_warn)
 
 
+def _internal(exc: Exception) -> Exception:
+    """An unexpected exception as one line for the client (PORTALLOC_DEBUG=1: as is)."""
+    from portalloc.adapters import guard
+
+    if guard.debugging():
+        return exc
+    message = guard.report(exc)
+    _warn(message)
+    return ToolError(message)
+
+
 def allocate_ports(session_id: SessionId) -> AllocateResult:
     try:
         allocation = _service().allocate(session_id)
@@ -103,6 +114,8 @@ def allocate_ports(session_id: SessionId) -> AllocateResult:
         return {"success": False, "error": exc.code}
     except PortallocError as exc:
         raise ToolError(exc.message) from None
+    except Exception as exc:
+        raise _internal(exc) from None
     return {
         "success": True,
         "allocation": allocation.to_dict(),
@@ -115,6 +128,8 @@ def release_ports(session_id: SessionId) -> ReleaseResult:
         _service().release(session_id)
     except PortallocError as exc:
         raise ToolError(exc.message) from None
+    except Exception as exc:
+        raise _internal(exc) from None
     return {"success": True}
 
 
@@ -123,6 +138,8 @@ def ports_status() -> Annotated[CallToolResult, list[dict[str, Any]]]:
         allocations = [allocation.to_dict() for allocation in _service().status()]
     except PortallocError as exc:
         raise ToolError(exc.message) from None
+    except Exception as exc:
+        raise _internal(exc) from None
     # One JSON array as text (the SDK would split a list into one block per item,
     # and an empty list into no content at all), the same list as structured content.
     text = json.dumps(allocations, indent=2, ensure_ascii=False)
