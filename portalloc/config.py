@@ -280,7 +280,9 @@ def load_project_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     data = _read_toml(path)
     if path.name == "pyproject.toml":
         tool = data.get("tool", {})
-        table = tool.get("portalloc") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict):
+            raise ProfileError(path, "tool", "must be a table")
+        table = tool.get("portalloc")
         prefix = "tool.portalloc."
         if table is None:
             return {}, {}

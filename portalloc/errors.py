@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def printable(text: object) -> str:
+    """TEXT for a one-line message: control characters escaped, never raw."""
+    shown = str(text)
+    return shown if shown.isprintable() else shown.encode("unicode_escape").decode("ascii")
+
+
 class PortallocError(Exception):
     """Base of every expected failure; adapters translate it once."""
 
@@ -26,7 +32,7 @@ class ConfigError(PortallocError):
         self.variable = variable
         self.value = value
         self.rule = rule
-        super().__init__(f"{variable}={value} is invalid: {rule}")
+        super().__init__(f"{variable}={printable(value)} is invalid: {rule}")
 
 
 class ProfileError(PortallocError):
@@ -39,7 +45,7 @@ class ProfileError(PortallocError):
         self.path = path
         self.key = key
         self.reason = reason
-        super().__init__(f"{path}: {key}: {reason}")
+        super().__init__(f"{printable(path)}: {printable(key)}: {reason}")
 
 
 class InvalidSessionId(PortallocError):

@@ -35,8 +35,9 @@ pytest_plugins = ["portalloc.pytest_plugin"]
 
 @pytest.fixture(scope="session")
 def portalloc_service(tmp_path_factory: pytest.TempPathFactory) -> PortAllocatorService:
-    """The plugin leases from a session-private ledger, never the user's."""
-    state = tmp_path_factory.mktemp("plugin-state")
+    """The plugin leases from a test-only ledger, never the user's. It sits above the
+    per-worker temp dirs, so pytest-xdist workers share it and get disjoint blocks."""
+    state = tmp_path_factory.getbasetemp().parent / "portalloc-plugin-state"
     # The HTTP tests listen on these ports: other tests keep clear of 40000-41999.
     return PortAllocatorService(PortAllocatorConfig(state_dir=state, base=40000))
 

@@ -225,17 +225,29 @@ class _Guard:
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             await _send_json(send, 413, too_big, Connection="close")
             return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        # Read the body here, at most MAX_BODY_BYTES of it, then hand it on: a chunked
+        # upload without Content-Length is cut off as soon as it passes the limit.
+        body = bytearray()
+        more = True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > MAX_BODY_BYTES:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                await self.app(scope, receive, send)  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_BODY_BYTES:
+                await _send_json(send, 413, too_big, Connection="close")
+                return
+        started = False
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -244,24 +256,17 @@ class _Guard:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_json(send, 413, too_big, Connection="close")
+            await self.app(scope, replay, tracking_send)
         except Exception as exc:
             from portalloc.adapters import guard
 
             if guard.debugging() or started:
                 raise
-            message = guard.report(exc)
-            _warn(message)
+            line = guard.report(exc)
+            _warn(line)
             await _send_json(
-                send, 500, {"success": False, "error": "internal_error", "message": message}
+                send, 500, {"success": False, "error": "internal_error", "message": line}
             )
-
-
-class _BodyTooLarge(Exception):
-    """A chunked body grew past MAX_BODY_BYTES while the app read it."""
 
 
 def _status_for(exc: PortallocError) -> int:
