@@ -215,6 +215,26 @@ def test_hostile_ledger_lease_is_dropped_copied_aside_and_the_rest_carry_on(
     assert again.stderr == ""
 
 
+def test_mcp_never_hands_out_a_hostile_ledger_lease(state_dir: Path, tmp_path: Path) -> None:
+    from mcp.client.session import ClientSession
+
+    from tests.test_mcp import run_session, structured
+
+    hostile = {**good_lease("victim", 20100), "env": {f"X=1; touch {MARK}; Y": "1"}}
+    write_ledger(state_dir, good_lease("good", 20000), hostile)
+    errlog = tmp_path / "mcp.log"
+
+    async def body(session: ClientSession) -> None:
+        data = structured(await session.call_tool("allocate_ports", {"session_id": "good"}))
+        assert data["env_snippet"] == "export API_PORT=20000\n"
+        listed = structured(await session.call_tool("ports_status", {}))["result"]
+        assert [lease["session_id"] for lease in listed] == ["good"]
+
+    run_session(state_dir, errlog, body, PORT_ALLOC_BASE="20000", PORTALLOC_DEBUG="1")
+    log = errlog.read_text()
+    assert "unusable lease" in log and "Traceback" not in log
+
+
 @pytest.mark.parametrize(
     "content",
     [b"[" * 100_000 + b"]" * 100_000, b'{"version": 2, "leases": ' + b"[" * 50_000],
