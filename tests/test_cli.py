@@ -80,7 +80,7 @@ def test_env_formats_are_exact() -> None:
     assert list(as_json) == DEFAULT_VARS
     assert all(isinstance(value, str) for value in as_json.values())
     bad = run_cli("env", "s", "--format", "xml")
-    assert bad.returncode == 2 and "unknown format" in bad.stderr
+    assert bad.returncode == 2 and "is not one of" in bad.stderr
 
 
 def test_env_refreshes_ttl_and_reuses_lease() -> None:
@@ -384,5 +384,5 @@ def test_run_of_a_file_that_cannot_be_executed_is_one_line(tmp_path: Path) -> No
     script.chmod(0o755)
     result = run_cli("run", "s", "--", str(script))
     assert result.returncode == 126
-    assert result.stderr == f"portalloc: warning: cannot run {script}: Exec format error\n"
+    assert result.stderr == f"portalloc: cannot run {script}: Exec format error\n"
     assert json.loads(run_cli("status", "--json").stdout) == []  # released

@@ -8,9 +8,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
+from typer.core import TyperCommand
 
 from portalloc import __version__
 from portalloc.config import PortAllocatorConfig
@@ -27,22 +28,77 @@ app = typer.Typer(
     help="Conflict-free blocks of TCP ports for parallel worktrees, agents and test runs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help, as gh, uv and ruff print it: no boxes to cut at 60 columns, no
+    # bold or italic escapes for NO_COLOR, a pager or a file.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _command(usage: str, examples: str) -> dict[str, Any]:
+    """Keyword arguments for app.command(): the usage line as written, and examples.
+
+    Typer writes required arguments as `{SESSION}`; the usage line here reads the
+    way the README and the contract write it.
+    """
+
+    class Command(TyperCommand):
+        def collect_usage_pieces(self, ctx: Any) -> list[str]:
+            return [usage] if usage else []
+
+    # "\b" keeps click from re-wrapping the example lines into one paragraph.
+    return {"cls": Command, "epilog": "\b\nExamples:\n" + examples.strip("\n")}
+
 
 MANIFEST_NAME = ".worktree-ports.json"  # outputs.MANIFEST_NAME, without importing it here
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 TtlOpt = Annotated[
     int | None,
     typer.Option(
-        "--ttl", help="Lease lifetime in minutes (default 120).", min=1, max=MAX_TTL_MINUTES
+        "--ttl",
+        help="Lease lifetime in minutes (default 120).",
+        min=1,
+        max=MAX_TTL_MINUTES,
+        metavar="MINUTES",
     ),
 ]
 PidOpt = Annotated[
     int | None,
-    typer.Option("--pid", help="End the lease when this process exits.", min=1, max=MAX_PID),
+    typer.Option(
+        "--pid", help="End the lease when this process exits.", min=1, max=MAX_PID, metavar="PID"
+    ),
 ]
-SessionArg = Annotated[str, typer.Argument(help="Session id: any non-empty string, e.g. a path.")]
+
+
+def _complete_session(incomplete: str) -> list[str]:
+    from portalloc.adapters.completion import sessions
+
+    return sessions(incomplete)
+
+
+def _complete_key(ctx: typer.Context, incomplete: str) -> list[str]:
+    from portalloc.adapters.completion import keys
+
+    return keys(ctx.params.get("session"), incomplete)
+
+
+SessionArg = Annotated[
+    str,
+    typer.Argument(
+        help="Session id: any non-empty string, e.g. a path.",
+        metavar="SESSION",
+        autocompletion=_complete_session,
+    ),
+]
+OptionalSessionArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="Session id; default: the current git worktree's top directory.",
+        metavar="[SESSION]",
+        autocompletion=_complete_session,
+    ),
+]
+Format = Literal["sh", "fish", "dotenv", "json"]
 
 
 def _err(message: str) -> None:
@@ -148,14 +204,23 @@ def _summary(allocation: PortAllocation) -> str:
     )
 
 
-@app.command()
+@app.command(
+    **_command(
+        "[OPTIONS] SESSION",
+        """
+  portalloc allocate worktree-1
+  portalloc allocate worktree-1 --json
+  portalloc allocate ci-job --ttl 30 --pid $$
+""",
+    )
+)
 def allocate(
     session: SessionArg,
     ttl: TtlOpt = None,
     pid: PidOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Allocate a block for SESSION, or return its lease with the TTL refreshed."""
+    """Allocate a block for SESSION, or refresh its lease."""
     with _errors(json_output):
         allocation = _service().allocate(session, ttl_minutes=ttl, pid=pid)
     if json_output:
@@ -164,7 +229,15 @@ def allocate(
         _out(_summary(allocation))
 
 
-@app.command()
+@app.command(
+    **_command(
+        "[OPTIONS] SESSION",
+        """
+  portalloc release worktree-1
+  portalloc release "$PWD" --json
+""",
+    )
+)
 def release(session: SessionArg, json_output: JsonOpt = False) -> None:
     """Release SESSION's lease. Succeeds for an unknown session too."""
     with _errors(json_output):
@@ -177,9 +250,17 @@ def release(session: SessionArg, json_output: JsonOpt = False) -> None:
         _out(f"no lease for {session}\n")
 
 
-@app.command()
+@app.command(
+    **_command(
+        "[OPTIONS]",
+        """
+  portalloc status
+  portalloc status --json | jq -r '.[] | "\\(.session_id) \\(.api_port)"'
+""",
+    )
+)
 def status(json_output: JsonOpt = False) -> None:
-    """List active leases with their remaining TTL and the capacity in use."""
+    """List active leases, what holds each, and the capacity in use."""
     with _errors(json_output):
         service = _service()
         allocations = service.status()
@@ -187,70 +268,49 @@ def status(json_output: JsonOpt = False) -> None:
         _print_json([allocation.to_dict() for allocation in allocations])
         return
     from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-    from rich.text import Text
 
-    table = Table(
-        title="portalloc leases",
-        caption=f"{len(allocations)} active / {service.config.max_sessions} max  "
-        f"· ledger {escape(str(service.ledger.path))}",
+    from portalloc.adapters.views import status_view
+
+    console = Console(highlight=False)
+    console.print(
+        status_view(allocations, service.config.max_sessions, service.ledger.path, console.width)
     )
-    table.add_column("session", overflow="fold", ratio=1, min_width=12)
-    table.add_column("block", no_wrap=True)
-    table.add_column("ports", no_wrap=True)
-    table.add_column("compose project", no_wrap=True)
-    table.add_column("held while", no_wrap=True, justify="right")
-    for allocation in allocations:
-        # Text, not markup: a session id like "[bold]" must print as itself.
-        session = Text(allocation.session_id)
-        if allocation.pid:
-            session.append(f"\nowner pid {allocation.pid}", style="dim")
-        if allocation.worktree and allocation.worktree != allocation.session_id:
-            session.append(f"\nworktree {allocation.worktree}", style="dim")
-        table.add_row(
-            session,
-            f"{allocation.block_start}-{allocation.block_end}",
-            "\n".join(f"{name} {port}" for name, port in allocation.ports.items()),
-            allocation.compose_project_name,
-            _held(allocation),
-        )
-    Console(highlight=False).print(table)
 
 
-def _held(allocation: PortAllocation) -> str:
-    """What keeps the lease, instead of a countdown for anchored ones."""
-    if allocation.held_while == "pid":
-        held = f"pid {allocation.pid} runs"
-    elif allocation.held_while == "worktree":
-        held = "worktree exists"
-    else:
-        held = f"{allocation.ttl_remaining_minutes:.1f} min left"
-    if allocation.guests:
-        held += "\n+ run " + " ".join(f"pid {pid}" for pid in allocation.guests)
-    return held
-
-
-@app.command()
+@app.command(
+    **_command(
+        "[OPTIONS] [SESSION]",
+        """
+  eval "$(portalloc env)"                             # this worktree's ports
+  portalloc env worktree-1
+  portalloc env worktree-1 --format fish | source
+  portalloc env worktree-1 --format dotenv > .env.ports
+  portalloc env --write .                             # also .worktree-ports.json
+""",
+    )
+)
 def env(
-    session: Annotated[
-        str | None,
-        typer.Argument(help="Session id; default: the current git worktree's top directory."),
-    ] = None,
+    session: OptionalSessionArg = None,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help=f"One of {', '.join(FORMATS)}.")
+        Format,
+        typer.Option("--format", "-f", help="Output format.", metavar="[sh|fish|dotenv|json]"),
     ] = "sh",
     ttl: TtlOpt = None,
     pid: PidOpt = None,
     worktree: Annotated[
         Path | None,
-        typer.Option("--worktree", help="Lease for this worktree; reclaimed once it is gone."),
+        typer.Option(
+            "--worktree",
+            help="Lease for this worktree; reclaimed once it is gone.",
+            metavar="PATH",
+        ),
     ] = None,
     write: Annotated[
         Path | None,
         typer.Option(
             "--write",
             help=f"Also write the allocation as JSON to FILE (a directory gets {MANIFEST_NAME}).",
+            metavar="FILE",
         ),
     ] = None,
     json_output: Annotated[
@@ -258,7 +318,7 @@ def env(
         typer.Option("--json", help="--format json, and failures as a JSON body on stdout."),
     ] = False,
 ) -> None:
-    """Allocate or reuse SESSION's lease and print its environment block."""
+    """Print SESSION's environment block, allocating if needed."""
     with _errors(json_output):
         if json_output:
             if fmt not in ("sh", "json"):
@@ -313,10 +373,27 @@ def _lookup(allocation: PortAllocation, key: str) -> str:
     raise UsageError(f"unknown key {key!r}; known: {', '.join(known)}, compose_project_name")
 
 
-@app.command()
+@app.command(
+    **_command(
+        "[OPTIONS] SESSION KEY",
+        """
+  portalloc get worktree-1 rest
+  portalloc get "$(git rev-parse --show-toplevel)" API_PORT
+  curl "http://localhost:$(portalloc get worktree-1 rest)/"
+""",
+    )
+)
 def get(
     session: SessionArg,
-    key: Annotated[str, typer.Argument(help="rest, rest_port, API_PORT, compose_project_name…")],
+    key: Annotated[
+        str,
+        typer.Argument(
+            help="A port name (rest), its field (rest_port), its variable (API_PORT) "
+            "or compose_project_name.",
+            metavar="KEY",
+            autocompletion=_complete_key,
+        ),
+    ],
 ) -> None:
     """Print one value of SESSION's active lease (read-only)."""
     with _errors():
@@ -325,27 +402,46 @@ def get(
     _out(value + "\n")
 
 
-@app.command(context_settings={"ignore_unknown_options": True})
+@app.command(
+    context_settings={"ignore_unknown_options": True},
+    **_command(
+        "[OPTIONS] SESSION -- COMMAND [ARGS]...",
+        """
+  portalloc run tests -- pytest -x
+  portalloc run --keep dev -- sh -c 'uvicorn app:app --port "$API_PORT"'
+  portalloc run "$(git rev-parse --show-toplevel)" -- npm test
+""",
+    ),
+)
 def run(
     session: SessionArg,
     command: Annotated[
-        list[str], typer.Argument(help="The command to run, after `--`.", metavar="-- COMMAND...")
+        list[str],
+        typer.Argument(help="The command to run, after `--`.", metavar="COMMAND [ARGS]..."),
     ],
     keep: Annotated[
         bool, typer.Option("--keep", help="Keep the lease after COMMAND ends.")
     ] = False,
     ttl: TtlOpt = None,
 ) -> None:
-    """Run COMMAND with SESSION's ports in its environment; release when it ends."""
+    """Run COMMAND with SESSION's ports in its environment."""
     from portalloc.adapters.runner import run_with_lease
 
     with _errors():
         service = _service()
-        code = run_with_lease(service, session, command, keep=keep, ttl_minutes=ttl, warn=_warn)
+        code = run_with_lease(service, session, command, keep=keep, ttl_minutes=ttl, error=_err)
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(
+    **_command(
+        "[OPTIONS]",
+        """
+  portalloc prune
+  portalloc prune --json
+""",
+    )
+)
 def prune(json_output: JsonOpt = False) -> None:
     """Reclaim expired and dead leases and show what was reclaimed."""
     with _errors(json_output):
@@ -382,19 +478,26 @@ def _session_or_worktree(session: str | None) -> str:
     return str(_worktree_top(here))
 
 
-@app.command()
+@app.command(
+    **_command(
+        "[OPTIONS] [SESSION]",
+        """
+  docker compose up -d && portalloc check --wait 60
+  portalloc check worktree-1 --json
+""",
+    )
+)
 def check(
-    session: Annotated[
-        str | None,
-        typer.Argument(help="Session id; default: the current git worktree's top directory."),
-    ] = None,
+    session: OptionalSessionArg = None,
     wait: Annotated[
         float | None,
-        typer.Option("--wait", help="Wait up to SECONDS until every port listens.", min=0),
+        typer.Option(
+            "--wait", help="Wait up to SECONDS until every port listens.", min=0, metavar="SECONDS"
+        ),
     ] = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Show which of the session's named ports have a listener now (or wait for them)."""
+    """Show which of the session's ports listen now, or wait for them."""
     import time
 
     from portalloc.probe import is_listening
@@ -427,12 +530,22 @@ def check(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(
+    **_command(
+        "[OPTIONS] PORT",
+        """
+  portalloc why 10001
+  portalloc why 10001 --json
+""",
+    )
+)
 def why(
-    port: Annotated[int, typer.Argument(help="A TCP port number.", min=1, max=65535)],
+    port: Annotated[
+        int, typer.Argument(help="A TCP port number.", min=1, max=65535, metavar="PORT")
+    ],
     json_output: JsonOpt = False,
 ) -> None:
-    """Which lease holds PORT, whether something listens on it, and which process."""
+    """Tell which lease holds PORT and which process listens on it."""
     from portalloc.probe import is_listening, listening_processes
 
     with _errors(json_output):
@@ -485,9 +598,16 @@ def _import_adapter(module: str, extra: str, packages: tuple[str, ...]) -> Any:
         raise
 
 
-@app.command()
+@app.command(
+    **_command(
+        "",
+        """
+  claude mcp add portalloc -- portalloc mcp
+""",
+    )
+)
 def mcp() -> None:
-    """Serve the MCP tools (allocate_ports, release_ports, ports_status) on stdio."""
+    """Serve the MCP tools (allocate_ports and friends) on stdio."""
     with _errors():
         adapter = _import_adapter("portalloc.adapters.mcp", "mcp", ("mcp",))
         _warn_ephemeral_overlap(PortAllocatorConfig.from_env())
@@ -497,11 +617,21 @@ def mcp() -> None:
 DEFAULT_HTTP_PORT = 7878
 
 
-@app.command()
+@app.command(
+    **_command(
+        "[OPTIONS]",
+        """
+  PORTALLOC_API_KEY=secret portalloc serve
+  portalloc serve --host 0.0.0.0 --port 7878
+""",
+    )
+)
 def serve(
-    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to bind.", metavar="HOST")] = (
+        "127.0.0.1"
+    ),
     port: Annotated[
-        int, typer.Option("--port", help="Port to listen on.", min=1, max=65535)
+        int, typer.Option("--port", help="Port to listen on.", min=1, max=65535, metavar="PORT")
     ] = DEFAULT_HTTP_PORT,
 ) -> None:
     """Serve the HTTP API; needs PORTALLOC_API_KEY."""
@@ -537,6 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     from typer._click.exceptions import ClickException
 
     args = sys.argv[1:] if argv is None else argv
+    if not args and "_PORTALLOC_COMPLETE" not in os.environ:
+        # `portalloc` alone: the help on stdout and the usage-error code, no error line.
+        main(["--help"])
+        return 2
     try:
         code = _app_for(args)(args=args, prog_name="portalloc", standalone_mode=False)
     except ClickException as exc:

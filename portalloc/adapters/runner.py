@@ -51,7 +51,7 @@ def run_with_lease(
     *,
     keep: bool,
     ttl_minutes: int | None,
-    warn: Callable[[str], None],
+    error: Callable[[str], None],
 ) -> int:
     """Run COMMAND with the lease's environment; return its exit code (128+N for signal N)."""
     # A lease we make is tied to this process: if `portalloc run` is killed
@@ -65,13 +65,13 @@ def run_with_lease(
         try:
             child = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent(me))
         except FileNotFoundError:
-            warn(f"command not found: {command[0]}")
+            error(f"command not found: {command[0]}")
             return 127
         except PermissionError:
-            warn(f"command not executable: {command[0]}")
+            error(f"command not executable: {command[0]}")
             return 126
         except OSError as exc:  # e.g. ENOEXEC: an executable file with no #! line
-            warn(f"cannot run {command[0]}: {exc.strerror or exc}")
+            error(f"cannot run {command[0]}: {exc.strerror or exc}")
             return 126
 
         def forward(signum: int, _frame: FrameType | None) -> None:
