@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def printable(text: object) -> str:
@@ -20,6 +21,18 @@ class PortallocError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take their data, not the message, as arguments: rebuild from the
+        # attributes, so errors cross process boundaries (xdist, multiprocessing) whole.
+        return (_rebuild, (type(self), dict(self.__dict__)))
+
+
+def _rebuild(cls: type[PortallocError], state: dict[str, Any]) -> PortallocError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, state.get("message", ""))
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(PortallocError):

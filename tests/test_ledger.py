@@ -138,3 +138,31 @@ def test_next_write_removes_only_temp_files_of_killed_writers(state_dir: Path) -
     svc.allocate("b")
     assert not leftover.exists()
     assert unrelated.read_text() == "mine"
+
+
+def test_every_error_pickles_with_its_data_and_message() -> None:
+    import pickle
+
+    from portalloc import errors
+
+    samples = [
+        errors.PortallocError("plain"),
+        errors.ConfigError("PORT_ALLOC_BASE", 80, "must be an integer >= 1024"),
+        errors.ProfileError(Path("/p/portalloc.toml"), "env.X", "bad"),
+        errors.InvalidSessionId("must not be empty"),
+        errors.UsageError("bad key"),
+        errors.NoPortsAvailable("full"),
+        errors.LeaseNotFound("s"),
+        errors.LedgerError(Path("/s/leases.json"), "cannot read"),
+        errors.LockTimeout(Path("/s/leases.json.lock"), 10, "pid 1: x"),
+        errors.MissingExtra("mcp", "mcp"),
+    ]
+    for error in samples:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert (copy.message, str(copy), copy.exit_code) == (
+            error.message,
+            str(error),
+            error.exit_code,
+        )
+        assert copy.__dict__ == error.__dict__
