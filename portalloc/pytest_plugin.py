@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from portalloc.adapters.common import worktree_top
 from portalloc.config import PortAllocatorConfig
 from portalloc.service import PortAllocatorService
 
@@ -80,13 +81,6 @@ def session_key(root: Path, worker: str | None) -> str:
     return f"{root}#pytest-{worker or 'main'}"
 
 
-def _worktree_top(start: Path) -> Path:
-    for directory in (start, *start.parents):
-        if (directory / ".git").exists():
-            return directory
-    return start
-
-
 def _xdist_worker(config: pytest.Config) -> str | None:
     # xdist's documented `config.workerinput`, not PYTEST_XDIST_WORKER: a pytest run
     # started from inside an xdist worker inherits that variable without being one.
@@ -114,7 +108,7 @@ def portalloc_ports(
     if existing is not None:
         yield existing
         return
-    root = _worktree_top(Path(str(request.config.rootpath)))
+    root = worktree_top(Path(str(request.config.rootpath)))
     session_id = session_key(root, worker)
     # Tied to this process: a pytest killed outright leaves nothing behind for long.
     me = os.getpid()

@@ -8,14 +8,22 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from typer.core import TyperCommand
 
 from portalloc import __version__
+from portalloc.adapters.common import (
+    DEFAULT_HTTP_PORT,
+    allocate_body,
+    error_body,
+    say,
+    warn,
+    worktree_top,
+)
 from portalloc.config import PortAllocatorConfig
-from portalloc.errors import MissingExtra, NoPortsAvailable, PortallocError, UsageError
+from portalloc.errors import MissingExtra, PortallocError, UsageError
 from portalloc.models import MAX_PID, MAX_TTL_MINUTES
 from portalloc.render import FORMATS, render
 
@@ -101,13 +109,8 @@ OptionalSessionArg = Annotated[
 Format = Literal["sh", "fish", "dotenv", "json"]
 
 
-def _err(message: str) -> None:
-    sys.stderr.write(f"portalloc: {message}\n")
-    sys.stderr.flush()
-
-
-def _warn(message: str) -> None:
-    _err(f"warning: {message}")
+_err = say
+_warn = warn
 
 
 def _out(text: str) -> None:
@@ -124,21 +127,11 @@ def _errors(json_output: bool = False) -> Iterator[None]:
     """Turn expected failures into one line on stderr and the documented exit code."""
     try:
         yield
-    except NoPortsAvailable as exc:
-        if json_output:
-            _print_json({"success": False, "error": exc.code})
-        _err(exc.message)
-        raise typer.Exit(exc.exit_code) from None
     except PortallocError as exc:
         if json_output:
-            _print_json({"success": False, "error": exc.code, "message": exc.message})
+            _print_json(error_body(exc))
         _err(exc.message)
         raise typer.Exit(exc.exit_code) from None
-
-
-def _fail(exc: PortallocError) -> NoReturn:
-    _err(exc.message)
-    raise typer.Exit(exc.exit_code)
 
 
 def _service() -> PortAllocatorService:
@@ -161,14 +154,6 @@ def _warn_ephemeral_overlap(config: PortAllocatorConfig) -> None:
         )
 
 
-def _worktree_top(start: Path) -> Path:
-    """The directory holding `.git` (file or folder) above START, else START itself."""
-    for directory in (start, *start.parents):
-        if (directory / ".git").exists():
-            return directory
-    return start
-
-
 def _version(value: bool) -> None:
     if value:
         _out(f"portalloc {__version__}\n")
@@ -183,14 +168,6 @@ def _root(
     ] = False,
 ) -> None:
     """Hand out conflict-free port blocks; leases live in one locked JSON ledger."""
-
-
-def _allocate_body(allocation: PortAllocation) -> dict[str, Any]:
-    return {
-        "success": True,
-        "allocation": allocation.to_dict(),
-        "env_snippet": allocation.env_snippet,
-    }
 
 
 def _summary(allocation: PortAllocation) -> str:
@@ -224,7 +201,7 @@ def allocate(
     with _errors(json_output):
         allocation = _service().allocate(session, ttl_minutes=ttl, pid=pid)
     if json_output:
-        _print_json(_allocate_body(allocation))
+        _print_json(allocate_body(allocation))
     else:
         _out(_summary(allocation))
 
@@ -475,7 +452,7 @@ def _session_or_worktree(session: str | None) -> str:
         here = Path.cwd()
     except FileNotFoundError:
         raise UsageError("the current directory no longer exists; pass SESSION") from None
-    return str(_worktree_top(here))
+    return str(worktree_top(here))
 
 
 @app.command(
@@ -612,9 +589,6 @@ def mcp() -> None:
         adapter = _import_adapter("portalloc.adapters.mcp", "mcp", ("mcp",))
         _warn_ephemeral_overlap(PortAllocatorConfig.from_env())
         adapter.run_stdio()
-
-
-DEFAULT_HTTP_PORT = 7878
 
 
 @app.command(

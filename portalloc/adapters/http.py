@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import os
 import socket
-import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
@@ -19,15 +18,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from portalloc import __version__
+from portalloc.adapters.common import (
+    DEFAULT_HTTP_PORT,
+    allocate_body,
+    error_body,
+    http_status,
+    say,
+    warn,
+)
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import (
     ConfigError,
     InvalidSessionId,
-    LeaseNotFound,
     LockTimeout,
     NoPortsAvailable,
     PortallocError,
-    UsageError,
 )
 from portalloc.models import MAX_SESSION_ID_LENGTH, validate_session_id
 from portalloc.service import PortAllocatorService
@@ -79,6 +84,11 @@ class Allocation(BaseModel):
     block_end: int
     pid: int | None = None
     worktree: str | None = None
+    held_while: Literal["pid", "worktree", "ttl"] = Field(
+        description="What keeps the lease: its owner process, its worktree, or its TTL."
+    )
+    guests: list[int] = Field(description="PIDs of `portalloc run` processes using the lease.")
+    home_block: int | None = Field(description="The first block the session was granted.")
     env: dict[str, str] = Field(description="The environment block as NAME -> value.")
 
 
@@ -132,13 +142,8 @@ _MUTATING_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _warn(message: str) -> None:
-    _info(f"warning: {message}")
-
-
-def _info(message: str) -> None:
-    sys.stderr.write(f"portalloc: {message}\n")
-    sys.stderr.flush()
+_warn = warn
+_info = say
 
 
 def _key_matches(candidate: str | None, expected: bytes) -> bool:
@@ -269,20 +274,6 @@ class _Guard:
             )
 
 
-def _status_for(exc: PortallocError) -> int:
-    if isinstance(exc, NoPortsAvailable):
-        return 409
-    if isinstance(exc, InvalidSessionId):
-        return 422
-    if isinstance(exc, UsageError):
-        return 400
-    if isinstance(exc, LeaseNotFound):
-        return 404
-    # Lock timeouts, an unusable ledger, settings gone bad since startup: the server
-    # cannot serve now, and nothing the client sent would change that.
-    return 503
-
-
 def _validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
     # Leave out pydantic's `input`: it echoes the body back (NaN and lone surrogates
     # included, which would not even render as JSON).
@@ -373,9 +364,9 @@ def create_app(
     @app.exception_handler(PortallocError)
     async def _on_portalloc_error(request: Request, exc: PortallocError) -> JSONResponse:
         if isinstance(exc, NoPortsAvailable):
-            return JSONResponse(status_code=409, content={"success": False, "error": exc.code})
+            return JSONResponse(status_code=409, content=error_body(exc))
         headers = {"Retry-After": "1"} if isinstance(exc, LockTimeout) else None
-        return _error(_status_for(exc), exc.code, exc.message, headers=headers)
+        return _error(http_status(exc), exc.code, exc.message, headers=headers)
 
     protected = [Depends(require_api_key)]
 
@@ -389,15 +380,9 @@ def create_app(
         },
         summary="Allocate a block for a session, or refresh its lease",
     )
-    def allocate(body: SessionRequest) -> JSONResponse:
-        allocation = get_service().allocate(body.session_id)
-        return JSONResponse(
-            {
-                "success": True,
-                "allocation": allocation.to_dict(),
-                "env_snippet": allocation.env_snippet,
-            }
-        )
+    def allocate(body: SessionRequest) -> dict[str, Any]:
+        # A dict, not a JSONResponse: FastAPI then validates it against response_model.
+        return allocate_body(get_service().allocate(body.session_id))
 
     @app.post(
         "/ports/release",
@@ -406,9 +391,9 @@ def create_app(
         responses=_MUTATING_RESPONSES,
         summary="Release a session's block (succeeds for an unknown session too)",
     )
-    def release(body: SessionRequest) -> JSONResponse:
+    def release(body: SessionRequest) -> dict[str, Any]:
         get_service().release(body.session_id)
-        return JSONResponse({"success": True})
+        return {"success": True}
 
     @app.get(
         "/ports/status",
@@ -416,8 +401,8 @@ def create_app(
         responses={503: _MUTATING_RESPONSES[503]},
         summary="Active leases, lowest block first",
     )
-    def status() -> JSONResponse:
-        return JSONResponse([allocation.to_dict() for allocation in get_service().status()])
+    def status() -> list[dict[str, Any]]:
+        return [allocation.to_dict() for allocation in get_service().status()]
 
     @app.get("/healthz", response_model=Health, summary="Liveness check")
     async def healthz() -> Health:
@@ -477,7 +462,7 @@ def _listen(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-def serve(host: str = "127.0.0.1", port: int = 7878) -> None:
+def serve(host: str = "127.0.0.1", port: int = DEFAULT_HTTP_PORT) -> None:
     """Run the HTTP API with uvicorn; refuses to start without a usable API key."""
     key = _checked_api_key()
     app = create_app(api_key=key)  # bad settings raise here, before anything listens

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Any, NotRequired, TypedDict
 
 from mcp.server.mcpserver import MCPServer
@@ -12,6 +11,7 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
 from portalloc import __version__
+from portalloc.adapters.common import allocate_body, error_body, warn
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable, PortallocError
 from portalloc.service import PortAllocatorService
@@ -85,10 +85,8 @@ class ReleaseResult(TypedDict):
     success: bool
 
 
-def _warn(message: str) -> None:
-    # stdout carries the protocol: anything else printed there would corrupt it.
-    sys.stderr.write(f"portalloc: warning: {message}\n")
-    sys.stderr.flush()
+# stdout carries the protocol: warnings go to stderr (common.warn), never there.
+_warn = warn
 
 
 def _service() -> PortAllocatorService:
@@ -111,16 +109,12 @@ def allocate_ports(session_id: SessionId) -> AllocateResult:
     try:
         allocation = _service().allocate(session_id)
     except NoPortsAvailable as exc:
-        return {"success": False, "error": exc.code}
+        return error_body(exc)  # type: ignore[return-value]
     except PortallocError as exc:
         raise ToolError(exc.message) from None
     except Exception as exc:
         raise _internal(exc) from None
-    return {
-        "success": True,
-        "allocation": allocation.to_dict(),
-        "env_snippet": allocation.env_snippet,
-    }
+    return allocate_body(allocation)  # type: ignore[return-value]
 
 
 def release_ports(session_id: SessionId) -> ReleaseResult:

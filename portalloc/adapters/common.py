@@ -1,0 +1,71 @@
+"""What every adapter says the same way: bodies, warnings, error -> exit code / HTTP status."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from portalloc.errors import (
+    InvalidSessionId,
+    LeaseNotFound,
+    NoPortsAvailable,
+    PortallocError,
+    UsageError,
+)
+
+if TYPE_CHECKING:
+    from portalloc.models import PortAllocation
+
+DEFAULT_HTTP_PORT = 7878
+
+# Expected failure -> HTTP status; the exit code lives on each error class
+# (`exit_code`). Anything not listed is 503: locked past the timeout, an unusable
+# ledger, settings gone bad since start-up; nothing the client sent would change it.
+HTTP_STATUS: dict[type[PortallocError], int] = {
+    NoPortsAvailable: 409,
+    InvalidSessionId: 422,
+    UsageError: 400,
+    LeaseNotFound: 404,
+}
+
+
+def http_status(error: PortallocError) -> int:
+    for kind in type(error).__mro__:
+        if kind in HTTP_STATUS:
+            return HTTP_STATUS[kind]
+    return 503
+
+
+def allocate_body(allocation: PortAllocation) -> dict[str, Any]:
+    """`allocate --json`, the MCP tool and the HTTP endpoint all answer this."""
+    return {
+        "success": True,
+        "allocation": allocation.to_dict(),
+        "env_snippet": allocation.env_snippet,
+    }
+
+
+def error_body(error: PortallocError) -> dict[str, Any]:
+    """The failure body; exhaustion is exactly {"success": false, "error": ...}."""
+    if isinstance(error, NoPortsAvailable):
+        return {"success": False, "error": error.code}
+    return {"success": False, "error": error.code, "message": error.message}
+
+
+def say(message: str) -> None:
+    """One line on stderr, prefixed like every portalloc message."""
+    sys.stderr.write(f"portalloc: {message}\n")
+    sys.stderr.flush()
+
+
+def warn(message: str) -> None:
+    say(f"warning: {message}")
+
+
+def worktree_top(start: Path) -> Path:
+    """The directory holding `.git` (file or folder) above START, else START itself."""
+    for directory in (start, *start.parents):
+        if (directory / ".git").exists():
+            return directory
+    return start
