@@ -10,7 +10,6 @@ import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from functools import cache
 from itertools import count
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
@@ -36,8 +35,7 @@ if TYPE_CHECKING:
 LEDGER_VERSION = 2
 # Short: under contention filelock's default 50 ms poll is mostly idle waiting.
 LOCK_POLL_SECONDS = 0.002
-# ... and then backs off, with jitter, up to this: forty waiters polling every 2 ms
-# would burn both cores of a small machine and slow the holder down.
+# ... and then back off, with jitter, up to this.
 LOCK_POLL_CAP_SECONDS = 0.016
 
 
@@ -339,18 +337,6 @@ def _files_from_raw(raw: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...
     return files
 
 
-@cache
-def _lock_class() -> type[filelock.FileLock]:
-    import filelock
-
-    class BackoffFileLock(filelock.FileLock):
-        # filelock's own jittered exponential backoff between polls (its soft locks
-        # use it); the attribute is read by FileLock's acquire loop.
-        _poll_backoff_cap = LOCK_POLL_CAP_SECONDS
-
-    return BackoffFileLock
-
-
 class Ledger:
     """leases.json and its lock file in one state directory."""
 
@@ -397,10 +383,12 @@ class Ledger:
         # Its state is per thread, so threads of one process (the HTTP server) each
         # open their own descriptor and exclude each other like separate processes.
 
+        import filelock
+
         if self._file_lock is None or self._lock_pid != os.getpid():
             # filelock refuses an instance inherited across fork: a child builds its own.
             self._lock_pid = os.getpid()
-            self._file_lock = _lock_class()(
+            self._file_lock = filelock.FileLock(
                 self.lock_path,
                 timeout=self.lock_timeout,
                 mode=self._file_mode(),
@@ -418,7 +406,7 @@ class Ledger:
         self._ensure_dir()
         lock = self._lock()
         try:
-            lock.acquire()
+            self._acquire(lock)
         except filelock.Timeout:
             raise LockTimeout(self.lock_path, self.lock_timeout, self._holder()) from None
         except OSError as exc:
@@ -428,6 +416,27 @@ class Ledger:
             yield
         finally:
             lock.release()
+
+    def _acquire(self, lock: filelock.FileLock) -> None:
+        """Try without blocking, then wait with jittered exponential backoff (public
+        filelock API only): forty waiters polling every 2 ms would burn both cores of
+        a small machine and slow the holder down."""
+        import filelock
+
+        deadline = time.monotonic() + self.lock_timeout
+        delay = LOCK_POLL_SECONDS
+        while True:
+            try:
+                lock.acquire(blocking=False)
+                return
+            except filelock.Timeout:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+            # Jitter from the clock: `random` would cost start-up time for nothing.
+            jitter = 0.5 + (time.perf_counter_ns() % 1000) / 2000
+            time.sleep(min(left, delay * jitter))
+            delay = min(delay * 2, LOCK_POLL_CAP_SECONDS)
 
     def _holder(self) -> str | None:
         # Asked of the kernel, not of a pid file: a pid written by the last holder goes

@@ -638,8 +638,6 @@ def _app_for(args: list[str]) -> typer.Typer:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     # Typer >= 0.29 vendors click; its exceptions are not re-exported publicly.
-    from typer._click.exceptions import ClickException
-
     args = sys.argv[1:] if argv is None else argv
     if not args and "_PORTALLOC_COMPLETE" not in os.environ:
         # `portalloc` alone: the help on stdout and the usage-error code, no error line.
@@ -647,13 +645,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = _app_for(args)(args=args, prog_name="portalloc", standalone_mode=False)
-    except ClickException as exc:
-        # One line instead of click's usage block: bad input is reported like any
-        # other expected failure. (No message: `portalloc` alone printed the help.)
-        where = exc.ctx.command_path if getattr(exc, "ctx", None) else "portalloc"  # type: ignore[attr-defined]
-        if exc.format_message():
-            _err(f"{exc.format_message()} (see '{where} --help')")
-        return exc.exit_code
+    except typer.TyperException as exc:
+        # Typer's public base of its usage errors. One line instead of click's usage
+        # block: bad input is reported like any other expected failure.
+        return _usage_error(exc)
     except typer.Abort:
         _err("aborted")
         return 130
@@ -679,6 +674,17 @@ def main(argv: list[str] | None = None) -> int:
         _err(guard.report(exc))
         return 1
     return code if isinstance(code, int) else 0
+
+
+def _usage_error(exc: typer.TyperException) -> int:
+    format_message = getattr(exc, "format_message", None)
+    message = format_message() if callable(format_message) else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    where = getattr(ctx, "command_path", None) or "portalloc"
+    if message:
+        _err(f"{message} (see '{where} --help')")
+    code = getattr(exc, "exit_code", 2)
+    return code if isinstance(code, int) else 2
 
 
 def _silence_stdout() -> None:
