@@ -50,6 +50,61 @@ def path_exists(path: str) -> bool:
     return True
 
 
+# Two readings of one process's start time differ by float rounding at most; a
+# recycled PID started at least a clock tick (10 ms) later.
+START_TOLERANCE = 0.005
+
+
+def owner_of(pid: int) -> Owner:
+    """PID with its start time, so a later process reusing the PID is not taken for it."""
+    import psutil
+
+    try:
+        started: float | None = psutil.Process(pid).create_time()
+    except (psutil.Error, OSError, ValueError, OverflowError):
+        started = None
+    return Owner(pid=pid, started=started)
+
+
+def owner_alive(owner: Owner) -> bool:
+    """The PID runs, started when recorded (where the OS tells), and is not a zombie."""
+    import psutil
+
+    try:
+        process = psutil.Process(owner.pid)
+        if owner.started is not None and abs(process.create_time() - owner.started) > (
+            START_TOLERANCE
+        ):
+            return False
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:  # ZombieProcess is one too: exited, not yet reaped
+        return False
+    except (psutil.AccessDenied, OSError, ValueError, OverflowError):
+        return True  # it exists; it is just not ours to inspect
+
+
+def command_line(pid: int, limit: int = 120) -> str | None:
+    """PID's command line on one printable line (control characters become spaces)."""
+    import psutil
+
+    try:
+        text = " ".join(psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):
+        return None
+    # A `python -c` script or a hostile argument may hold newlines or escapes: the
+    # line ends up in a one-line message on someone's terminal.
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())[:limit]
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the flock on PATH now, as "pid N: command" (Linux; None elsewhere)."""
+    pids = probe.lock_holders(path)
+    if not pids:
+        return None
+    command = command_line(pids[0])
+    return f"pid {pids[0]}: {command}" if command else f"pid {pids[0]}"
+
+
 def listeners(port: int) -> list[Listener]:
     """Processes listening on TCP PORT, with their command line and working directory."""
     import psutil
@@ -57,7 +112,7 @@ def listeners(port: int) -> list[Listener]:
     try:
         connections = psutil.net_connections(kind="tcp")
     except (psutil.Error, OSError):
-        return [Listener(None)]
+        return []
     pids = {
         conn.pid
         for conn in connections
@@ -68,7 +123,7 @@ def listeners(port: int) -> list[Listener]:
         if pid is None:
             found.append(Listener(None))
             continue
-        found.append(Listener(pid, probe.command_line(pid), _cwd(pid)))
+        found.append(Listener(pid, command_line(pid), _cwd(pid)))
     return found
 
 
@@ -85,7 +140,7 @@ def is_descendant(pid: int, ancestor: Owner) -> bool:
     """Whether PID is ANCESTOR itself or runs below it in the process tree."""
     import psutil
 
-    if not probe.owner_alive(ancestor):
+    if not owner_alive(ancestor):
         return False
     try:
         process = psutil.Process(pid)
@@ -139,8 +194,8 @@ class Host:
     now: Callable[[], datetime] = utcnow
     port_is_free: Callable[[int], bool] = probe.port_is_free
     listeners: Callable[[int], list[Listener]] = listeners
-    owner_of: Callable[[int], Owner] = probe.owner_of
-    owner_alive: Callable[[Owner], bool] = probe.owner_alive
+    owner_of: Callable[[int], Owner] = owner_of
+    owner_alive: Callable[[Owner], bool] = owner_alive
     is_descendant: Callable[[int, Owner], bool] = is_descendant
     compose_publishes: Callable[[str, int], bool] = compose_publishes
     path_exists: Callable[[str], bool] = path_exists

@@ -41,7 +41,7 @@ LOCK_POLL_CAP_SECONDS = 0.016
 
 class RawOwner(TypedDict):
     pid: int
-    start_ticks: int | None
+    started: float | None
 
 
 class RawLease(TypedDict):
@@ -83,13 +83,31 @@ class _TooNew(Exception):
         self.version = version
 
 
+def _v1_owner(raw: object) -> object:
+    # v1 recorded a start time in clock ticks since boot (/proc/<pid>/stat); v2 in
+    # seconds since the epoch, as psutil tells it on every OS: the same instant.
+    if type(raw) is not dict or type(raw.get("start_ticks")) is not int:
+        return raw if type(raw) is not dict else {"pid": raw.get("pid"), "started": None}
+    import psutil
+
+    if not hasattr(os, "sysconf"):
+        return {"pid": raw.get("pid"), "started": None}
+    started = raw["start_ticks"] / os.sysconf("SC_CLK_TCK") + psutil.boot_time()
+    return {"pid": raw.get("pid"), "started": started}
+
+
 def _v1_to_v2(document: dict[str, Any]) -> dict[str, Any]:
     # v1 remembered each session's last block ("history"); v2 remembers its home
     # block, and which `run` processes use a lease. The last block is the best
     # guess of home a v1 ledger holds.
     leases = document.get("leases")
     if isinstance(leases, list):
-        leases = [{**raw, "guests": []} if type(raw) is dict else raw for raw in leases]
+        leases = [
+            {**raw, "owner": _v1_owner(raw.get("owner")), "guests": []}
+            if type(raw) is dict
+            else raw
+            for raw in leases
+        ]
     return {
         "version": 2,
         "leases": leases,
@@ -120,15 +138,15 @@ def migrate(document: object) -> dict[str, Any]:
 
 
 def _owner_to_raw(owner: Owner) -> RawOwner:
-    return {"pid": owner.pid, "start_ticks": owner.start_ticks}
+    return {"pid": owner.pid, "started": owner.started}
 
 
 def _owner_from_raw(raw: object) -> Owner:
     pid = raw.get("pid") if type(raw) is dict else None
-    ticks = raw.get("start_ticks") if type(raw) is dict else None
-    if type(pid) is not int or (ticks is not None and type(ticks) is not int):
-        raise _Malformed("an owner must hold an integer pid and start_ticks")
-    return Owner(pid=pid, start_ticks=ticks)
+    started = raw.get("started") if type(raw) is dict else None
+    if type(pid) is not int or (started is not None and type(started) not in (int, float)):
+        raise _Malformed("an owner must hold an integer pid and a start time")
+    return Owner(pid=pid, started=None if started is None else float(started))
 
 
 def lease_to_raw(lease: Lease) -> RawLease:
@@ -229,8 +247,7 @@ def _check_rules(lease: Lease) -> None:
         raise _Malformed(f"lease {lease.session_id!r} has a bad worktree path")
     for owner in (lease.owner, *lease.guests):
         if owner is not None and not (
-            1 <= owner.pid <= MAX_PID
-            and (owner.start_ticks is None or 0 <= owner.start_ticks < 2**63)
+            1 <= owner.pid <= MAX_PID and (owner.started is None or 0 <= owner.started < 2**40)
         ):
             raise _Malformed(f"lease {lease.session_id!r} has an impossible PID")
 
@@ -441,13 +458,9 @@ class Ledger:
     def _holder(self) -> str | None:
         # Asked of the kernel, not of a pid file: a pid written by the last holder goes
         # stale, and a process that is not portalloc (`flock leases.json.lock ...`) writes none.
-        from portalloc.probe import command_line, lock_holders
+        from portalloc.host import lock_holder
 
-        pids = lock_holders(self.lock_path)
-        if not pids:
-            return None
-        command = command_line(pids[0])
-        return f"pid {pids[0]}: {command}" if command else f"pid {pids[0]}"
+        return lock_holder(self.lock_path)
 
     def load(self) -> LedgerState:
         """Read the ledger; quarantine a corrupt one. Call only while holding the lock."""

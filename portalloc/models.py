@@ -150,7 +150,7 @@ class Owner(NamedTuple):
     """The process a lease lives with: PID plus its start time, so a reused PID is not it."""
 
     pid: int
-    start_ticks: int | None
+    started: float | None  # seconds since the epoch, where the OS tells
 
 
 class Lease(NamedTuple):

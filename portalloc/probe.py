@@ -1,4 +1,5 @@
-"""Questions to the OS: is this port bindable, is this process still the one we recorded."""
+"""Questions to the OS about ports: is this one bindable, does something listen, who holds
+the ledger's lock. Process facts are psutil's, in host.py."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import errno
 import os
 from functools import cache
 from pathlib import Path
-
-from portalloc.models import Owner
 
 # `socket` is imported inside the functions: `portalloc env` for an existing lease
 # never probes, and start-up time is the budget that matters there.
@@ -61,55 +60,6 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), or None if unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def pid_exists(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, it is just not ours
-    return True
-
-
-def owner_of(pid: int) -> Owner:
-    return Owner(pid=pid, start_ticks=process_start_ticks(pid))
-
-
-def owner_alive(owner: Owner) -> bool:
-    """Alive means the PID exists and, where the OS tells, started when we recorded it."""
-    if not pid_exists(owner.pid):
-        return False
-    if owner.start_ticks is None:
-        return True
-    current = process_start_ticks(owner.pid)
-    if current is None:
-        return True  # no /proc: the PID check is all we have
-    if current != owner.start_ticks:
-        return False
-    # A zombie has exited; its parent just has not reaped it yet.
-    try:
-        state = Path(f"/proc/{owner.pid}/stat").read_text()
-    except OSError:
-        return False
-    return state[state.rfind(")") + 2 :][:1] != "Z"
-
-
 def is_listening(port: int, timeout: float = 0.2) -> bool:
     """Whether something accepts TCP connections on PORT on the loopback addresses."""
     import socket
@@ -122,62 +72,6 @@ def is_listening(port: int, timeout: float = 0.2) -> bool:
         except OSError:
             continue
     return False
-
-
-def _listening_inodes(port: int) -> set[str]:
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
-            if (
-                len(fields) > 9
-                and fields[3] == "0A"
-                and int(fields[1].rsplit(":", 1)[1], 16) == port
-            ):
-                inodes.add(fields[9])
-    return inodes
-
-
-def listening_processes(port: int) -> list[tuple[int, str]]:
-    """(pid, command line) of processes with a LISTEN socket on PORT, where /proc tells."""
-    inodes = _listening_inodes(port)
-    if not inodes:
-        return []
-    targets = {f"socket:[{inode}]" for inode in inodes}
-    found: list[tuple[int, str]] = []
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            fds = list((proc_dir / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if str(fd.readlink()) in targets:
-                    pid = int(proc_dir.name)
-                    found.append((pid, command_line(pid) or ""))
-                    break
-            except OSError:
-                continue
-    return found
-
-
-def command_line(pid: int, limit: int = 120) -> str | None:
-    """PID's command line on one printable line (control characters become spaces)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    text = raw.decode(errors="replace")
-    # A `python -c` script or a hostile argument may hold newlines or escapes: the
-    # line ends up in a one-line error message on someone's terminal.
-    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())[:limit]
 
 
 def lock_holders(path: Path) -> list[int]:

@@ -10,17 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from portalloc.host import listeners, owner_alive, owner_of
 from portalloc.models import Owner
-from portalloc.probe import (
-    is_listening,
-    listening_processes,
-    owner_alive,
-    owner_of,
-    port_is_free,
-    process_start_ticks,
-)
+from portalloc.probe import is_listening, port_is_free
 from tests.helpers import run_cli
 
 
@@ -136,11 +131,11 @@ def test_live_pid_keeps_its_block() -> None:
 def test_reused_pid_does_not_keep_the_lease() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        ticks = process_start_ticks(proc.pid)
-        assert ticks is not None
-        assert owner_alive(Owner(proc.pid, ticks)) is True
+        started = owner_of(proc.pid).started
+        assert started is not None
+        assert owner_alive(Owner(proc.pid, started)) is True
         # Same PID, different start time: a different process that got the number.
-        assert owner_alive(Owner(proc.pid, ticks - 1)) is False
+        assert owner_alive(Owner(proc.pid, started - 0.01)) is False
     finally:
         proc.kill()
         proc.wait()
@@ -155,17 +150,18 @@ def test_zombie_owner_is_dead() -> None:
     while owner_alive(owner):
         assert time.monotonic() < deadline, "child never exited"
         time.sleep(0.01)
-    assert process_start_ticks(proc.pid) is not None  # still a zombie, not yet reaped
+    assert psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE  # not yet reaped
     proc.wait()
 
 
 def test_is_listening_and_listening_processes() -> None:
     with listener(socket.AF_INET, "127.0.0.1", 20901):
         assert is_listening(20901) is True
-        pids = [pid for pid, _cmd in listening_processes(20901)]
-        assert os.getpid() in pids
+        found = listeners(20901)
+        assert os.getpid() in [item.pid for item in found]
+        assert all(item.cwd for item in found)
     assert is_listening(20901) is False
-    assert listening_processes(20901) == []
+    assert listeners(20901) == []
 
 
 def test_why_names_lease_port_and_process() -> None:

@@ -245,7 +245,7 @@ def test_allocate_with_pid_records_owner(state_dir: Path, clock: FakeClock) -> N
     allocation = svc.allocate("me", pid=os.getpid())
     assert allocation.pid == os.getpid()
     lease = svc.leases()[0]
-    assert isinstance(lease.owner, Owner) and lease.owner.start_ticks is not None
+    assert isinstance(lease.owner, Owner) and lease.owner.started is not None
 
 
 def test_get_port_allocator_is_process_wide_and_reads_env(

@@ -188,8 +188,8 @@ HOSTILE_LEASES: list[dict[str, Any]] = [
     {"compose_project_name": "ac-x\n"},
     {"session_id": "bad\nid"},
     {"expires_at": "9999-12-31T23:59:59-01:00"},  # overflows when brought to UTC
-    {"owner": {"pid": 2**64, "start_ticks": None}},
-    {"guests": [{"pid": -1, "start_ticks": None}]},
+    {"owner": {"pid": 2**64, "started": None}},
+    {"guests": [{"pid": -1, "started": None}]},
     {"ttl_minutes": 10**30},
     {"worktree": "/tmp/a\x00b"},
 ]

@@ -523,7 +523,8 @@ def why(
     json_output: JsonOpt = False,
 ) -> None:
     """Tell which lease holds PORT and which process listens on it."""
-    from portalloc.probe import is_listening, listening_processes
+    from portalloc.host import listeners
+    from portalloc.probe import is_listening
 
     with _errors(json_output):
         service = _service()
@@ -531,7 +532,7 @@ def why(
     named = None
     if holder is not None:
         named = next((name for name, p in holder.ports.items() if p == port), None)
-    processes = listening_processes(port)
+    processes = [(item.pid, item.command or "") for item in listeners(port) if item.pid]
     listening = bool(processes) or is_listening(port)
     if json_output:
         _print_json(
