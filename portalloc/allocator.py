@@ -289,12 +289,17 @@ def _refresh(
     files: dict[str, tuple[FileRecord, ...]],
 ) -> Grant:
     config = request.config
+    if request.user is not None:
+        # Used as it is: `run` joins the lease (its TTL, owner and anchor untouched);
+        # it never takes it over.
+        if request.user in existing.guests:
+            return Grant(state, existing, created=False)
+        joined = existing._replace(guests=(*existing.guests, request.user))
+        leases = {**state.leases, request.session_id: joined}
+        return Grant(LedgerState(leases, state.homes, files), joined, created=False)
     owner = request.owner or existing.owner
     worktree = request.worktree or existing.worktree
     guests = existing.guests
-    if request.user is not None and request.user not in guests:
-        # Used as it is: `run` joins the lease, it never takes it over.
-        guests = (*guests, request.user)
     if (
         abs(expires_at - existing.expires_at) < refresh_granularity(config.ttl_minutes)
         and config.ttl_minutes == existing.ttl_minutes

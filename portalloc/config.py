@@ -367,10 +367,14 @@ def load_project_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                 names = template_fields(template)
             except ValueError as exc:
                 raise ProfileError(path, key, str(exc)) from None
+            allowed = ", ".join("{" + f + "}" for f in sorted(profile_fields))
             for name in names:
                 if name not in profile_fields:
-                    allowed = ", ".join("{" + f + "}" for f in sorted(profile_fields))
                     raise ProfileError(path, key, f"unknown field {{{name}}} (allowed: {allowed})")
+            if not names:
+                # A fixed value is no port of the lease, and a fixed command is how a
+                # hostile project file would plant one: every variable carries a field.
+                raise ProfileError(path, key, f"template must use a field ({allowed})")
             parsed_env.append((variable, template))
         env = tuple(parsed_env)
         custom = True

@@ -171,7 +171,9 @@ def compose_publishes(project: str, port: int) -> bool:
             ],
             capture_output=True,
             text=True,
-            timeout=10,
+            # It runs under the ledger's lock, only when a docker-proxy sits on a home
+            # port: a slow daemon must not hold everyone else up for long.
+            timeout=2,
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
@@ -185,6 +187,23 @@ def inside(path: str, directory: str) -> bool:
     path = os.path.normpath(path)
     directory = os.path.normpath(directory)
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def in_worktree(path: str, worktree: str) -> bool:
+    """Whether PATH lies in WORKTREE itself, not in a worktree nested inside it (a
+    directory below it holding its own `.git`, as `.claude/worktrees/x` does)."""
+    if not inside(path, worktree):
+        return False
+    top = Path(os.path.normpath(worktree))
+    here = Path(os.path.normpath(path))
+    while here != top:
+        try:
+            if (here / ".git").exists():
+                return False
+        except OSError:
+            return False
+        here = here.parent
+    return True
 
 
 @dataclass

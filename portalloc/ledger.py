@@ -223,7 +223,9 @@ def lease_from_raw(raw: object) -> Lease:
 
 
 def _has_control(text: str) -> bool:
-    return any(unicodedata.category(char) == "Cc" for char in text)
+    # Cc: control characters; Cs: lone surrogates (what undecodable bytes become),
+    # which no UTF-8 write can carry: one would make every later save fail.
+    return any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
 
 
 def _check_rules(lease: Lease) -> None:
@@ -235,13 +237,17 @@ def _check_rules(lease: Lease) -> None:
         raise _Malformed(exc.message) from None
     if not 1 <= lease.ttl_minutes <= MAX_TTL_MINUTES or not 1 <= lease.span <= 65535:
         raise _Malformed(f"lease {lease.session_id!r} has an absurd TTL or span")
+    if not 1 <= lease.start <= lease.end <= 65535:
+        raise _Malformed(f"lease {lease.session_id!r} spans {lease.start}-{lease.end}")
     for name, port in lease.ports:
-        if not SHELL_NAME.fullmatch(name) or not 1 <= port <= 65535:
+        if not SHELL_NAME.fullmatch(name) or not lease.start <= port <= lease.end:
             raise _Malformed(f"lease {lease.session_id!r} has a bad port {name!r}")
     for name, value in lease.env:
         if not SHELL_NAME.fullmatch(name) or forbidden_variable(name) or _has_control(value):
             raise _Malformed(f"lease {lease.session_id!r} sets variable {name!r}")
-    if not COMPOSE_NAME.fullmatch(lease.compose_project_name):
+    if not COMPOSE_NAME.fullmatch(lease.compose_project_name) or _has_control(
+        lease.compose_project_name
+    ):
         raise _Malformed(f"lease {lease.session_id!r} has a bad compose project name")
     if lease.worktree is not None and (not lease.worktree or _has_control(lease.worktree)):
         raise _Malformed(f"lease {lease.session_id!r} has a bad worktree path")
@@ -325,17 +331,37 @@ def parse_document(document: object) -> Parsed:
             dropped.append(str(exc))
             continue
         if lease.session_id in leases:
-            raise _Malformed(f"session {lease.session_id!r} appears twice")
+            dropped.append(f"session {lease.session_id!r} appears twice")
+            continue
+        clash = next(
+            (other for other in leases.values() if other.overlaps(lease.start, lease.end)), None
+        )
+        if clash is not None:
+            # The first one in the file keeps the block; nothing else can be decided.
+            dropped.append(f"lease {lease.session_id!r} overlaps {clash.session_id!r}")
+            continue
         leases[lease.session_id] = lease
         known[id(lease)] = (lease, raw)
     if not _all_typed(raw_homes, int):
         raise _Malformed("'homes' must map session ids to integers")
-    state = LedgerState(leases, raw_homes, _files_from_raw(raw_files))
+    homes = {key: start for key, start in raw_homes.items() if _usable_id(key)}
+    files = {key: records for key, records in _files_from_raw(raw_files).items() if _usable_id(key)}
+    if len(homes) != len(raw_homes) or len(files) != len(raw_files):
+        dropped.append("a home or file record names an unusable session id")
+    state = LedgerState(leases, homes, files)
     try:
         validate(state)
     except AssertionError as exc:
         raise _Malformed(str(exc)) from None
     return Parsed(state, known, dropped)
+
+
+def _usable_id(session_id: str) -> bool:
+    try:
+        validate_session_id(session_id)
+    except InvalidSessionId:
+        return False
+    return True
 
 
 def _files_from_raw(raw: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...]]:
@@ -349,7 +375,8 @@ def _files_from_raw(raw: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...
             path = record.get("path") if type(record) is dict else None
             if type(kind) is not str or type(path) is not str:
                 raise _Malformed("a file record must hold a string kind and path")
-            parsed.append((kind, path))
+            if not _has_control(kind) and not _has_control(path):
+                parsed.append((kind, path))
         files[session_id] = tuple(parsed)
     return files
 

@@ -23,33 +23,77 @@ MAX_PID = 4_194_304  # Linux's PID_MAX_LIMIT; no OS portalloc runs on goes highe
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 COMPOSE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
-# Variables that change how a shell, loader or interpreter behaves: a project file
-# in a cloned repository must not set them in its users' shells. Compared upper-cased
-# (zsh ties lowercase `path`, `cdpath`, `fpath`... to the uppercase ones).
+# Variables that change how a shell, loader, interpreter, editor or build tool behaves:
+# a project file in a cloned repository must not set them in its users' shells, and a
+# shared ledger must not carry them into another user's. Compared upper-cased (zsh
+# ties lowercase `path`, `cdpath`, `fpath`... to the uppercase ones). Besides this
+# list, every variable's template must use a field of the lease (see config.py), so
+# no variable can carry a fixed command.
 FORBIDDEN_VARIABLES = frozenset(
     {
+        # shells and their prompts, history, startup files
         "PATH", "HOME", "SHELL", "IFS", "ENV", "CDPATH", "FPATH", "MANPATH", "MAILPATH",
-        "MAIL", "MODULE_PATH", "PROMPT_COMMAND", "PROMPT", "RPROMPT", "RPS1", "RPS2",
-        "PS0", "PS1", "PS2", "PS3", "PS4", "PSVAR", "SHELLOPTS", "BASHOPTS", "GLOBIGNORE",
-        "FIGNORE", "HISTFILE", "HISTCONTROL", "INPUTRC", "ZDOTDIR", "TMOUT", "TERM",
-        "TMPDIR", "EDITOR", "VISUAL", "PAGER", "MANPAGER", "BROWSER", "LESSOPEN",
-        "LESSCLOSE", "NODE_OPTIONS", "NODE_PATH", "RUBYOPT", "RUBYLIB", "JAVA_TOOL_OPTIONS",
-        "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "SSH_ASKPASS", "SUDO_ASKPASS", "POSIXLY_CORRECT",
-        "LANG", "LANGUAGE", "NLSPATH", "GCONV_PATH", "HOSTALIASES", "RESOLV_HOST_CONF",
-        "MALLOC_CHECK_", "TZ", "TZDIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME",
-        "XDG_CONFIG_DIRS", "XDG_DATA_DIRS",
+        "MAIL", "MAILCHECK", "MODULE_PATH", "PROMPT_COMMAND", "PROMPT", "PROMPT2", "PROMPT3",
+        "PROMPT4", "RPROMPT", "RPROMPT2", "RPS1", "RPS2", "SPROMPT", "PS0", "PS1", "PS2",
+        "PS3", "PS4", "PSVAR", "SHELLOPTS", "BASHOPTS", "GLOBIGNORE", "FIGNORE", "FCEDIT",
+        "HISTFILE", "HISTCONTROL", "HISTSIZE", "HISTFILESIZE", "HISTIGNORE", "HISTTIMEFORMAT",
+        "INPUTRC", "ZDOTDIR", "TMOUT", "NULLCMD", "READNULLCMD", "WORDCHARS", "PWD",
+        "OLDPWD", "SHLVL", "TERM", "TERMINFO", "TERMINFO_DIRS", "TERMCAP", "COLUMNS",
+        "LINES", "POSIXLY_CORRECT", "HOSTALIASES", "RESOLV_HOST_CONF", "LOCALDOMAIN",
+        "RES_OPTIONS", "TMPDIR", "TMP", "TEMP", "TZ", "TZDIR", "LANG", "LANGUAGE", "NLSPATH",
+        "LOCPATH", "GCONV_PATH", "MALLOC_CHECK_", "MALLOC_PERTURB_", "GLIBC_TUNABLES",
+        # editors, pagers and the programs they start
+        "EDITOR", "VISUAL", "PAGER", "MANPAGER", "MANOPT", "BROWSER", "LESS", "LESSOPEN",
+        "LESSCLOSE", "LESSKEY", "VIMINIT", "GVIMINIT", "EXINIT", "MYVIMRC", "VIMRUNTIME",
+        "EMACSLOADPATH", "SSH_ASKPASS", "SUDO_ASKPASS", "SUDO_EDITOR", "GIT_EDITOR",
+        # interpreters, runtimes and build tools
+        "CLASSPATH", "RUBYOPT", "RUBYLIB", "GEM_HOME", "GEM_PATH", "JAVA_TOOL_OPTIONS",
+        "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "MAVEN_OPTS", "GRADLE_OPTS", "SBT_OPTS",
+        "TCLLIBPATH", "RUSTC_WRAPPER", "RUSTC", "RUSTFLAGS", "RUSTDOCFLAGS", "CC", "CXX",
+        "CPP", "LD", "AR", "CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDFLAGS", "MAKEFLAGS",
+        "MAKEFILES", "MFLAGS", "OPENSSL_CONF", "OPENSSL_ENGINES", "OPENSSL_MODULES",
+        "SSLKEYLOGFILE", "SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE",
+        "REQUESTS_CA_BUNDLE", "CURL_HOME", "WGETRC", "KUBECONFIG", "DOCKER_CONFIG",
+        "VIRTUAL_ENV", "CONDA_PREFIX", "R_PROFILE", "R_PROFILE_USER", "R_ENVIRON",
+        "R_ENVIRON_USER", "JULIA_LOAD_PATH", "JULIA_DEPOT_PATH", "ERL_LIBS", "ERL_FLAGS",
+        "ERL_AFLAGS", "ERL_ZFLAGS", "MIX_EXS", "PHPRC", "PHP_INI_SCAN_DIR", "MAGIC",
+        "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME",
+        "XDG_RUNTIME_DIR", "XDG_CONFIG_DIRS", "XDG_DATA_DIRS", "DISPLAY", "WAYLAND_DISPLAY",
+        "DBUS_SESSION_BUS_ADDRESS", "XAUTHORITY", "KRB5CCNAME", "KRB5_CONFIG",
+        "NETRC", "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "ALL_PROXY", "NO_PROXY",
+        "SOCKS_PROXY", "RSYNC_RSH", "RSYNC_PROXY", "CVS_RSH", "SVN_EDITOR", "HGRCPATH",
+        "HGEDITOR", "HGPLAIN", "GOFLAGS", "GOPATH", "GOROOT", "GOPROXY", "GOBIN", "GOENV",
+        "GOTOOLCHAIN", "GOCACHE", "GOMODCACHE", "GOPRIVATE", "GONOSUMDB", "GONOPROXY",
+        "GOSUMDB", "GOINSECURE", "GOWORK", "GOEXPERIMENT", "GODEBUG", "GOOS", "GOARCH",
     }
 )  # fmt: skip
 FORBIDDEN_PREFIXES = (
-    "LD_", "DYLD_", "PYTHON", "PERL5", "PERLLIB", "GIT_", "BASH_", "ZSH", "KSH_", "FISH_",
-    "LC_", "PORTALLOC_", "PORT_ALLOC_", "SSH_", "GPG_", "DOCKER_", "NPM_CONFIG_",
+    "LD_", "DYLD_", "PYTHON", "PERL", "RUBY", "BASH_", "ZSH", "KSH_", "FISH_", "LC_",
+    "GIT_", "SVN_", "SSH_", "GPG_", "GNUPG", "DOCKER_", "BUILDKIT_", "PODMAN_",
+    "CONTAINERS_", "NPM_", "YARN_", "PNPM_", "COREPACK_", "NODE_", "BUN_", "DENO_",
+    "PIP_", "UV_", "POETRY_", "PDM_", "HATCH_", "CONDA_", "PYENV", "RBENV", "NVM_",
+    "ASDF_", "MISE_", "DIRENV_", "CARGO_", "RUSTUP_", "JAVA_", "JDK_", "GRADLE_",
+    "MAVEN_", "M2_", "DOTNET_", "COMPLUS_", "CORECLR_", "MONO_", "LUA", "TCL", "TK_",
+    "PHP", "COMPOSER_", "GEM_", "BUNDLE_", "JULIA_", "R_", "ERL_", "ELIXIR", "MIX_",
+    "HEX_", "AWS_", "AZURE_", "GOOGLE_", "GCLOUD_", "CLOUDSDK_", "KUBE", "HELM_",
+    "TF_", "VAULT_", "OPENSSL_", "SSL_", "NIX_", "GUIX_", "FLATPAK_", "SNAP_",
+    "PORTALLOC_", "PORT_ALLOC_", "CLAUDE_", "CODEX_", "GEMINI_", "ANTHROPIC_", "OPENAI_",
 )  # fmt: skip
+# Compose reads these from the shell: COMPOSE_FILE or COMPOSE_PROFILES could point a
+# stack at a file of the attacker's. Only the project name is portalloc's to set.
+COMPOSE_ALLOWED = frozenset({"COMPOSE_PROJECT_NAME"})
 
 
 def forbidden_variable(name: str) -> bool:
-    """Whether NAME changes how a shell, loader or interpreter behaves."""
+    """Whether NAME changes how a shell, loader, interpreter or tool behaves."""
     upper = name.upper()
-    return upper in FORBIDDEN_VARIABLES or upper.startswith(FORBIDDEN_PREFIXES)
+    if upper.startswith("COMPOSE_"):
+        return upper not in COMPOSE_ALLOWED
+    return (
+        upper in FORBIDDEN_VARIABLES
+        or upper.startswith(FORBIDDEN_PREFIXES)
+        or upper.endswith("_PROXY")
+    )
 
 
 def validate_session_id(session_id: object) -> str:

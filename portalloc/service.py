@@ -14,7 +14,7 @@ from portalloc import allocator, outputs
 from portalloc.allocator import Grant, LedgerState, PortCheck, Reclaimed, Request
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import LeaseNotFound, UsageError
-from portalloc.host import Host, Listener, inside
+from portalloc.host import Host, Listener, in_worktree
 from portalloc.ledger import Ledger
 from portalloc.models import MAX_PID, Lease, Owner, PortAllocation, validate_session_id
 
@@ -87,7 +87,16 @@ class PortAllocatorService:
             state, reclaimed = allocator.reclaim(
                 loaded, now, self.host.owner_alive, self.host.path_exists
             )
-            state, value = decide(state, now)
+            try:
+                state, value = decide(state, now)
+            except BaseException:
+                if self.ledger.dirty:
+                    # Unusable leases were left out and copied aside: write the file back
+                    # without them even when this operation fails, or every later call
+                    # would copy it aside again.
+                    self.ledger.save(state)
+                    self.ledger.dirty = False
+                raise
             if state is not loaded or self.ledger.dirty:
                 self.ledger.save(state)
                 self.ledger.dirty = False
@@ -201,9 +210,11 @@ class PortAllocatorService:
         def own(listener: Listener, port: int) -> bool:
             if listener.pid is None:
                 return False
-            if request.worktree and listener.cwd and inside(listener.cwd, request.worktree):
+            if request.worktree and listener.cwd and in_worktree(listener.cwd, request.worktree):
                 return True
-            if anchor is not None and host.is_descendant(listener.pid, anchor):
+            # PID 1 (or a container's init) is everyone's ancestor: not an owner whose
+            # descendants can be told from anyone else's.
+            if anchor is not None and anchor.pid > 1 and host.is_descendant(listener.pid, anchor):
                 return True
             # The session's own compose stack, published through dockerd's proxy.
             return "docker-proxy" in (listener.command or "") and host.compose_publishes(

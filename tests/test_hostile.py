@@ -174,7 +174,8 @@ def test_rejected_ids_exit_2_everywhere(profile: Path, state_dir: Path, session:
     assert (state_dir / "leases.json").read_bytes() == before
 
 
-HOSTILE_TEMPLATES = [
+# Every template must use a field of the lease; the hostile part is around it.
+_HOSTILE_TEXTS = [
     f"$(touch {MARK})",
     f"`touch {MARK}`",
     'it\'s a "quote" \\ party',
@@ -184,6 +185,7 @@ HOSTILE_TEMPLATES = [
     "http://localhost:{api_port}/?q='x'",
     "#not a comment",
 ]
+HOSTILE_TEMPLATES = [t if "{api_port}" in t else t + " {api_port}" for t in _HOSTILE_TEXTS]
 
 
 def test_hostile_template_values_are_inert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

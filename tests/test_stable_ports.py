@@ -24,6 +24,7 @@ import pytest
 
 from portalloc import PortAllocatorConfig, PortAllocatorService
 from portalloc.host import Host, Listener
+from portalloc.models import Owner
 from tests.helpers import FakeClock, Result, run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -409,3 +410,43 @@ def test_version_1_ledger_is_migrated_and_history_becomes_home(
     assert written["version"] == 2 and "history" not in written
     assert written["homes"] == {"gone": 10100, "/src/shop-a": 10000, "old": 10200}
     assert [lease["guests"] for lease in written["leases"]] == [[], []]
+
+
+# --- found by a hostile review ----------------------------------------------------------
+
+
+def test_listener_in_a_nested_worktree_is_not_own(state_dir: Path, tmp_path: Path) -> None:
+    tree = make_worktree(tmp_path, "outer")
+    env_in(tree, base=31500)
+    run_cli("release", str(tree))
+    nested = tree / ".claude" / "worktrees" / "x"
+    nested.mkdir(parents=True)
+    (nested / ".git").write_text("gitdir: /elsewhere\n")  # a worktree of its own
+    with http_server(31501, cwd=nested):
+        moved = env_in(tree, base=31500)
+    assert "MOVED from block 31500-31599" in moved.stderr
+    assert json.loads(moved.stdout)["AGENT_COORDINATOR_REST_PORT"] != "31501"
+
+
+def test_pid_1_as_owner_does_not_make_every_listener_own(state_dir: Path, clock: FakeClock) -> None:
+    busy: set[int] = set()
+    host = Host(
+        now=clock,
+        port_is_free=lambda port: port not in busy,
+        listeners=lambda _port: [Listener(4242, "a stranger", "/")],
+        owner_alive=lambda _owner: True,
+        owner_of=lambda pid: Owner(pid, 0.0),
+        is_descendant=lambda _pid, _owner: True,  # everything descends from PID 1
+    )
+    svc = PortAllocatorService(PortAllocatorConfig(state_dir=state_dir), host=host)
+    assert svc.allocate("h", pid=1).db_port == 10000
+    svc.release("h")
+    busy.add(10000)
+    assert svc.allocate("h", pid=1).db_port == 10100
+
+
+def test_run_joining_a_lease_leaves_its_ttl_alone(state_dir: Path) -> None:
+    run_cli("allocate", "long", "--ttl", "1440")
+    assert run_cli("run", "long", "--", "true").returncode == 0
+    (lease,) = status()
+    assert lease["ttl_remaining_minutes"] == pytest.approx(1440, abs=1)

@@ -66,6 +66,7 @@ def eval_in(shell: str, script: str, variable: str) -> str:
     [
         '[env]\n"NAME\\n" = "{api_port}"\n',  # trailing newline: ^...$ with .match let it through
         '[env]\n"A;touch /tmp/portalloc-trust-marker;B" = "1"\n',
+        '[env]\nNOT_A_PORT = ":!touch /tmp/portalloc-trust-marker"\n',  # no field: refused
         '[ports]\n"web\\n" = 0\n',
         'compose_prefix = "shop\\n"\n',
         'compose_prefix = "Shop"\n',
@@ -85,7 +86,13 @@ def test_project_file_names_and_bounds_are_refused(tmp_path: Path, toml: str) ->
     "variable",
     ["PATH", "LD_PRELOAD", "PROMPT_COMMAND", "BASH_ENV", "ENV", "IFS", "PS1", "path",
      "DYLD_INSERT_LIBRARIES", "PYTHONSTARTUP", "NODE_OPTIONS", "PERL5OPT", "RUBYOPT",
-     "GIT_SSH_COMMAND", "ZDOTDIR", "HOME", "SHELL", "CDPATH", "SHELLOPTS"],
+     "GIT_SSH_COMMAND", "ZDOTDIR", "HOME", "SHELL", "CDPATH", "SHELLOPTS",
+     # found by a hostile review: each runs a command in some shell or tool
+     "VIMINIT", "EXINIT", "PROMPT2", "PROMPT4", "SPROMPT", "NULLCMD", "READNULLCMD",
+     "OPENSSL_CONF", "GLIBC_TUNABLES", "LUA_INIT", "KUBECONFIG", "AWS_CONFIG_FILE",
+     "GOFLAGS", "RUSTC_WRAPPER", "CLASSPATH", "PIP_INDEX_URL", "http_proxy",
+     "NODE_TLS_REJECT_UNAUTHORIZED", "SSLKEYLOGFILE", "FCEDIT", "PWD", "HISTSIZE",
+     "COMPOSE_FILE", "CC", "MAKEFLAGS"],
 )  # fmt: skip
 def test_project_file_may_not_set_interpreter_variables(tmp_path: Path, variable: str) -> None:
     (tmp_path / "pyproject.toml").write_text(
@@ -94,9 +101,9 @@ def test_project_file_may_not_set_interpreter_variables(tmp_path: Path, variable
     result = run_cli("env", "s", cwd=tmp_path)
     one_line_exit_2(result)
     assert f"tool.portalloc.env.{variable}" in result.stderr and "may not set" in result.stderr
-    # ... and `run` never hands it to a child either.
-    ran = run_cli("run", "s", "--", "true", cwd=tmp_path)
-    one_line_exit_2(ran)
+    if variable in ("PATH", "VIMINIT"):
+        # ... and `run` never hands it to a child either.
+        one_line_exit_2(run_cli("run", "s", "--", "true", cwd=tmp_path))
 
 
 def test_pyproject_whose_tool_is_not_a_table(tmp_path: Path) -> None:
@@ -192,6 +199,14 @@ HOSTILE_LEASES: list[dict[str, Any]] = [
     {"guests": [{"pid": -1, "started": None}]},
     {"ttl_minutes": 10**30},
     {"worktree": "/tmp/a\x00b"},
+    # found by a hostile review
+    {"env": {"VIMINIT": ":!touch /tmp/portalloc-trust-marker"}},
+    {"env": {"API_PORT": "\udc80"}},  # a lone surrogate: no UTF-8 can carry it
+    {"compose_project_name": "ac-\udc80"},
+    {"start": 70000},
+    {"ports": {"api": 30000}},  # outside its block
+    {"start": 20050, "ports": {"api": 20050}},  # overlaps "good"
+    {"session_id": "good"},  # the same session twice
 ]
 
 
@@ -233,6 +248,18 @@ def test_mcp_never_hands_out_a_hostile_ledger_lease(state_dir: Path, tmp_path: P
     run_session(state_dir, errlog, body, PORT_ALLOC_BASE="20000", PORTALLOC_DEBUG="1")
     log = errlog.read_text()
     assert "unusable lease" in log and "Traceback" not in log
+
+
+def test_an_unusable_lease_is_copied_aside_once_even_when_the_operation_fails(
+    state_dir: Path,
+) -> None:
+    write_ledger(
+        state_dir, good_lease("full", 20000), {**good_lease("bad", 20100), "ttl_minutes": 0}
+    )
+    env = {"PORT_ALLOC_BASE": "20000", "PORT_ALLOC_MAX_SESSIONS": "1"}
+    for index in range(3):
+        assert run_cli("allocate", f"new{index}", env=env).returncode == 3
+    assert len(list(state_dir.glob("leases.json.corrupt-*"))) == 1
 
 
 @pytest.mark.parametrize(
