@@ -435,8 +435,13 @@ def tempfile_dir() -> str:
 def trust_server(
     portalloc_ports: PortallocPorts, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
-    # An unnamed port of the plugin's block: the HTTP tests use all four named ones.
-    port = portalloc_ports.port("db") + 10
+    # An unnamed port of the plugin's block (the HTTP tests use all four named ones),
+    # the first one free: a server another test left in TIME_WAIT or still closing
+    # must not fail the whole module.
+    from portalloc.probe import port_is_free
+
+    first = portalloc_ports.port("db") + 10
+    port = next((p for p in range(first, first + 20) if port_is_free(p)), first)
     running = start_server(port, tmp_path_factory.mktemp("trust-http"))
     yield running
     stop_server(running)
