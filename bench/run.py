@@ -32,8 +32,9 @@ from pathlib import Path
 
 from common import filesystem_type  # bench/common.py; bench/ is on sys.path when run
 
-from portalloc.allocator import LedgerState, Request, grant
+from portalloc.allocator import Request, grant
 from portalloc.config import PortAllocatorConfig
+from portalloc.models import LedgerState
 from portalloc.service import PortAllocatorService
 
 TARGET_STARTUP = 1.10

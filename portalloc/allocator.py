@@ -9,7 +9,7 @@ from typing import Literal, NamedTuple
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable
-from portalloc.models import Lease, Owner, render_template
+from portalloc.models import FileRecord, Lease, LedgerState, Owner, render_template
 
 # Home blocks remembered for sessions; the least recently granted forgotten first.
 HISTORY_LIMIT = 10_000
@@ -17,29 +17,6 @@ HISTORY_LIMIT = 10_000
 FILES_LIMIT = 8
 
 ReclaimReason = Literal["expired", "owner_dead", "worktree_gone"]
-FileRecord = tuple[str, str]  # (kind, absolute path)
-
-
-class LedgerState:
-    """Active leases by session, each session's home block, and the files written for it.
-
-    Treated as immutable: operations return a new state rather than changing one.
-    """
-
-    __slots__ = ("files", "homes", "leases")
-
-    def __init__(
-        self,
-        leases: dict[str, Lease] | None = None,
-        homes: dict[str, int] | None = None,
-        files: dict[str, tuple[FileRecord, ...]] | None = None,
-    ) -> None:
-        self.leases: dict[str, Lease] = {} if leases is None else leases
-        self.homes: dict[str, int] = {} if homes is None else homes
-        self.files: dict[str, tuple[FileRecord, ...]] = {} if files is None else files
-
-    def with_leases(self, leases: dict[str, Lease]) -> LedgerState:
-        return LedgerState(leases, self.homes, self.files)
 
 
 class Reclaimed(NamedTuple):

@@ -14,18 +14,14 @@ from itertools import count
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
-from portalloc.allocator import LedgerState
 from portalloc.errors import InvalidSessionId, LedgerError, LockTimeout
-from portalloc.models import (
+from portalloc.models import Lease, LedgerState, Owner, isoformat, parse_iso
+from portalloc.rules import (
     COMPOSE_NAME,
     MAX_PID,
     MAX_TTL_MINUTES,
     SHELL_NAME,
-    Lease,
-    Owner,
     forbidden_variable,
-    isoformat,
-    parse_iso,
     validate_session_id,
 )
 

@@ -8,7 +8,7 @@ import shlex
 from collections.abc import Mapping
 
 from portalloc.errors import UsageError
-from portalloc.models import SHELL_NAME
+from portalloc.rules import SHELL_NAME
 
 FORMATS = ("sh", "fish", "dotenv", "json")
 _BARE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from portalloc import allocator, outputs
-from portalloc.allocator import Grant, LedgerState, PortCheck, Reclaimed, Request
+from portalloc.allocator import Grant, PortCheck, Reclaimed, Request
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import LeaseNotFound, UsageError
 from portalloc.host import Host, Listener, in_worktree
 from portalloc.ledger import Ledger
-from portalloc.models import MAX_PID, Lease, Owner, PortAllocation, validate_session_id
+from portalloc.models import Lease, LedgerState, Owner, PortAllocation
+from portalloc.rules import MAX_PID, validate_session_id
 
 T = TypeVar("T")
 

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from portalloc import allocator
-from portalloc.allocator import LedgerState, Request
+from portalloc.allocator import Request
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable
-from portalloc.models import Owner
+from portalloc.models import LedgerState, Owner
 
 START = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 SESSIONS = [f"s{i}" for i in range(8)]

@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 
-from portalloc.allocator import LedgerState, Request, grant
+from portalloc.allocator import Request, grant
 from portalloc.config import PortAllocatorConfig
+from portalloc.models import LedgerState
 from portalloc.service import PortAllocatorService
 from tests.helpers import run_cli
 

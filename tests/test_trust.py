@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from portalloc import PortAllocatorConfig, PortAllocatorService
 from portalloc.errors import InvalidSessionId
-from portalloc.models import validate_session_id
 from portalloc.pytest_plugin import PortallocPorts
 from portalloc.render import render_sh
+from portalloc.rules import validate_session_id
 from tests.helpers import FakeClock, run_cli
 from tests.test_http import API_KEY, start_server, stop_server
 

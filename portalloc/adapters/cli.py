@@ -24,8 +24,8 @@ from portalloc.adapters.common import (
 )
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import MissingExtra, PortallocError, UsageError
-from portalloc.models import MAX_PID, MAX_TTL_MINUTES
 from portalloc.render import FORMATS, render
+from portalloc.rules import MAX_PID, MAX_TTL_MINUTES
 
 if TYPE_CHECKING:
     from portalloc.models import PortAllocation
@@ -487,21 +487,13 @@ def check(
         if all(state.values()) or wait is None or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
+    from portalloc.adapters import views
+
     closed = [f"{name} ({allocation.ports[name]})" for name, up in state.items() if not up]
     if json_output:
-        _print_json(
-            {
-                "session_id": allocation.session_id,
-                "all_listening": not closed,
-                "ports": {
-                    name: {"port": allocation.ports[name], "listening": up}
-                    for name, up in state.items()
-                },
-            }
-        )
+        _print_json(views.check_json(allocation, state))
     else:
-        for name, up in state.items():
-            _out(f"{name:<10} {allocation.ports[name]:>5}  {'listening' if up else 'closed'}\n")
+        _out(views.check_text(allocation, state))
     if wait is not None and closed:
         _err(f"still closed after {wait:g}s: {', '.join(closed)}")
         raise typer.Exit(1)
@@ -523,45 +515,19 @@ def why(
     json_output: JsonOpt = False,
 ) -> None:
     """Tell which lease holds PORT and which process listens on it."""
+    from portalloc.adapters import views
     from portalloc.host import listeners
     from portalloc.probe import is_listening
 
     with _errors(json_output):
         service = _service()
         holder = next((a for a in service.status() if a.block_start <= port <= a.block_end), None)
-    named = None
-    if holder is not None:
-        named = next((name for name, p in holder.ports.items() if p == port), None)
     processes = [(item.pid, item.command or "") for item in listeners(port) if item.pid]
-    listening = bool(processes) or is_listening(port)
+    found = views.Why(port, holder, processes, bool(processes) or is_listening(port))
     if json_output:
-        _print_json(
-            {
-                "port": port,
-                "session_id": holder.session_id if holder else None,
-                "block_start": holder.block_start if holder else None,
-                "block_end": holder.block_end if holder else None,
-                "port_name": named,
-                "listening": listening,
-                "processes": [{"pid": pid, "command": cmd} for pid, cmd in processes],
-            }
-        )
-        return
-    if holder is None:
-        _out(f"port {port}: no active lease holds it\n")
+        _print_json(found.to_json())
     else:
-        role = f" as {named}" if named else " (unnamed port in the block)"
-        _out(
-            f"port {port}: session {holder.session_id}{role}, "
-            f"block {holder.block_start}-{holder.block_end}\n"
-        )
-    if not listening:
-        _out("  nothing listens on it now\n")
-    elif processes:
-        for pid, cmd in processes:
-            _out(f"  listening: pid {pid} {cmd}\n")
-    else:
-        _out("  something listens on it (the OS does not say which process)\n")
+        _out(found.text())
 
 
 def _import_adapter(module: str, extra: str, packages: tuple[str, ...]) -> Any:

@@ -34,7 +34,7 @@ from portalloc.errors import (
     NoPortsAvailable,
     PortallocError,
 )
-from portalloc.models import MAX_SESSION_ID_LENGTH, validate_session_id
+from portalloc.rules import MAX_SESSION_ID_LENGTH, validate_session_id
 from portalloc.service import PortAllocatorService
 
 ENV_API_KEY = "PORTALLOC_API_KEY"

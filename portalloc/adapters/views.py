@@ -1,10 +1,10 @@
-"""Human views of the ledger for a terminal of any width: the `status` table."""
+"""Human and JSON views of what `status`, `check` and `why` found, for any terminal width."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -128,3 +128,67 @@ def _table(allocations: Sequence[PortAllocation], caption: Text, width: int) -> 
             held(allocation),
         )
     return table
+
+
+def check_json(allocation: PortAllocation, listening: Mapping[str, bool]) -> dict[str, Any]:
+    return {
+        "session_id": allocation.session_id,
+        "all_listening": all(listening.values()),
+        "ports": {
+            name: {"port": allocation.ports[name], "listening": up}
+            for name, up in listening.items()
+        },
+    }
+
+
+def check_text(allocation: PortAllocation, listening: Mapping[str, bool]) -> str:
+    return "".join(
+        f"{name:<10} {allocation.ports[name]:>5}  {'listening' if up else 'closed'}\n"
+        for name, up in listening.items()
+    )
+
+
+class Why(NamedTuple):
+    """Which lease's block holds PORT, and who listens on it."""
+
+    port: int
+    holder: PortAllocation | None
+    processes: list[tuple[int, str]]  # (pid, command line)
+    listening: bool
+
+    @property
+    def port_name(self) -> str | None:
+        if self.holder is None:
+            return None
+        return next((name for name, p in self.holder.ports.items() if p == self.port), None)
+
+    def to_json(self) -> dict[str, Any]:
+        holder = self.holder
+        return {
+            "port": self.port,
+            "session_id": holder.session_id if holder else None,
+            "block_start": holder.block_start if holder else None,
+            "block_end": holder.block_end if holder else None,
+            "port_name": self.port_name,
+            "listening": self.listening,
+            "processes": [{"pid": pid, "command": cmd} for pid, cmd in self.processes],
+        }
+
+    def text(self) -> str:
+        holder = self.holder
+        if holder is None:
+            lines = [f"port {self.port}: no active lease holds it"]
+        else:
+            named = self.port_name
+            role = f" as {named}" if named else " (unnamed port in the block)"
+            lines = [
+                f"port {self.port}: session {holder.session_id}{role}, "
+                f"block {holder.block_start}-{holder.block_end}"
+            ]
+        if not self.listening:
+            lines.append("  nothing listens on it now")
+        elif self.processes:
+            lines += [f"  listening: pid {pid} {cmd}" for pid, cmd in self.processes]
+        else:
+            lines.append("  something listens on it (the OS does not say which process)")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,190 @@
+"""The project file (portalloc.toml, or [tool.portalloc] in pyproject.toml), parsed into a
+typed value: settings with the key each came from, and the profile it describes."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from portalloc.errors import ProfileError
+from portalloc.models import DEFAULT_PROFILE, Profile, template_fields
+from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable
+
+PROJECT_FILES = ("portalloc.toml", "pyproject.toml")
+SETTINGS = ("base", "range", "ttl_minutes", "max_sessions")
+
+
+class ProjectFile(NamedTuple):
+    """What a project file sets. Values are checked against their rules by the config."""
+
+    values: Mapping[str, int]  # base, range, ttl_minutes, max_sessions as written
+    sources: Mapping[str, str]  # setting -> "<path>: <key>", for error messages
+    profile: Profile | None  # None: the file names no ports, env or compose_prefix
+
+
+def find_project_file(start: Path) -> Path | None:
+    """The nearest portalloc.toml, or pyproject.toml with [tool.portalloc], walking up."""
+    for directory in (start, *start.parents):
+        try:
+            candidate = directory / "portalloc.toml"
+            if candidate.is_file():
+                return candidate
+            pyproject = directory / "pyproject.toml"
+            if pyproject.is_file() and _has_tool_table(pyproject):
+                return pyproject
+        except OSError:
+            # A directory we may not look into (another user's home, a 0700 parent)
+            # holds no profile for us; keep walking up.
+            continue
+    return None
+
+
+def _has_tool_table(pyproject: Path) -> bool:
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    # Cheap pre-check before paying for a TOML parse on the hot path.
+    return "tool.portalloc" in text
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ProfileError(path, "(file)", f"cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(path, "(file)", f"is not valid TOML: {exc}") from None
+
+
+def load_project_file(path: Path) -> ProjectFile:
+    """The settings and profile PATH sets; raise ProfileError naming the key at fault."""
+    data = _read_toml(path)
+    if path.name == "pyproject.toml":
+        tool = data.get("tool", {})
+        if not isinstance(tool, dict):
+            raise ProfileError(path, "tool", "must be a table")
+        table = tool.get("portalloc")
+        prefix = "tool.portalloc."
+        if table is None:
+            return ProjectFile({}, {}, None)
+        if not isinstance(table, dict):
+            raise ProfileError(path, "tool.portalloc", "must be a table")
+    else:
+        table = data
+        prefix = ""
+
+    values: dict[str, int] = {}
+    sources: dict[str, str] = {}
+    known = {"base", "range", "ttl_minutes", "max_sessions", "compose_prefix", "ports", "env"}
+    for key in table:
+        if key not in known:
+            raise ProfileError(
+                path, prefix + key, f"unknown key (known: {', '.join(sorted(known))})"
+            )
+    for key in SETTINGS:
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ProfileError(path, prefix + key, f"must be an integer, got {value!r}")
+            values[key] = value
+            sources[key] = f"{path}: {prefix}{key}"
+
+    ports = DEFAULT_PROFILE.ports
+    env: tuple[tuple[str, str], ...] | None = None
+    compose_prefix = DEFAULT_PROFILE.compose_prefix
+    custom = False
+
+    if "compose_prefix" in table:
+        compose_prefix = table["compose_prefix"]
+        if not isinstance(compose_prefix, str) or not COMPOSE_NAME.fullmatch(compose_prefix):
+            raise ProfileError(
+                path,
+                prefix + "compose_prefix",
+                "must be lowercase letters, digits, '-' or '_', starting with a letter or digit",
+            )
+        custom = True
+
+    if "ports" in table:
+        raw_ports = table["ports"]
+        if not isinstance(raw_ports, dict) or not raw_ports:
+            raise ProfileError(path, prefix + "ports", "must be a table of name = offset")
+        parsed: list[tuple[str, int]] = []
+        for name, offset in raw_ports.items():
+            if not isinstance(name, str) or not SHELL_NAME.fullmatch(name):
+                raise ProfileError(path, f"{prefix}ports.{name}", "must be a plain identifier")
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ProfileError(path, f"{prefix}ports.{name}", "offset must be an integer >= 0")
+            parsed.append((name, offset))
+        offsets = [offset for _, offset in parsed]
+        if len(set(offsets)) != len(offsets):
+            raise ProfileError(path, prefix + "ports", "two ports share one offset")
+        ports = tuple(parsed)
+        custom = True
+
+    profile_fields = Profile(ports=ports, env=()).allowed_fields()
+    if "env" in table:
+        raw_env = table["env"]
+        if not isinstance(raw_env, dict) or not raw_env:
+            raise ProfileError(path, prefix + "env", "must be a table of VARIABLE = template")
+        parsed_env: list[tuple[str, str]] = []
+        for variable, template in raw_env.items():
+            key = f"{prefix}env.{variable}"
+            if not SHELL_NAME.fullmatch(variable):
+                raise ProfileError(path, key, "is not a valid shell variable name")
+            if forbidden_variable(variable):
+                raise ProfileError(
+                    path,
+                    key,
+                    "changes how shells, loaders or interpreters behave; a project file "
+                    "may not set it",
+                )
+            if not isinstance(template, str):
+                raise ProfileError(path, key, "template must be a string")
+            if any(unicodedata.category(char) == "Cc" for char in template):
+                # Newlines, ESC and friends have no business in a port variable, and
+                # would reach terminals and env files raw.
+                raise ProfileError(path, key, "template must not contain control characters")
+            try:
+                names = template_fields(template)
+            except ValueError as exc:
+                raise ProfileError(path, key, str(exc)) from None
+            allowed = ", ".join("{" + f + "}" for f in sorted(profile_fields))
+            for name in names:
+                if name not in profile_fields:
+                    raise ProfileError(path, key, f"unknown field {{{name}}} (allowed: {allowed})")
+            if not names:
+                # A fixed value is no port of the lease, and a fixed command is how a
+                # hostile project file would plant one: every variable carries a field.
+                raise ProfileError(path, key, f"template must use a field ({allowed})")
+            parsed_env.append((variable, template))
+        env = tuple(parsed_env)
+        custom = True
+    elif "ports" in table:
+        env = (
+            *((f"{name.upper()}_PORT", "{" + name + "_port}") for name, _ in ports),
+            ("COMPOSE_PROJECT_NAME", "{compose_project_name}"),
+        )
+        variables = [variable for variable, _ in env]
+        if len(set(variables)) != len(variables):
+            raise ProfileError(
+                path,
+                prefix + "ports",
+                "two ports differ only in case, so they would export one variable "
+                "(rename one, or list the variables in an env table)",
+            )
+
+    profile = None
+    if custom:
+        profile = Profile(
+            ports=ports,
+            env=env if env is not None else DEFAULT_PROFILE.env,
+            compose_prefix=compose_prefix,
+            source=path,
+        )
+    return ProjectFile(values, sources, profile)
