@@ -299,10 +299,6 @@ def state_to_raw(
     }
 
 
-def state_from_document(document: object) -> LedgerState:
-    return parse_document(document).state
-
-
 class Parsed(NamedTuple):
     state: LedgerState
     known: dict[int, tuple[Lease, Any]]  # id(lease) -> the lease and its raw form

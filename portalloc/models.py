@@ -126,9 +126,6 @@ class Lease(NamedTuple):
             return "worktree"
         return "ttl"
 
-    def port_named(self, name: str) -> int | None:
-        return dict(self.ports).get(name)
-
 
 @dataclass(frozen=True)
 class PortAllocation:

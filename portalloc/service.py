@@ -264,10 +264,6 @@ class PortAllocatorService:
         """Reclaim expired and dead leases; return what was reclaimed."""
         return self._read().reclaimed
 
-    def leases(self) -> list[Lease]:
-        state = self._read().state
-        return sorted(state.leases.values(), key=lambda lease: lease.start)
-
 
 def _with_value(result: Grant) -> tuple[LedgerState, Grant]:
     return result.state, result
