@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
+
+# fish is a test requirement where CI runs (.ci/run installs it, and CI=true makes a
+# missing fish fail); elsewhere the fish tests are skipped with this reason.
+HAVE_FISH = shutil.which("fish") is not None or bool(os.environ.get("CI"))
+needs_fish = pytest.mark.skipif(
+    not HAVE_FISH, reason="fish is not installed (CI installs it; apt-get install fish)"
+)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from portalloc.adapters.views import shorten_left
-from tests.helpers import run_cli
+from tests.helpers import needs_fish, run_cli
 
 COMMANDS = ["allocate", "release", "status", "env", "get", "run", "prune", "check", "why"]
 LONG_SESSION = "/home/someone/src/projects/shop-backend-feature-with-a-long-branch-name"
@@ -137,7 +137,7 @@ def test_zsh_completion_offers_sessions(ledger_with_sessions: dict[str, str]) ->
     assert "/other" not in out.stdout
 
 
-@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+@needs_fish
 def test_fish_completion_offers_formats() -> None:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}

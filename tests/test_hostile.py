@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from portalloc.adapters.cli import app
+from tests.helpers import HAVE_FISH
 
 MARK = "/tmp/portalloc-hostile-marker"
 
@@ -140,7 +140,7 @@ def test_accepted_ids_round_trip_through_every_command(profile: Path, tmp_path: 
     script = "".join(f'eval "$(cat {p})"; printf "%s\\0" "$SESSION";' for p in sh_files)
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.split("\0")[:-1] == ACCEPTED
-    if shutil.which("fish"):
+    if HAVE_FISH:
         script = "".join(f'source {p}; printf "%s\\0" "$SESSION";' for p in fish_files)
         out = subprocess.run(["fish", "-c", script], capture_output=True, text=True, check=True)
         assert out.stdout.split("\0")[:-1] == ACCEPTED
@@ -207,7 +207,7 @@ def test_hostile_template_values_are_inert(tmp_path: Path, monkeypatch: pytest.M
         check=True,
     )
     assert out.stdout.split("\0")[:-1] == expected
-    if shutil.which("fish"):
+    if HAVE_FISH:
         fish_file = tmp_path / "env.fish"
         fish_file.write_text(invoke("env", "--format", "fish", "s").stdout)
         out = subprocess.run(

@@ -11,6 +11,7 @@ import pytest
 
 from portalloc.errors import UsageError
 from portalloc.render import render, render_dotenv
+from tests.helpers import needs_fish
 
 ENV = {
     "AGENT_COORDINATOR_DB_PORT": "10000",
@@ -63,7 +64,7 @@ def test_sh_values_are_shlex_quoted_and_inert_under_eval(value: str, tmp_path: P
     assert not Path("/tmp/portalloc-pwned").exists()
 
 
-# fish is a test requirement: .ci/run installs it.
+@needs_fish
 @pytest.mark.parametrize("value", NASTY)
 def test_fish_values_round_trip(value: str, tmp_path: Path) -> None:
     (tmp_path / "env.fish").write_text(render({"V": value}, "fish"))
