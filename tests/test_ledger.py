@@ -166,3 +166,16 @@ def test_every_error_pickles_with_its_data_and_message() -> None:
             error.exit_code,
         )
         assert copy.__dict__ == error.__dict__
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_every_ledger_version_migrates_to_the_same_state(version: int, tmp_path: Path) -> None:
+    from portalloc.ledger import LEDGER_VERSION, migrate, parse_document
+
+    fixture = Path(__file__).parent / "fixtures" / f"ledger-v{version}.json"
+    document = migrate(json.loads(fixture.read_text()))
+    assert document["version"] == LEDGER_VERSION
+    state = parse_document(document).state
+    assert list(state.leases) == ["/src/shop-a"]
+    assert state.homes == {"gone": 10100, "/src/shop-a": 10000, "old": 10200}
+    assert state.leases["/src/shop-a"].guests == ()
