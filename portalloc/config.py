@@ -6,7 +6,6 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,33 +91,34 @@ class PortAllocatorConfig:
 
     def _check_span(self, label: Callable[[str, str], str]) -> None:
         """base + range * max_sessions - 1 <= 65535, blaming a value the user set."""
-        if self.base + self.range * self.max_sessions - 1 <= MAX_PORT:
+        if self.span_end <= MAX_PORT:
             return
-        why = "so that base + range * max_sessions - 1 <= 65535"
-        min_base, min_sessions = MINIMUMS["base"], MINIMUMS["max_sessions"]
-        max_fit = (MAX_PORT - self.base + 1) // self.range
-        check_sessions = partial(
-            _check_int, label("max_sessions", ENV_MAX), self.max_sessions, min_sessions, max_fit
-        )
-        if max_fit >= 1 and ("max_sessions" in self.sources or not self.sources):
-            check_sessions(why_max=why)
-        max_base = MAX_PORT + 1 - self.range * self.max_sessions
-        if ("base" in self.sources or "range" not in self.sources) and max_base >= min_base:
-            _check_int(label("base", ENV_BASE), self.base, min_base, max_base, why_max=why)
-        min_range = self.min_range
-        max_range = (MAX_PORT + 1 - self.base) // self.max_sessions
-        if max_range >= min_range:
-            _check_int(label("range", ENV_RANGE), self.range, min_range, max_range, why_max=why)
-        if max_fit >= 1:
-            check_sessions(why_max=why)
-        # Not even one block of this range fits above base.
+        top = MAX_PORT + 1
+        # Each setting with the largest value that would fit, the others as they are.
+        limits = {
+            "max_sessions": (ENV_MAX, MINIMUMS["max_sessions"], (top - self.base) // self.range),
+            "base": (ENV_BASE, MINIMUMS["base"], top - self.range * self.max_sessions),
+            "range": (ENV_RANGE, self.min_range, (top - self.base) // self.max_sessions),
+        }
+        blamed = [key for key in limits if key in self.sources] or list(limits)
+        for key in blamed:
+            env_name, low, high = limits[key]
+            if high >= low:
+                _check_int(
+                    label(key, env_name),
+                    getattr(self, key),
+                    low,
+                    high,
+                    why_max="so that base + range * max_sessions - 1 <= 65535",
+                )
+        # No value alone can fix it: not even one block of this range fits above base.
         why = "so that one block fits below 65536"
-        if MAX_PORT + 1 - self.range >= min_base:
+        if top - self.range >= MINIMUMS["base"]:
             _check_int(
-                label("base", ENV_BASE), self.base, min_base, MAX_PORT + 1 - self.range, why_max=why
+                label("base", ENV_BASE), self.base, MINIMUMS["base"], top - self.range, why_max=why
             )
         _check_int(
-            label("range", ENV_RANGE), self.range, min_range, MAX_PORT + 1 - self.base, why_max=why
+            label("range", ENV_RANGE), self.range, self.min_range, top - self.base, why_max=why
         )
 
     @property
