@@ -1,17 +1,8 @@
 """portalloc: conflict-free blocks of TCP ports for parallel development environments."""
 
-from portalloc.config import PortAllocatorConfig
-from portalloc.errors import (
-    ConfigError,
-    InvalidSessionId,
-    LeaseNotFound,
-    LedgerError,
-    LockTimeout,
-    NoPortsAvailable,
-    PortallocError,
-)
-from portalloc.models import PortAllocation
-from portalloc.service import PortAllocatorService, get_port_allocator
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -29,3 +20,48 @@ __all__ = [
     "__version__",
     "get_port_allocator",
 ]
+
+# The public names load on first use (PEP 562): `portalloc env` imports this package
+# on every prompt and needs none of the service machinery on its read path.
+_HOMES = {
+    "PortAllocatorConfig": "portalloc.config",
+    "PortAllocation": "portalloc.models",
+    "PortAllocatorService": "portalloc.service",
+    "get_port_allocator": "portalloc.service",
+    **dict.fromkeys(
+        (
+            "ConfigError",
+            "InvalidSessionId",
+            "LeaseNotFound",
+            "LedgerError",
+            "LockTimeout",
+            "NoPortsAvailable",
+            "PortallocError",
+        ),
+        "portalloc.errors",
+    ),
+}
+
+if TYPE_CHECKING:
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.errors import (
+        ConfigError,
+        InvalidSessionId,
+        LeaseNotFound,
+        LedgerError,
+        LockTimeout,
+        NoPortsAvailable,
+        PortallocError,
+    )
+    from portalloc.models import PortAllocation
+    from portalloc.service import PortAllocatorService, get_port_allocator
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        import importlib
+
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'portalloc' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from portalloc.adapters.cli import main
+from portalloc.adapters.entry import main
 
 raise SystemExit(main())

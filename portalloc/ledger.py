@@ -299,6 +299,38 @@ def state_to_raw(
     }
 
 
+# How save() starts the file, and each lease in it: the read path finds one lease by
+# its first key without decoding the others.
+_PREFIX = f'{{"version":{LEDGER_VERSION},"leases":['
+_LEASE_START = '{"session_id":'
+
+
+def read_lease(path: Path, session_id: str) -> Lease | None:
+    """The session's lease as last written, read without the lock (the file is only ever
+    replaced whole), decoding that lease alone; None when unsure, for the locked path.
+
+    Only a file in the shape save() writes qualifies. Inside JSON strings every `"` is
+    escaped, so `{"session_id":<id>,` can start nothing but an object whose first key
+    is session_id; a file holding it twice, or in any other shape, is left to the
+    locked path, which checks the whole document.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith(_PREFIX):
+        return None
+    needle = _LEASE_START + json.dumps(session_id, ensure_ascii=False) + ","
+    start = text.find(needle)
+    if start < 0 or text.find(needle, start + 1) >= 0:
+        return None
+    try:
+        raw, _end = json.JSONDecoder().raw_decode(text, start)
+        return lease_from_raw(raw)
+    except (ValueError, RecursionError, _Malformed):
+        return None
+
+
 class Parsed(NamedTuple):
     state: LedgerState
     known: dict[int, tuple[Lease, Any]]  # id(lease) -> the lease and its raw form

@@ -18,8 +18,10 @@ from portalloc.adapters.common import (
     DEFAULT_HTTP_PORT,
     allocate_body,
     error_body,
+    lookup,
     say,
     warn,
+    warn_ephemeral_overlap,
     worktree_top,
 )
 from portalloc.config import PortAllocatorConfig
@@ -138,20 +140,8 @@ def _service() -> PortAllocatorService:
     from portalloc.service import PortAllocatorService
 
     config = PortAllocatorConfig.from_env()
-    _warn_ephemeral_overlap(config)
+    warn_ephemeral_overlap(config)
     return PortAllocatorService(config, on_warning=_warn)
-
-
-def _warn_ephemeral_overlap(config: PortAllocatorConfig) -> None:
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        return
-    if config.base <= high and low <= config.span_end:
-        _warn(
-            f"ports {config.base}-{config.span_end} overlap the kernel's ephemeral range "
-            f"{low}-{high}; outgoing connections may take them"
-        )
 
 
 def _version(value: bool) -> None:
@@ -337,19 +327,6 @@ def _write_manifest(path: Path, allocation: PortAllocation) -> None:
         raise PortallocError(f"--write {path}: {exc.strerror or exc}") from None
 
 
-def _lookup(allocation: PortAllocation, key: str) -> str:
-    if key in allocation.ports:
-        return str(allocation.ports[key])
-    if key.endswith("_port") and key[: -len("_port")] in allocation.ports:
-        return str(allocation.ports[key[: -len("_port")]])
-    if key in allocation.env:
-        return allocation.env[key]
-    if key in ("compose_project_name", "session_id"):
-        return str(getattr(allocation, key))
-    known = [*allocation.ports, *(f"{n}_port" for n in allocation.ports), *allocation.env]
-    raise UsageError(f"unknown key {key!r}; known: {', '.join(known)}, compose_project_name")
-
-
 @app.command(
     **_command(
         "[OPTIONS] SESSION KEY",
@@ -375,7 +352,7 @@ def get(
     """Print one value of SESSION's active lease (read-only)."""
     with _errors():
         allocation = _service().get(session)
-        value = _lookup(allocation, key)
+        value = lookup(allocation, key)
     _out(value + "\n")
 
 
@@ -554,7 +531,7 @@ def mcp() -> None:
     """Serve the MCP tools (allocate_ports and friends) on stdio."""
     with _errors():
         adapter = _import_adapter("portalloc.adapters.mcp", "mcp", ("mcp",))
-        _warn_ephemeral_overlap(PortAllocatorConfig.from_env())
+        warn_ephemeral_overlap(PortAllocatorConfig.from_env())
         adapter.run_stdio()
 
 
@@ -580,7 +557,7 @@ def serve(
         adapter = _import_adapter(
             "portalloc.adapters.http", "http", ("fastapi", "uvicorn", "starlette", "pydantic")
         )
-        _warn_ephemeral_overlap(PortAllocatorConfig.from_env())
+        warn_ephemeral_overlap(PortAllocatorConfig.from_env())
         adapter.serve(host=host, port=port)
 
 

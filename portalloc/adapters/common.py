@@ -15,6 +15,7 @@ from portalloc.errors import (
 )
 
 if TYPE_CHECKING:
+    from portalloc.config import PortAllocatorConfig
     from portalloc.models import PortAllocation
 
 DEFAULT_HTTP_PORT = 7878
@@ -69,3 +70,30 @@ def worktree_top(start: Path) -> Path:
         if (directory / ".git").exists():
             return directory
     return start
+
+
+def warn_ephemeral_overlap(config: PortAllocatorConfig) -> None:
+    """Warn when the configured span overlaps the kernel's ephemeral port range (Linux)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return
+    if config.base <= high and low <= config.span_end:
+        warn(
+            f"ports {config.base}-{config.span_end} overlap the kernel's ephemeral range "
+            f"{low}-{high}; outgoing connections may take them"
+        )
+
+
+def lookup(allocation: PortAllocation, key: str) -> str:
+    """The value `get SESSION KEY` prints: a port by name or field, a variable, or a name."""
+    if key in allocation.ports:
+        return str(allocation.ports[key])
+    if key.endswith("_port") and key[: -len("_port")] in allocation.ports:
+        return str(allocation.ports[key[: -len("_port")]])
+    if key in allocation.env:
+        return allocation.env[key]
+    if key in ("compose_project_name", "session_id"):
+        return str(getattr(allocation, key))
+    known = [*allocation.ports, *(f"{n}_port" for n in allocation.ports), *allocation.env]
+    raise UsageError(f"unknown key {key!r}; known: {', '.join(known)}, compose_project_name")

@@ -1,0 +1,110 @@
+"""The `portalloc` entry point: a read path at interpreter speed, the full CLI for the rest.
+
+`eval "$(portalloc env)"` runs on every `cd` under direnv, in prompt hooks and in
+recipes (`$(portalloc get S api)`). When the lease it needs exists, is live and needs
+no refresh, the answer is in the ledger as last written: it is only ever replaced
+whole, so it can be read without the lock, without Typer, pydantic or filelock. For
+anything else (another command or flag, `--help`, a lease to make, refresh or
+reclaim, any error) the full Typer CLI runs, and says what it says. A differential
+test runs a matrix of invocations through both paths and compares every byte.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+FORMATS = ("sh", "fish", "dotenv", "json")
+
+
+class Read(NamedTuple):
+    """An invocation the read path may serve."""
+
+    command: str  # "env" or "get"
+    session: str | None  # None: the current worktree (env only)
+    value: str  # env: the format; get: the key
+
+
+def parse(args: list[str]) -> Read | None:
+    """`env [SESSION] [--format F|-f F|--format=F]` or `get SESSION KEY`, else None."""
+    if not args or args[0] not in ("env", "get"):
+        return None
+    positional: list[str] = []
+    fmt = "sh"
+    rest = iter(args[1:])
+    for arg in rest:
+        if args[0] == "env" and arg in ("--format", "-f"):
+            fmt = next(rest, "")
+        elif args[0] == "env" and arg.startswith("--format="):
+            fmt = arg[len("--format=") :]
+        elif arg.startswith("-") or not arg:
+            return None  # any other option, `--`, `-h`: the full CLI
+        else:
+            positional.append(arg)
+    if args[0] == "env" and fmt in FORMATS and len(positional) <= 1:
+        return Read("env", positional[0] if positional else None, fmt)
+    if args[0] == "get" and len(positional) == 2:
+        return Read("get", positional[0], positional[1])
+    return None
+
+
+def serve(read: Read) -> str | None:
+    """What the full CLI would print for READ, if the ledger answers it without a write."""
+    from portalloc import allocator
+    from portalloc.adapters.common import lookup, warn_ephemeral_overlap, worktree_top
+    from portalloc.allocator import Request
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.host import Host
+    from portalloc.ledger import read_lease
+    from portalloc.models import LedgerState, PortAllocation
+    from portalloc.render import render
+    from portalloc.rules import validate_session_id
+
+    config = PortAllocatorConfig.from_env()
+    session, worktree = read.session, None
+    if session is None:
+        worktree = str(worktree_top(Path.cwd()))
+        session = worktree
+    validate_session_id(session)
+    lease = read_lease(config.ledger_path, session)
+    if lease is None:
+        return None
+    host = Host()
+    now = host.now()
+    state = LedgerState({session: lease})
+    kept, _gone = allocator.reclaim(state, now, host.owner_alive, host.path_exists)
+    if kept is not state:
+        return None  # to be reclaimed, or a `run` using it has died: a write
+    allocation = PortAllocation.from_lease(lease, now)
+    if read.command == "get":
+        text = lookup(allocation, read.value) + "\n"
+    else:
+        request = Request(session, config, worktree=worktree)
+        if allocator.grant(state, request, now, None).state is not state:
+            return None  # a refresh is due, or the worktree anchor is new: a write
+        text = render(allocation.env, read.value)
+    warn_ephemeral_overlap(config)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    read = parse(args)
+    if read is not None:
+        try:
+            text = serve(read)
+        except Exception:
+            text = None  # whatever it was, the full CLI reports it in its own words
+        if text is not None:
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except OSError:
+                pass  # a closed stdout: the full CLI would not do better, and says nothing
+            else:
+                return 0
+    from portalloc.adapters.cli import main as full
+
+    return full(args)

@@ -1,0 +1,193 @@
+"""The read path (`env`/`get` served from the ledger without Typer or the lock) against the
+full CLI: for every invocation and ledger below, stdout, stderr and exit code are equal."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from portalloc.adapters import cli, entry
+from portalloc.models import isoformat
+
+SESSIONS = ["s", "/home/me/my worktree", "=ls", "ünï 🚀", 'it\'s "q" $(x)']
+
+
+def lease(session_id: str, start: int, **changes: object) -> dict[str, object]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    raw: dict[str, object] = {
+        "session_id": session_id,
+        "start": start,
+        "span": 100,
+        "ports": {"db": start, "rest": start + 1, "realtime": start + 2, "api": start + 3},
+        "env": {
+            "AGENT_COORDINATOR_DB_PORT": str(start),
+            "AGENT_COORDINATOR_REST_PORT": str(start + 1),
+            "AGENT_COORDINATOR_REALTIME_PORT": str(start + 2),
+            "API_PORT": str(start + 3),
+            "COMPOSE_PROJECT_NAME": "ac-0123abcd",
+            "SUPABASE_URL": f"http://localhost:{start + 1}",
+        },
+        "compose_project_name": "ac-0123abcd",
+        "created_at": isoformat(now),
+        "expires_at": isoformat(now + timedelta(minutes=120)),
+        "ttl_minutes": 120,
+        "owner": None,
+        "worktree": None,
+        "guests": [],
+    }
+    raw.update(changes)
+    return raw
+
+
+def save(state_dir: Path, *leases: dict[str, object]) -> None:
+    """The ledger exactly as portalloc's save() writes it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    document = {
+        "version": 2,
+        "leases": list(leases),
+        "homes": {str(x["session_id"]): x["start"] for x in leases},
+        "files": {},
+    }
+    payload = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    (state_dir / "leases.json").write_text(payload, encoding="utf-8")
+
+
+def run(main: Callable[[list[str]], int], args: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def both(state_dir: Path, args: list[str]) -> tuple[tuple[int, str, str], tuple[int, str, str]]:
+    """ARGS through the read path and through the full CLI, each on its own copy."""
+    original = state_dir.with_name("original")
+    shutil.copytree(state_dir, original)
+    fast = run(entry.main, args)
+    shutil.rmtree(state_dir)
+    shutil.copytree(original, state_dir)
+    full = run(cli.main, args)
+    shutil.rmtree(original)
+    return fast, full
+
+
+def ledgers(worktree: Path) -> dict[str, list[dict[str, object]]]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    return {
+        "empty": [],
+        "fresh": [lease(s, 10000 + 100 * i) for i, s in enumerate(SESSIONS)],
+        "refresh-due": [lease("s", 10000, expires_at=isoformat(now + timedelta(minutes=30)))],
+        "expired": [lease("s", 10000, expires_at=isoformat(now - timedelta(minutes=1)))],
+        "worktree": [lease(str(worktree), 10000, worktree=str(worktree))],
+        "worktree-unanchored": [lease(str(worktree), 10000)],
+        "dead-owner": [lease("s", 10000, owner={"pid": 4194000, "started": 1.0})],
+        "live-owner": [
+            lease("s", 10000, owner={"pid": os.getpid(), "started": _started(os.getpid())})
+        ],
+        "dead-guest": [lease("s", 10000, guests=[{"pid": 4194000, "started": 1.0}])],
+        "dotenv-unwritable": [lease("s", 10000, env={"X": "${HOME}"})],
+        "other-ttl": [lease("s", 10000, ttl_minutes=30)],
+    }
+
+
+def _started(pid: int) -> float:
+    import psutil
+
+    return float(psutil.Process(pid).create_time())
+
+
+INVOCATIONS = [
+    *(["env", s] for s in SESSIONS),
+    *(["env", "s", "--format", f] for f in ("sh", "fish", "dotenv", "json")),
+    ["env", "s", "-f", "fish"],
+    ["env", "--format=json", "s"],
+    ["env"],
+    ["env", "--format", "fish"],
+    ["env", "s", "--format", "xml"],
+    ["get", "s", "api"],
+    ["get", "s", "api_port"],
+    ["get", "s", "API_PORT"],
+    ["get", "s", "compose_project_name"],
+    ["get", "s", "session_id"],
+    ["get", "s", "nope"],
+    ["get", "=ls", "rest"],
+    ["get", "missing", "api"],
+]
+
+
+@pytest.mark.parametrize("name", list(ledgers(Path("/x"))))
+def test_read_path_and_full_cli_print_the_same(
+    name: str, state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worktree = tmp_path / "wt"
+    worktree.mkdir()
+    (worktree / ".git").mkdir()
+    monkeypatch.chdir(worktree)
+    monkeypatch.setenv("PORTALLOC_SKIP_PORT_CHECK", "1")
+    served: list[list[str]] = []
+    serve = entry.serve
+
+    def counting(read: entry.Read) -> str | None:
+        text = serve(read)
+        if text is not None:
+            served.append([read.command, str(read.session)])
+        return text
+
+    monkeypatch.setattr(entry, "serve", counting)
+    for args in INVOCATIONS:
+        save(state_dir, *ledgers(worktree)[name])
+        fast, full = both(state_dir, args)
+        assert fast == full, (name, args)
+    # The read path really served where it can: a live lease that needs no write.
+    if name in ("fresh", "live-owner"):
+        assert ["env", "s"] in served and ["get", "s"] in served
+    if name == "worktree":
+        assert ["env", "None"] in served
+    if name in ("empty", "refresh-due", "expired", "dead-owner", "dead-guest"):
+        assert not [call for call in served if call[0] == "env"]
+
+
+def test_read_path_serves_without_typer_and_without_the_lock(state_dir: Path) -> None:
+    save(state_dir, lease("s", 10000))
+    code = (
+        "import sys; from portalloc.adapters.entry import main; rc = main(['get', 's', 'api']);"
+        "print(sorted(m for m in ('typer', 'filelock', 'pydantic', 'rich') if m in sys.modules),"
+        " file=sys.stderr); raise SystemExit(rc)"
+    )
+    # The lock file held by someone else does not matter to a read that needs no write.
+    lock = state_dir / "leases.json.lock"
+    holder = subprocess.Popen(
+        ["flock", str(lock), "sleep", "30"] if shutil.which("flock") else ["sleep", "0"]
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=False
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out.returncode, out.stdout, out.stderr) == (0, "10003\n", "[]\n")
+
+
+def test_a_ledger_not_in_saves_shape_goes_the_locked_way(state_dir: Path) -> None:
+    from portalloc.ledger import read_lease
+
+    save(state_dir, lease("s", 10000))
+    path = state_dir / "leases.json"
+    assert read_lease(path, "s") is not None
+    document = json.loads(path.read_text())
+    path.write_text(json.dumps(document, indent=2))  # valid, but not as save() writes it
+    assert read_lease(path, "s") is None
+    twice = {**document, "leases": [lease("s", 10000), lease("s", 10100)]}
+    path.write_text(json.dumps(twice, separators=(",", ":")))
+    assert read_lease(path, "s") is None
