@@ -6,7 +6,7 @@ import json
 import os
 import stat
 import time
-import unicodedata
+from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -22,6 +22,7 @@ from portalloc.rules import (
     MAX_TTL_MINUTES,
     SHELL_NAME,
     forbidden_variable,
+    has_unprintable,
     validate_session_id,
 )
 
@@ -32,7 +33,7 @@ LEDGER_VERSION = 2
 # Short: under contention filelock's default 50 ms poll is mostly idle waiting.
 LOCK_POLL_SECONDS = 0.002
 # ... and then back off, with jitter, up to this.
-LOCK_POLL_CAP_SECONDS = 0.016
+LOCK_POLL_CAP_SECONDS = 0.1
 
 
 class RawOwner(TypedDict):
@@ -218,10 +219,9 @@ def lease_from_raw(raw: object) -> Lease:
     return lease
 
 
-def _has_control(text: str) -> bool:
-    # Cc: control characters; Cs: lone surrogates (what undecodable bytes become),
-    # which no UTF-8 write can carry: one would make every later save fail.
-    return any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
+# Cc: control characters; Cs: lone surrogates (what undecodable bytes become), which no
+# UTF-8 write can carry: one would make every later save fail.
+_has_control = has_unprintable
 
 
 def _check_rules(lease: Lease) -> None:
@@ -331,6 +331,27 @@ def read_lease(path: Path, session_id: str) -> Lease | None:
         return None
 
 
+class _Spans:
+    """Leases kept so far, by start: an overlap check in O(log n) per lease."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._leases: list[Lease] = []
+
+    def overlapping(self, lease: Lease) -> Lease | None:
+        index = bisect_right(self._starts, lease.end)
+        # Spans kept never overlap each other: only the last one starting at or
+        # before this lease's end can reach into it.
+        if index and self._leases[index - 1].end >= lease.start:
+            return self._leases[index - 1]
+        return None
+
+    def add(self, lease: Lease) -> None:
+        index = bisect_right(self._starts, lease.start)
+        self._starts.insert(index, lease.start)
+        self._leases.insert(index, lease)
+
+
 class Parsed(NamedTuple):
     state: LedgerState
     known: dict[int, tuple[Lease, Any]]  # id(lease) -> the lease and its raw form
@@ -348,6 +369,7 @@ def parse_document(document: object) -> Parsed:
     leases: dict[str, Lease] = {}
     known: dict[int, tuple[Lease, Any]] = {}
     dropped: list[str] = []
+    spans = _Spans()
     for raw in raw_leases:
         try:
             lease = lease_from_raw(raw)
@@ -357,13 +379,12 @@ def parse_document(document: object) -> Parsed:
         if lease.session_id in leases:
             dropped.append(f"session {lease.session_id!r} appears twice")
             continue
-        clash = next(
-            (other for other in leases.values() if other.overlaps(lease.start, lease.end)), None
-        )
+        clash = spans.overlapping(lease)
         if clash is not None:
             # The first one in the file keeps the block; nothing else can be decided.
             dropped.append(f"lease {lease.session_id!r} overlaps {clash.session_id!r}")
             continue
+        spans.add(lease)
         leases[lease.session_id] = lease
         known[id(lease)] = (lease, raw)
     if not _all_typed(raw_homes, int):

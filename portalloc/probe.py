@@ -26,6 +26,11 @@ def _has_ipv6() -> bool:
     return True
 
 
+def prepare() -> None:
+    """Import the socket module and learn whether the host has IPv6, before the lock."""
+    _has_ipv6()
+
+
 def _addresses() -> list[tuple[int, str]]:
     import socket
 

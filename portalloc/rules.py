@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import cache
 
 from portalloc.errors import InvalidSessionId
 
@@ -79,6 +80,12 @@ FORBIDDEN_PREFIXES = (
 COMPOSE_ALLOWED = frozenset({"COMPOSE_PROJECT_NAME"})
 
 
+# Unicode category Cc (control characters) and Cs (lone surrogates), searched in C:
+# the ledger checks every string of every lease it loads.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+@cache
 def forbidden_variable(name: str) -> bool:
     """Whether NAME changes how a shell, loader, interpreter or tool behaves."""
     upper = name.upper()
@@ -103,14 +110,19 @@ def validate_session_id(session_id: object) -> str:
         )
     if session_id.isspace():
         raise InvalidSessionId("must not be only whitespace")
-    for index, char in enumerate(session_id):
-        category = unicodedata.category(char)
-        if category == "Cc":
-            raise InvalidSessionId(
-                f"control character U+{ord(char):04X} at position {index} is not allowed"
-            )
-        if category == "Cs":
+    bad = UNPRINTABLE.search(session_id)
+    if bad is not None:
+        char, index = bad.group(), bad.start()
+        if unicodedata.category(char) == "Cs":
             # A lone surrogate is what undecodable bytes in argv become; it cannot be
             # written back out as UTF-8, so it could never round-trip.
             raise InvalidSessionId(f"position {index} is not valid UTF-8")
+        raise InvalidSessionId(
+            f"control character U+{ord(char):04X} at position {index} is not allowed"
+        )
     return session_id
+
+
+def has_unprintable(text: str) -> bool:
+    """Whether TEXT holds a control character or a lone surrogate."""
+    return UNPRINTABLE.search(text) is not None

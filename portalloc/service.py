@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from portalloc import allocator, outputs
+from portalloc import allocator, outputs, probe
 from portalloc.allocator import Grant, PortCheck, Reclaimed, Request
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import LeaseNotFound, UsageError
@@ -175,6 +175,13 @@ class PortAllocatorService:
 
     def _grant(self, request: Request) -> Held:
         check = None if request.config.skip_port_check else self._port_check(request)
+        # Import and probe-set-up now, not under the lock: with 200 processes starting at
+        # once the holder gets a sliver of the CPU, and every millisecond inside the
+        # lock is multiplied by the number of runnable processes.
+        import hashlib  # noqa: F401  (compose_project_name, for a new lease)
+
+        if check is not None:
+            probe.prepare()
         outcome = self._transact(
             lambda state, now: _with_value(allocator.grant(state, request, now, check))
         )

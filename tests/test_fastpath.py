@@ -191,3 +191,56 @@ def test_a_ledger_not_in_saves_shape_goes_the_locked_way(state_dir: Path) -> Non
     twice = {**document, "leases": [lease("s", 10000), lease("s", 10100)]}
     path.write_text(json.dumps(twice, separators=(",", ":")))
     assert read_lease(path, "s") is None
+
+
+ALLOCATE = [
+    ["allocate", "s"],
+    ["allocate", "s", "--json"],
+    ["allocate", "--json", "new"],
+    ["allocate", "new"],
+    ["allocate", "bad\tid"],
+    ["allocate", "bad\tid", "--json"],
+    ["allocate", "=ls", "--json"],
+]
+
+
+def _timeless(text: str) -> str:
+    """Timestamps and minutes left differ by the second between two runs."""
+    import re
+
+    text = re.sub(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\dZ?", "<time>", text)
+    return re.sub(
+        r"\d+(\.\d+)? min", "<n> min", re.sub(r'"ttl_remaining_minutes": [\d.]+', "", text)
+    )
+
+
+@pytest.mark.parametrize("name", ["empty", "fresh", "refresh-due", "expired", "dead-owner"])
+def test_lean_allocate_and_full_cli_agree_and_write_the_same(
+    name: str, state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PORTALLOC_SKIP_PORT_CHECK", "1")
+    for args in ALLOCATE:
+        save(state_dir, *ledgers(tmp_path)[name])
+        original = state_dir.with_name("original")
+        shutil.copytree(state_dir, original)
+        fast = run(entry.main, args)
+        fast_ledger = _timeless((state_dir / "leases.json").read_text())
+        shutil.rmtree(state_dir)
+        shutil.copytree(original, state_dir)
+        full = run(cli.main, args)
+        full_ledger = _timeless((state_dir / "leases.json").read_text())
+        shutil.rmtree(original)
+        assert (fast[0], _timeless(fast[1]), fast[2]) == (full[0], _timeless(full[1]), full[2])
+        assert fast_ledger == full_ledger, (name, args)
+
+
+def test_full_ledger_error_is_the_same_one_line(state_dir: Path) -> None:
+    save(state_dir, lease("s", 10000))
+    env = {"PORT_ALLOC_MAX_SESSIONS": "1", "PORTALLOC_SKIP_PORT_CHECK": "1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        fast = run(entry.main, ["allocate", "other", "--json"])
+        full = run(cli.main, ["allocate", "other", "--json"])
+    assert fast == full
+    assert fast[0] == 3 and json.loads(fast[1]) == {"success": False, "error": "no_ports_available"}

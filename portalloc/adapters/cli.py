@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -18,8 +17,11 @@ from portalloc.adapters.common import (
     DEFAULT_HTTP_PORT,
     allocate_body,
     error_body,
+    json_text,
     lookup,
     say,
+    summary,
+    unexpected,
     warn,
     warn_ephemeral_overlap,
     worktree_top,
@@ -121,7 +123,7 @@ def _out(text: str) -> None:
 
 
 def _print_json(data: Any) -> None:
-    _out(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    _out(json_text(data))
 
 
 @contextmanager
@@ -160,17 +162,6 @@ def _root(
     """Hand out conflict-free port blocks; leases live in one locked JSON ledger."""
 
 
-def _summary(allocation: PortAllocation) -> str:
-    ports = "  ".join(f"{name}={port}" for name, port in allocation.ports.items())
-    return (
-        f"{allocation.session_id}\n"
-        f"  ports    {ports}\n"
-        f"  compose  {allocation.compose_project_name}\n"
-        f"  expires  {allocation.expires_at:%Y-%m-%d %H:%M:%S}Z "
-        f"({allocation.ttl_remaining_minutes:g} min)\n"
-    )
-
-
 @app.command(
     **_command(
         "[OPTIONS] SESSION",
@@ -193,7 +184,7 @@ def allocate(
     if json_output:
         _print_json(allocate_body(allocation))
     else:
-        _out(_summary(allocation))
+        _out(summary(allocation))
 
 
 @app.command(
@@ -598,25 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.filename:
-            # An OS error no command turned into a message of its own: still one line.
-            _err(f"{exc.filename}: {reason}")
-            return 1
-        # Stdout going away (`| head`, a full disk): one line, not a traceback, and
-        # no second complaint when Python flushes stdout on its way out.
-        _silence_stdout()
-        if not isinstance(exc, BrokenPipeError):
-            _err(f"cannot write (standard output): {reason}")
-        return 1
     except Exception as exc:
-        from portalloc.adapters import guard
-
-        if guard.debugging():
-            raise
-        _err(guard.report(exc))
-        return 1
+        return unexpected(exc)
     return code if isinstance(code, int) else 0
 
 
@@ -629,11 +603,3 @@ def _usage_error(exc: typer.TyperException) -> int:
         _err(f"{message} (see '{where} --help')")
     code = getattr(exc, "exit_code", 2)
     return code if isinstance(code, int) else 2
-
-
-def _silence_stdout() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass

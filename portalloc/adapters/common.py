@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,3 +99,49 @@ def lookup(allocation: PortAllocation, key: str) -> str:
         return str(getattr(allocation, key))
     known = [*allocation.ports, *(f"{n}_port" for n in allocation.ports), *allocation.env]
     raise UsageError(f"unknown key {key!r}; known: {', '.join(known)}, compose_project_name")
+
+
+def json_text(data: Any) -> str:
+    """JSON as every command prints it: indented, non-ASCII kept, one trailing newline."""
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def summary(allocation: PortAllocation) -> str:
+    """`allocate` without --json."""
+    ports = "  ".join(f"{name}={port}" for name, port in allocation.ports.items())
+    return (
+        f"{allocation.session_id}\n"
+        f"  ports    {ports}\n"
+        f"  compose  {allocation.compose_project_name}\n"
+        f"  expires  {allocation.expires_at:%Y-%m-%d %H:%M:%S}Z "
+        f"({allocation.ttl_remaining_minutes:g} min)\n"
+    )
+
+
+def unexpected(exc: Exception) -> int:
+    """An exception no command turned into a message of its own: one line, exit 1."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        if exc.filename:
+            say(f"{exc.filename}: {reason}")
+            return 1
+        # Stdout going away (`| head`, a full disk): one line, not a traceback, and
+        # no second complaint when Python flushes stdout on its way out.
+        _silence_stdout()
+        if not isinstance(exc, BrokenPipeError):
+            say(f"cannot write (standard output): {reason}")
+        return 1
+    from portalloc.adapters import guard
+
+    if guard.debugging():
+        raise exc
+    say(guard.report(exc))
+    return 1
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

@@ -27,7 +27,13 @@ class Read(NamedTuple):
 
 
 def parse(args: list[str]) -> Read | None:
-    """`env [SESSION] [--format F|-f F|--format=F]` or `get SESSION KEY`, else None."""
+    """`env [SESSION] [--format F|-f F|--format=F]`, `get SESSION KEY` or
+    `allocate SESSION [--json]`, else None."""
+    if args[:1] == ["allocate"]:
+        plain = [arg for arg in args[1:] if arg != "--json"]
+        if len(plain) == 1 and plain[0] and not plain[0].startswith("-"):
+            return Read("allocate", plain[0], "json" if "--json" in args else "text")
+        return None
     if not args or args[0] not in ("env", "get"):
         return None
     positional: list[str] = []
@@ -88,10 +94,50 @@ def serve(read: Read) -> str | None:
     return text
 
 
+def allocate(session: str, json_output: bool) -> int:
+    """`allocate SESSION [--json]` without Typer: the same service call, the same output,
+    the same one-line errors. With 200 processes starting at once, what each one does
+    not import is CPU the lock holder gets instead."""
+    from portalloc.adapters.common import (
+        allocate_body,
+        error_body,
+        json_text,
+        say,
+        summary,
+        unexpected,
+        warn,
+        warn_ephemeral_overlap,
+    )
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.errors import PortallocError
+    from portalloc.service import PortAllocatorService
+
+    try:
+        try:
+            config = PortAllocatorConfig.from_env()
+            warn_ephemeral_overlap(config)
+            allocation = PortAllocatorService(config, on_warning=warn).allocate(session)
+        except PortallocError as exc:
+            if json_output:
+                sys.stdout.write(json_text(error_body(exc)))
+                sys.stdout.flush()
+            say(exc.message)
+            return exc.exit_code
+        sys.stdout.write(
+            json_text(allocate_body(allocation)) if json_output else summary(allocation)
+        )
+        sys.stdout.flush()
+    except Exception as exc:
+        return unexpected(exc)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
     read = parse(args)
+    if read is not None and read.command == "allocate" and read.session is not None:
+        return allocate(read.session, read.value == "json")
     if read is not None:
         try:
             text = serve(read)
