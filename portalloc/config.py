@@ -84,9 +84,16 @@ class PortAllocatorConfig:
             label("max_sessions", ENV_MAX), self.max_sessions, MINIMUMS["max_sessions"], None
         )
         self._check_span(label)
-        if not (self.lock_timeout > 0 and math.isfinite(self.lock_timeout)):
+        timeout = self.lock_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise ConfigError(
-                label("lock_timeout", ENV_LOCK_TIMEOUT), self.lock_timeout, "must be a number > 0"
+                label("lock_timeout", ENV_LOCK_TIMEOUT), timeout, "must be a number > 0"
+            )
+        if not (timeout > 0 and math.isfinite(timeout)):
+            # As written: 0 and -1, not 0.0 and -1.0.
+            shown = f"{timeout:g}" if isinstance(timeout, float) else timeout
+            raise ConfigError(
+                label("lock_timeout", ENV_LOCK_TIMEOUT), shown, "must be a number > 0"
             )
 
     def _check_span(self, label: Callable[[str, str], str]) -> None:
@@ -183,13 +190,12 @@ class PortAllocatorConfig:
 
         raw_timeout = env.get(ENV_LOCK_TIMEOUT)
         if raw_timeout is not None:
+            # Only parsed here; the value is checked with every other in __post_init__.
             try:
-                timeout = float(raw_timeout)
+                values["lock_timeout"] = float(raw_timeout)
             except ValueError:
-                timeout = math.nan
-            if not (timeout > 0 and math.isfinite(timeout)):
-                raise ConfigError(ENV_LOCK_TIMEOUT, raw_timeout, "must be a number > 0")
-            values["lock_timeout"] = timeout
+                raise ConfigError(ENV_LOCK_TIMEOUT, raw_timeout, "must be a number > 0") from None
+            sources["lock_timeout"] = ENV_LOCK_TIMEOUT
 
         raw_skip = env.get(ENV_SKIP_PORT_CHECK)
         if raw_skip is not None:
