@@ -29,7 +29,6 @@ from common import filesystem_type  # bench/common.py; bench/ is on sys.path whe
 from portalloc.config import PortAllocatorConfig
 from portalloc.service import PortAllocatorService
 
-TARGET_OPS_PER_SECOND = 500
 STARTUP_SECONDS = 30
 # A few sessions in turn: each allocate re-grants its sticky block, as agents do all day.
 SESSIONS = 8
@@ -144,20 +143,17 @@ def run(rounds: int, warmup: int, state_dir: Path) -> dict[str, Any]:
         },
         "ledger_dir": str(state_dir),
         "filesystem": filesystem_type(state_dir),
-        "target_ops_per_second": TARGET_OPS_PER_SECOND,
         "cpus": os.cpu_count(),
     }
 
 
 def report(result: dict[str, Any]) -> str:
     pair, request = result["round_trip_ms"], result["request_ms"]
-    verdict = "meets" if result["ops_per_second"] >= TARGET_OPS_PER_SECOND else "MISSES"
     lines = [
         f"portalloc HTTP: {result['rounds']} allocate+release round trips in "
         f"{result['seconds']:.2f}s over one keep-alive connection ({result['cpus']} CPUs)",
         f"  throughput  {result['ops_per_second']:.0f} round trips/s "
-        f"({result['requests_per_second']:.0f} requests/s); "
-        f"{verdict} the {TARGET_OPS_PER_SECOND}/s target",
+        f"({result['requests_per_second']:.0f} requests/s); a regression figure, no target",
         f"  round trip  p50 {pair['p50']:.2f} ms  p99 {pair['p99']:.2f} ms  "
         f"mean {pair['mean']:.2f} ms",
         f"  request     p50 {request['p50']:.2f} ms  p99 {request['p99']:.2f} ms",
