@@ -60,6 +60,9 @@ class Profile(NamedTuple):
     env: tuple[tuple[str, str], ...]
     compose_prefix: str = "ac"
     source: Path | None = None
+    # Files `portalloc env` keeps current for a worktree, relative to its top.
+    env_file: str | None = None
+    manifest: str | None = None
 
     @property
     def span_needed(self) -> int:

@@ -1,14 +1,16 @@
-"""Files portalloc writes for users (the manifest), refused where writing would be unsafe."""
+"""Files portalloc writes for users (the manifest, the managed .env block), refused where
+writing would be unsafe, and left untouched when nothing in them would change."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from portalloc.errors import UsageError
+from portalloc.errors import PortallocError, UsageError
 from portalloc.ledger import atomic_write
 
 if TYPE_CHECKING:
@@ -16,6 +18,9 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = ".worktree-ports.json"
 MANIFEST = "manifest"
+ENV_FILE = "env_file"
+BLOCK_BEGIN = "# >>> portalloc >>>"
+BLOCK_END = "# <<< portalloc <<<"
 
 
 def manifest_path(target: Path) -> Path:
@@ -55,6 +60,70 @@ def write_manifest(path: Path, allocation: PortAllocation) -> None:
     atomic_write(path, data, mode=0o644)
 
 
+def merge_block(existing: str | None, block: str) -> str:
+    """EXISTING with its managed block replaced by BLOCK (lines, each ending in a newline),
+    or BLOCK appended, every byte outside the block kept as it was."""
+    managed = f"{BLOCK_BEGIN}\n{block}{BLOCK_END}\n"
+    if not existing:
+        return managed
+    lines = existing.splitlines(keepends=True)
+    begin = next((i for i, line in enumerate(lines) if line.rstrip("\r\n") == BLOCK_BEGIN), None)
+    if begin is not None:
+        end = next(
+            (i for i in range(begin + 1, len(lines)) if lines[i].rstrip("\r\n") == BLOCK_END),
+            None,
+        )
+        if end is not None:
+            return "".join(lines[:begin]) + managed + "".join(lines[end + 1 :])
+    separator = "" if existing.endswith("\n") else "\n"
+    return existing + separator + managed
+
+
+def keys_outside(text: str) -> set[str]:
+    """Variables a dotenv file sets outside portalloc's managed block."""
+    keys: set[str] = set()
+    inside = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line == BLOCK_BEGIN:
+            inside = True
+        elif line == BLOCK_END:
+            inside = False
+        elif not inside and line and not line.startswith("#") and "=" in line:
+            name = line.split("=", 1)[0].strip()
+            keys.add(name.removeprefix("export ").strip())
+    return keys
+
+
+def write_env_file(path: Path, env: dict[str, str], warn: Callable[[str], None]) -> bool:
+    """Merge the dotenv block for ENV into PATH; True if the file was written.
+
+    A repeat with the same values leaves the file byte-identical and untouched (its
+    mtime too), so tools watching it (docker compose, Vite, direnv) see no change.
+    """
+    from portalloc.render import render_dotenv
+
+    try:
+        # Bytes, decoded without newline translation: a CRLF line stays CRLF.
+        existing: str | None = path.read_bytes().decode("utf-8")
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        existing, mode = None, 0o644
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text; refusing to rewrite it") from None
+    clash = sorted(keys_outside(existing or "") & set(env))
+    if clash:
+        warn(
+            f"{path} also sets {', '.join(clash)} outside portalloc's block; "
+            "whichever a tool reads last wins"
+        )
+    merged = merge_block(existing, render_dotenv(env))
+    if merged == existing:
+        return False
+    atomic_write(path, merged.encode("utf-8"), mode=mode)
+    return True
+
+
 def refresh(kind: str, path: str, allocation: PortAllocation) -> bool:
     """Rewrite a file recorded for the allocation's session after its ports moved.
 
@@ -62,14 +131,19 @@ def refresh(kind: str, path: str, allocation: PortAllocation) -> bool:
     dir: only a regular file of ours that already is this session's file is touched.
     """
     target = Path(path)
-    if kind != MANIFEST or not target.is_absolute():
+    if kind not in (MANIFEST, ENV_FILE) or not target.is_absolute():
         return False
     try:
         info = target.lstat()
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
             return False
+        if kind == ENV_FILE:
+            # Only a file that already holds portalloc's block is portalloc's to rewrite.
+            if BLOCK_BEGIN not in target.read_bytes().decode("utf-8"):
+                return False
+            return write_env_file(target, allocation.env, lambda _message: None) or True
         current = json.loads(target.read_bytes())
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError, RecursionError, PortallocError):
         return False
     if type(current) is not dict or current.get("session_id") != allocation.session_id:
         return False

@@ -10,10 +10,21 @@ from typing import Any, NamedTuple
 
 from portalloc.errors import ProfileError
 from portalloc.models import DEFAULT_PROFILE, Profile, template_fields
-from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable
+from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable, has_unprintable
 
 PROJECT_FILES = ("portalloc.toml", "pyproject.toml")
 SETTINGS = ("base", "range", "ttl_minutes", "max_sessions")
+FILE_KEYS = ("env_file", "manifest")
+
+
+def _relative_file(path: Path, key: str, value: object) -> str:
+    """A file inside the worktree, named relative to its top: `.env`, `config/ports.json`."""
+    if not isinstance(value, str) or not value or has_unprintable(value):
+        raise ProfileError(path, key, "must be a file name relative to the worktree top")
+    parts = value.replace("\\", "/").split("/")
+    if value.startswith(("/", "~")) or ".." in parts or Path(value).is_absolute():
+        raise ProfileError(path, key, "must stay inside the worktree (relative, no '..')")
+    return value
 
 
 class ProjectFile(NamedTuple):
@@ -81,7 +92,17 @@ def load_project_file(path: Path) -> ProjectFile:
 
     values: dict[str, int] = {}
     sources: dict[str, str] = {}
-    known = {"base", "range", "ttl_minutes", "max_sessions", "compose_prefix", "ports", "env"}
+    known = {
+        "base",
+        "range",
+        "ttl_minutes",
+        "max_sessions",
+        "compose_prefix",
+        "ports",
+        "env",
+        "env_file",
+        "manifest",
+    }
     for key in table:
         if key not in known:
             raise ProfileError(
@@ -180,11 +201,16 @@ def load_project_file(path: Path) -> ProjectFile:
             )
 
     profile = None
-    if custom:
+    files = {
+        key: _relative_file(path, prefix + key, table[key]) for key in FILE_KEYS if key in table
+    }
+    if custom or files:
         profile = Profile(
             ports=ports,
             env=env if env is not None else DEFAULT_PROFILE.env,
             compose_prefix=compose_prefix,
             source=path,
+            env_file=files.get("env_file"),
+            manifest=files.get("manifest"),
         )
     return ProjectFile(values, sources, profile)

@@ -125,10 +125,19 @@ class PortAllocatorService:
         pid: int | None = None,
         worktree: str | Path | None = None,
         manifest: str | Path | None = None,
+        env_file: str | Path | None = None,
     ) -> PortAllocation:
-        """Return the session's lease with its TTL refreshed, or grant a new block."""
+        """Return the session's lease with its TTL refreshed, or grant a new block.
+
+        MANIFEST and ENV_FILE are recorded for the session: when its ports move they
+        are rewritten with the new ones.
+        """
         validate_session_id(session_id)
-        files = () if manifest is None else ((outputs.MANIFEST, str(Path(manifest).absolute())),)
+        files = tuple(
+            (kind, str(Path(path).absolute()))
+            for kind, path in ((outputs.MANIFEST, manifest), (outputs.ENV_FILE, env_file))
+            if path is not None
+        )
         request = Request(
             session_id=session_id,
             config=self.config.with_ttl(ttl_minutes),

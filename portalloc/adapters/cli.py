@@ -271,6 +271,14 @@ def env(
             metavar="FILE",
         ),
     ] = None,
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--env-file",
+            help="Also keep the variables in a managed block of this dotenv file.",
+            metavar="FILE",
+        ),
+    ] = None,
     json_output: Annotated[
         bool,
         typer.Option("--json", help="--format json, and failures as a JSON body on stdout."),
@@ -294,18 +302,31 @@ def env(
         if session is None:
             session = str(tree)
         service = _service()
-        manifest: Path | None = None
-        if write is not None:
-            from portalloc import outputs
+        from portalloc import outputs
 
-            manifest = outputs.manifest_path(write)
-            outputs.check_writable(manifest, "--write", service.config.state_dir)
+        profile = service.config.profile
+        # The profile's files are kept current for a worktree's own lease only.
+        if write is None and tree is not None and profile.manifest:
+            write = tree / profile.manifest
+        if env_file is None and tree is not None and profile.env_file:
+            env_file = tree / profile.env_file
+        manifest = None if write is None else outputs.manifest_path(write)
+        dotenv = None if env_file is None else env_file.absolute()
+        state_dir = service.config.state_dir
+        for path, option in ((manifest, "--write"), (dotenv, "--env-file")):
+            if path is not None:
+                outputs.check_writable(path, option, state_dir)
         allocation = service.allocate(
-            session, ttl_minutes=ttl, pid=pid, worktree=tree, manifest=manifest
+            session, ttl_minutes=ttl, pid=pid, worktree=tree, manifest=manifest, env_file=dotenv
         )
         text = render(allocation.env, fmt)
         if manifest is not None:
             _write_manifest(manifest, allocation)
+        if dotenv is not None:
+            try:
+                outputs.write_env_file(dotenv, allocation.env, _warn)
+            except OSError as exc:
+                raise PortallocError(f"--env-file {dotenv}: {exc.strerror or exc}") from None
     _out(text)
 
 
@@ -428,6 +449,7 @@ def _session_or_worktree(session: str | None) -> str:
         "[OPTIONS] [SESSION]",
         """
   docker compose up -d && portalloc check --wait 60
+  portalloc check --port db --port rest --wait 30
   portalloc check worktree-1 --json
 """,
     )
@@ -440,15 +462,29 @@ def check(
             "--wait", help="Wait up to SECONDS until every port listens.", min=0, metavar="SECONDS"
         ),
     ] = None,
+    port_names: Annotated[
+        list[str] | None,
+        typer.Option("--port", help="Only this named port (repeatable).", metavar="NAME"),
+    ] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Show which of the session's ports listen now, or wait for them."""
     import time
+    from dataclasses import replace
 
     from portalloc.probe import is_listening
 
     with _errors(json_output):
         allocation = _service().get(_session_or_worktree(session))
+        if port_names:
+            unknown = [name for name in port_names if name not in allocation.ports]
+            if unknown:
+                raise UsageError(
+                    f"no port named {', '.join(map(repr, unknown))}; "
+                    f"known: {', '.join(allocation.ports)}"
+                )
+            chosen = {name: allocation.ports[name] for name in dict.fromkeys(port_names)}
+            allocation = replace(allocation, ports=chosen)
     deadline = time.monotonic() + (wait or 0)
     while True:
         state = {name: is_listening(port) for name, port in allocation.ports.items()}

@@ -69,6 +69,8 @@ def serve(read: Read) -> str | None:
 
     config = PortAllocatorConfig.from_env()
     session, worktree = read.session, None
+    if session is None and (config.profile.env_file or config.profile.manifest):
+        return None  # the profile's files are to be kept current: the full CLI does that
     if session is None:
         worktree = str(worktree_top(Path.cwd()))
         session = worktree
