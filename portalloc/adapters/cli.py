@@ -534,6 +534,71 @@ def why(
         _out(found.text())
 
 
+hook_app = typer.Typer(
+    help="Wire portalloc into the tools that create worktrees (today: git).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(hook_app, name="hook")
+ToolOpt = Annotated[
+    list[str] | None,
+    typer.Option("--for", help="The tool to wire (repeatable; default git).", metavar="TOOL"),
+]
+RepoOpt = Annotated[
+    Path | None,
+    typer.Option("--repo", help="The repository (default: the current one).", metavar="PATH"),
+]
+
+
+def _tools(tools: list[str] | None) -> list[str]:
+    from portalloc.hooks import TOOLS
+
+    chosen = list(dict.fromkeys(tools or ["git"]))
+    unknown = [tool for tool in chosen if tool not in TOOLS]
+    if unknown:
+        raise UsageError(f"unknown tool {', '.join(unknown)} (supported: {', '.join(TOOLS)})")
+    return chosen
+
+
+@hook_app.command(
+    "install",
+    **_command(
+        "[OPTIONS]",
+        """
+  portalloc hook install                 # git: every `git worktree add` gets its ports
+  portalloc hook install --repo ~/src/shop
+""",
+    ),
+)
+def hook_install(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
+    """Install portalloc's hook: a new worktree gets its ports with no command typed."""
+    from portalloc import hooks
+
+    with _errors():
+        for _tool in _tools(tools):
+            path = hooks.install_git((repo or Path.cwd()).absolute())
+            _out(f"git: {path} leases ports for every new worktree\n")
+
+
+@hook_app.command(
+    "uninstall",
+    **_command(
+        "[OPTIONS]",
+        """
+  portalloc hook uninstall
+""",
+    ),
+)
+def hook_uninstall(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
+    """Remove portalloc's part of the hooks, and nothing else."""
+    from portalloc import hooks
+
+    with _errors():
+        for _tool in _tools(tools):
+            path = hooks.uninstall_git((repo or Path.cwd()).absolute())
+            _out(f"git: {'removed from ' + str(path) if path else 'nothing to remove'}\n")
+
+
 def _import_adapter(module: str, extra: str, packages: tuple[str, ...]) -> Any:
     import importlib
 

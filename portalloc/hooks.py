@@ -1,0 +1,145 @@
+"""`portalloc hook install|uninstall`: wire portalloc into the tools that create worktrees.
+
+Each edit merges into the tool's file between marker lines, is idempotent, and is
+removed by `uninstall` without touching anything else; another tool's hook is never
+overwritten or disabled. The installed commands never fail the tool's operation.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from portalloc.errors import UsageError
+from portalloc.ledger import atomic_write
+
+BEGIN = "# >>> portalloc >>>"
+END = "# <<< portalloc <<<"
+TOOLS = ("git",)
+SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
+
+# git runs post-checkout in the new worktree's top with `<old> <new> <flag>`; a new
+# worktree has old = all zeros (40 hex digits, or 64 in a SHA-256 repository) and
+# flag 1. Whatever portalloc says, the checkout has happened: never fail it.
+GIT_BLOCK = f"""{BEGIN}
+# Added by `portalloc hook install`; `portalloc hook uninstall` removes it.
+case "$1" in
+  0000000000000000000000000000000000000000|0000000000000000000000000000000000000000000000000000000000000000)
+    if [ "$3" = 1 ] && command -v portalloc >/dev/null 2>&1; then
+      portalloc env --worktree "$(pwd -P)" >/dev/null ||
+        echo "portalloc: no ports leased for $(pwd -P) (see above); the worktree is fine" >&2
+    fi
+    ;;
+esac
+{END}
+"""
+
+
+def git_hooks_dir(repo: Path) -> Path:
+    """Where git looks for hooks in REPO: `git rev-parse --git-path hooks`, so a
+    `core.hooksPath` is honoured."""
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=repo, capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise UsageError(f"cannot run git in {repo}: {exc}") from None
+
+    hooks_path = git("config", "--get", "core.hooksPath")
+    if hooks_path.returncode == 0 and not hooks_path.stdout.strip():
+        raise UsageError(
+            f"core.hooksPath is set to an empty value in {repo}: git runs no hooks there"
+        )
+    result = git("rev-parse", "--path-format=absolute", "--git-path", "hooks")
+    if result.returncode != 0:
+        raise UsageError(f"{repo} is not inside a git repository")
+    return Path(result.stdout.strip())
+
+
+def _shell_of(text: str) -> str | None:
+    first = text.splitlines()[0] if text else ""
+    if not first.startswith("#!"):
+        return None
+    words = first[2:].split()
+    if not words:
+        return None
+    program = Path(words[0]).name
+    if program == "env" and len(words) > 1:
+        program = words[1]
+    return program
+
+
+def merged(existing: str | None, block: str) -> str:
+    """EXISTING with portalloc's block replaced or appended; a new script if none."""
+    if not existing:
+        return "#!/bin/sh\n" + block
+    shell = _shell_of(existing)
+    if shell not in SHELLS:
+        raise UsageError(
+            f"the existing hook is not a shell script ({shell or 'no #! line'}); "
+            f"add portalloc's lines to it yourself:\n{block}"
+        )
+    return without(existing) + ("" if existing.endswith("\n") else "\n") + block
+
+
+def without(text: str) -> str:
+    """TEXT with portalloc's block (its marker lines included) taken out."""
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    inside = False
+    for line in lines:
+        stripped = line.rstrip("\r\n")
+        if stripped == BEGIN:
+            inside = True
+        elif stripped == END and inside:
+            inside = False
+        elif not inside:
+            out.append(line)
+    return "".join(out)
+
+
+def install_git(repo: Path) -> Path:
+    """Add portalloc's block to REPO's post-checkout hook; return the hook's path."""
+    hooks = git_hooks_dir(repo)
+    hook = hooks / "post-checkout"
+    _check_regular(hook)
+    existing = hook.read_text(encoding="utf-8") if hook.exists() else None
+    text = merged(existing, GIT_BLOCK)
+    if text != existing:
+        hooks.mkdir(parents=True, exist_ok=True)
+        mode = stat.S_IMODE(hook.stat().st_mode) if existing is not None else 0o755
+        atomic_write(hook, text.encode("utf-8"), mode=mode | 0o111)
+    return hook
+
+
+def uninstall_git(repo: Path) -> Path | None:
+    """Take portalloc's block out of REPO's post-checkout hook; remove a hook it leaves
+    empty. Return the hook's path if anything changed."""
+    hook = git_hooks_dir(repo) / "post-checkout"
+    if not hook.exists():
+        return None
+    _check_regular(hook)
+    existing = hook.read_text(encoding="utf-8")
+    text = without(existing)
+    if text == existing:
+        return None
+    if text.strip() in ("", "#!/bin/sh"):
+        hook.unlink()
+    else:
+        atomic_write(hook, text.encode("utf-8"), mode=stat.S_IMODE(hook.stat().st_mode))
+    return hook
+
+
+def _check_regular(path: Path) -> None:
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{path}: refusing to edit it, it is not a regular file")
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{path}: not writable")

@@ -1,0 +1,117 @@
+"""`portalloc hook install|uninstall --for git` with real git: new worktrees get their ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+OTHER_HOOK = "#!/usr/bin/env bash\n# another tool's hook\necho other-tool-ran >&2\n"
+
+
+def git(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    # The hook calls `portalloc` from PATH: this interpreter's console script.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(
+        ["git", *map(str, args)], cwd=cwd, check=True, capture_output=True, text=True,
+        timeout=60, env=env,
+    )  # fmt: skip
+
+
+def make_repo(tmp_path: Path, *init: str) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git("init", "-q", "-b", "main", *init, cwd=repo)
+    git("-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-q",
+        "--allow-empty", "-m", "init", cwd=repo)  # fmt: skip
+    return repo
+
+
+def sessions() -> list[str]:
+    return [a["session_id"] for a in json.loads(run_cli("status", "--json").stdout)]
+
+
+@pytest.fixture(autouse=True)
+def no_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORTALLOC_SKIP_PORT_CHECK", "1")
+
+
+@pytest.mark.skipif(
+    shutil.which("portalloc") is None and not (Path(sys.executable).parent / "portalloc").exists(),
+    reason="needs the console script",
+)
+def test_git_worktree_add_leases_ports_and_uninstall_restores(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    hook = repo / ".git" / "hooks" / "post-checkout"
+    hook.write_text(OTHER_HOOK)
+    hook.chmod(0o755)
+    assert run_cli("hook", "install", cwd=repo).returncode == 0
+    assert run_cli("hook", "install", cwd=repo).returncode == 0  # idempotent
+    text = hook.read_text()
+    assert text.startswith(OTHER_HOOK) and text.count("# >>> portalloc >>>") == 1
+    added = git("worktree", "add", "-q", tmp_path / "wt1", cwd=repo)
+    assert "other-tool-ran" in added.stderr  # the other tool's hook still runs
+    assert sessions() == [str((tmp_path / "wt1").resolve())]
+    git("checkout", "-q", "-b", "other", cwd=repo)  # not a new worktree: nothing leased
+    assert len(sessions()) == 1
+    assert run_cli("hook", "uninstall", cwd=repo).returncode == 0
+    assert hook.read_text() == OTHER_HOOK  # byte for byte
+    git("worktree", "add", "-q", tmp_path / "wt2", cwd=repo)
+    assert len(sessions()) == 1
+
+
+@pytest.mark.skipif(
+    shutil.which("portalloc") is None and not (Path(sys.executable).parent / "portalloc").exists(),
+    reason="needs the console script",
+)
+def test_core_hooks_path_and_sha256_repositories(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, "--object-format=sha256")
+    (repo / "my-hooks").mkdir()
+    git("config", "core.hooksPath", "my-hooks", cwd=repo)
+    result = run_cli("hook", "install", cwd=repo)
+    assert result.returncode == 0 and "my-hooks/post-checkout" in result.stdout
+    assert not (repo / ".git" / "hooks" / "post-checkout").exists()
+    git("worktree", "add", "-q", tmp_path / "wt", cwd=repo)  # old ref: 64 zeros
+    assert sessions() == [str((tmp_path / "wt").resolve())]
+    git("worktree", "add", "-q", "--no-checkout", tmp_path / "bare", cwd=repo)
+    assert len(sessions()) == 1  # git runs no post-checkout without a checkout
+
+
+def test_empty_hooks_path_and_foreign_hooks_are_refused(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    git("config", "core.hooksPath", "", cwd=repo)
+    empty = run_cli("hook", "install", cwd=repo)
+    assert empty.returncode == 2 and "runs no hooks" in empty.stderr
+    git("config", "--unset", "core.hooksPath", cwd=repo)
+    hook = repo / ".git" / "hooks" / "post-checkout"
+    hook.write_text("#!/usr/bin/env python3\nprint('mine')\n")
+    python = run_cli("hook", "install", cwd=repo)
+    assert python.returncode == 2 and "not a shell script" in python.stderr
+    assert hook.read_text() == "#!/usr/bin/env python3\nprint('mine')\n"
+    outside = run_cli("hook", "install", cwd=tmp_path)
+    assert outside.returncode == 2 and "not inside a git repository" in outside.stderr
+    unknown = run_cli("hook", "install", "--for", "nosuchtool", cwd=repo)
+    assert unknown.returncode == 2 and "supported: git" in unknown.stderr
+
+
+def test_a_failing_portalloc_never_fails_the_checkout(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    assert run_cli("hook", "install", cwd=repo).returncode == 0
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PORT_ALLOC_BASE": "80"}  # fmt: skip
+    added = subprocess.run(
+        ["git", "worktree", "add", "-q", str(tmp_path / "wt")],
+        cwd=repo, capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert added.returncode == 0
+    assert (tmp_path / "wt" / ".git").exists()
+    assert "PORT_ALLOC_BASE=80 is invalid" in added.stderr
