@@ -19,22 +19,34 @@ git check-ref-format --branch "$name" > /dev/null || {
     exit 2
 }
 
-top="$(cd "$(git rev-parse --show-toplevel)" && pwd -P)"
-tree="$(dirname "$top")/$(basename "$top")-${name//\//-}"
+# Beside the main worktree, as `just worktree-new` does, also when run from a linked one:
+# the first entry of `git worktree list` is the main worktree.
+main="$(git worktree list --porcelain | sed -n '1s/^worktree //p')"
+main="$(cd "$main" && pwd -P)"
+tree="$(dirname "$main")/$(basename "$main")-${name//\//-}"
 
-if git show-ref --verify --quiet "refs/heads/$name"; then
+if [ -e "$tree" ]; then
+    if [ ! -e "$tree/.git" ]; then
+        echo "$0: $tree exists and is not a git worktree" >&2
+        exit 1
+    fi
+    echo "$0: reusing the existing worktree $tree" >&2
+elif git show-ref --verify --quiet "refs/heads/$name"; then
     git worktree add "$tree" "$name"
 else
     git worktree add -b "$name" "$tree" "$base"
 fi
 
+# Keep the manifest out of `git status`; info/exclude is shared by every worktree.
+exclude="$(git rev-parse --path-format=absolute --git-common-dir)/info/exclude"
+mkdir -p "$(dirname "$exclude")"
+grep -qxF '.worktree-ports.json' "$exclude" 2> /dev/null || echo '.worktree-ports.json' >> "$exclude"
+
 cd "$tree"
 # Lease keyed by the worktree path (what `portalloc env` uses inside it), reclaimed when
 # the directory goes away; the manifest is for tools that read a file.
 portalloc env --worktree "$tree" --write "$tree" > /dev/null
-grep -qxF '.worktree-ports.json' .gitignore 2> /dev/null ||
-    echo "note: add .worktree-ports.json to .gitignore" >&2
 
 echo "worktree $tree"
 portalloc env --worktree "$tree"
-echo "next: cd $(printf '%q' "$tree") && eval \"\$(portalloc env)\" && docker compose up -d && portalloc check --wait 60"
+echo "next: cd $(printf '%q' "$tree") && eval \"\$(portalloc env)\" && docker compose -p \"\$COMPOSE_PROJECT_NAME\" -f examples/compose.yaml up -d && portalloc check --wait 60"

@@ -252,3 +252,18 @@ def test_worktree_serve_listens_on_the_worktrees_api_port(
     assert response.status_code == 200
     assert [lease["session_id"] for lease in response.json()] == [str(repo)]
     assert proc.poll() is None
+
+
+def test_example_script_behaves_like_worktree_new(tmp_path: Path, env: dict[str, str]) -> None:
+    repo = make_repo(tmp_path, env, "examples")
+    script = repo / "examples" / "new-worktree.sh"
+    ok("bash", script, "feat-a", cwd=repo, env=env)
+    # From a linked worktree it still lands beside the main one, as the recipe does.
+    out = ok("bash", script, "feat-b", cwd=repo.parent / "my repo-feat-a", env=env)
+    assert (repo.parent / "my repo-feat-b").is_dir()
+    assert "-f examples/compose.yaml" in out
+    exclude = (repo / ".git" / "info" / "exclude").read_text()
+    assert exclude.count(".worktree-ports.json") == 1
+    assert ok("git", "status", "--porcelain", cwd=repo.parent / "my repo-feat-b", env=env) == ""
+    held = leases(repo, env)
+    assert set(held) == {str(repo.parent / "my repo-feat-a"), str(repo.parent / "my repo-feat-b")}
