@@ -17,7 +17,7 @@ from portalloc.ledger import atomic_write
 
 BEGIN = "# >>> portalloc >>>"
 END = "# <<< portalloc <<<"
-TOOLS = ("git",)
+TOOLS = ("git", "direnv")
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
 
 # git runs post-checkout in the new worktree's top with `<old> <new> <flag>`; a new
@@ -35,6 +35,64 @@ case "$1" in
 esac
 {END}
 """
+
+
+# direnv evaluates .envrc with bash on every `cd` into the tree; `watch_file` reloads it
+# when the profile changes. The env read path makes this cheap (see adapters/entry.py);
+# a failing portalloc prints its one line and leaves nothing to eval, so the rest of
+# the .envrc still loads.
+DIRENV_BLOCK = f"""{BEGIN}
+watch_file portalloc.toml pyproject.toml
+eval "$(portalloc env)"
+{END}
+"""
+
+
+def repo_top(repo: Path) -> Path:
+    """The top of the worktree holding REPO."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UsageError(f"cannot run git in {repo}: {exc}") from None
+    if result.returncode != 0:
+        raise UsageError(f"{repo} is not inside a git repository")
+    return Path(result.stdout.strip())
+
+
+def install_direnv(repo: Path) -> Path:
+    """Add portalloc's lines to the worktree's .envrc (then `direnv allow` it)."""
+    envrc = repo_top(repo) / ".envrc"
+    _check_regular(envrc)
+    existing = envrc.read_text(encoding="utf-8") if envrc.exists() else ""
+    text = without(existing)
+    text += ("" if not text or text.endswith("\n") else "\n") + DIRENV_BLOCK
+    if text != existing:
+        mode = stat.S_IMODE(envrc.stat().st_mode) if envrc.exists() else 0o644
+        atomic_write(envrc, text.encode("utf-8"), mode=mode)
+    return envrc
+
+
+def uninstall_direnv(repo: Path) -> Path | None:
+    envrc = repo_top(repo) / ".envrc"
+    if not envrc.exists():
+        return None
+    _check_regular(envrc)
+    existing = envrc.read_text(encoding="utf-8")
+    text = without(existing)
+    if text == existing:
+        return None
+    if not text.strip():
+        envrc.unlink()
+    else:
+        atomic_write(envrc, text.encode("utf-8"), mode=stat.S_IMODE(envrc.stat().st_mode))
+    return envrc
 
 
 def git_hooks_dir(repo: Path) -> Path:

@@ -115,3 +115,25 @@ def test_a_failing_portalloc_never_fails_the_checkout(tmp_path: Path) -> None:
     assert added.returncode == 0
     assert (tmp_path / "wt" / ".git").exists()
     assert "PORT_ALLOC_BASE=80 is invalid" in added.stderr
+
+
+def test_direnv_block_merges_into_envrc_and_uninstall_restores(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    envrc = repo / ".envrc"
+    mine = "export MINE=1\nsource_env_if_exists .envrc.local"  # no trailing newline
+    envrc.write_text(mine)
+    for _ in range(2):  # idempotent
+        assert run_cli("hook", "install", "--for", "direnv", cwd=repo).returncode == 0
+    text = envrc.read_text()
+    assert text.startswith(mine + "\n") and text.count("# >>> portalloc >>>") == 1
+    # What direnv does with it: bash evaluates the file in the worktree.
+    bin_dir = Path(sys.executable).parent
+    out = subprocess.run(
+        ["bash", "-c", 'watch_file() { :; }; source_env_if_exists() { :; }; . ./.envrc; '
+         'printf "%s %s" "$MINE" "$API_PORT"'],
+        cwd=repo, capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert out.stdout == "1 10003"
+    assert run_cli("hook", "uninstall", "--for", "direnv", cwd=repo).returncode == 0
+    assert envrc.read_text() == mine + "\n"

@@ -535,7 +535,7 @@ def why(
 
 
 hook_app = typer.Typer(
-    help="Wire portalloc into the tools that create worktrees (today: git).",
+    help="Wire portalloc into the tools that create worktrees (git, direnv).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -566,6 +566,7 @@ def _tools(tools: list[str] | None) -> list[str]:
         "[OPTIONS]",
         """
   portalloc hook install                 # git: every `git worktree add` gets its ports
+  portalloc hook install --for git --for direnv
   portalloc hook install --repo ~/src/shop
 """,
     ),
@@ -575,9 +576,14 @@ def hook_install(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
     from portalloc import hooks
 
     with _errors():
-        for _tool in _tools(tools):
-            path = hooks.install_git((repo or Path.cwd()).absolute())
-            _out(f"git: {path} leases ports for every new worktree\n")
+        where = (repo or Path.cwd()).absolute()
+        for tool in _tools(tools):
+            if tool == "git":
+                path = hooks.install_git(where)
+                _out(f"git: {path} leases ports for every new worktree\n")
+            else:
+                path = hooks.install_direnv(where)
+                _out(f"direnv: {path} exports the worktree's ports; run `direnv allow`\n")
 
 
 @hook_app.command(
@@ -594,9 +600,11 @@ def hook_uninstall(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
     from portalloc import hooks
 
     with _errors():
-        for _tool in _tools(tools):
-            path = hooks.uninstall_git((repo or Path.cwd()).absolute())
-            _out(f"git: {'removed from ' + str(path) if path else 'nothing to remove'}\n")
+        where = (repo or Path.cwd()).absolute()
+        for tool in _tools(tools):
+            uninstall = hooks.uninstall_git if tool == "git" else hooks.uninstall_direnv
+            path = uninstall(where)
+            _out(f"{tool}: {'removed from ' + str(path) if path else 'nothing to remove'}\n")
 
 
 def _import_adapter(module: str, extra: str, packages: tuple[str, ...]) -> Any:
