@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import time
+import zlib
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -139,6 +140,8 @@ def _owner_to_raw(owner: Owner) -> RawOwner:
 
 
 def _owner_from_raw(raw: object) -> Owner:
+    if type(raw) is dict and not raw.keys() <= {"pid", "started"}:
+        raise _Malformed("an owner holds unknown keys")
     pid = raw.get("pid") if type(raw) is dict else None
     started = raw.get("started") if type(raw) is dict else None
     if type(pid) is not int or (started is not None and type(started) not in (int, float)):
@@ -172,9 +175,17 @@ def _all_typed(mapping: object, value_type: type) -> bool:
     )
 
 
+LEASE_KEYS = frozenset(RawLease.__annotations__)
+DOCUMENT_KEYS = frozenset({*RawLedger.__annotations__, "crc32"})
+
+
 def lease_from_raw(raw: object) -> Lease:
     if type(raw) is not dict:
         raise _Malformed("a lease is not an object")
+    if not raw.keys() <= LEASE_KEYS:
+        # Nothing rides along: a key save() does not write is not carried back out
+        # either (and could hide an object the read path would take for a lease).
+        raise _Malformed(f"a lease holds unknown keys {sorted(raw.keys() - LEASE_KEYS)}")
     try:
         ports, env = raw["ports"], raw["env"]
         if not _all_typed(ports, int) or not _all_typed(env, str):
@@ -303,20 +314,49 @@ def state_to_raw(
 # its first key without decoding the others.
 _PREFIX = f'{{"version":{LEDGER_VERSION},"leases":['
 _LEASE_START = '{"session_id":'
+# save() ends the document with a CRC-32 of everything before it, so the read path can
+# tell a file save() wrote, whole, from one edited by hand (which the locked path
+# checks in full). The locked path ignores it.
+_CRC_KEY = b',"crc32":"'
+
+
+def dump(document: RawLedger) -> bytes:
+    """The bytes save() writes: compact JSON, its CRC-32 as the last key."""
+    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return body[:-1] + _CRC_KEY + b"%08x" % zlib.crc32(body) + b'"}'
+
+
+def _intact(data: bytes) -> bool:
+    """Whether DATA is a document dump() wrote, unchanged since."""
+    trailer = len(_CRC_KEY) + 10  # the key, 8 hex digits, `"}`
+    if len(data) <= trailer or data[-trailer:-10] != _CRC_KEY or not data.endswith(b'"}'):
+        return False
+    try:
+        expected = int(data[-10:-2], 16)
+    except ValueError:
+        return False
+    return zlib.crc32(data[:-trailer] + b"}") == expected
 
 
 def read_lease(path: Path, session_id: str) -> Lease | None:
     """The session's lease as last written, read without the lock (the file is only ever
     replaced whole), decoding that lease alone; None when unsure, for the locked path.
 
-    Only a file in the shape save() writes qualifies. Inside JSON strings every `"` is
-    escaped, so `{"session_id":<id>,` can start nothing but an object whose first key
-    is session_id; a file holding it twice, or in any other shape, is left to the
-    locked path, which checks the whole document.
+    Only a file save() wrote, unchanged since (its CRC-32 says so), qualifies. In such
+    a file every lease holds only the keys save() writes, the others being objects of
+    integers and strings, and inside JSON strings every `"` is escaped: so
+    `{"session_id":<id>,` starts that session's lease in the leases list and nothing
+    else. Anything else is left to the locked path, which checks the whole document.
     """
     try:
-        text = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError):
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not _intact(data):
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
         return None
     if not text.startswith(_PREFIX):
         return None
@@ -326,9 +366,10 @@ def read_lease(path: Path, session_id: str) -> Lease | None:
         return None
     try:
         raw, _end = json.JSONDecoder().raw_decode(text, start)
-        return lease_from_raw(raw)
+        lease = lease_from_raw(raw)
     except (ValueError, RecursionError, _Malformed):
         return None
+    return lease if lease.session_id == session_id else None
 
 
 class _Spans:
@@ -361,6 +402,8 @@ class Parsed(NamedTuple):
 def parse_document(document: object) -> Parsed:
     """The state in DOCUMENT, each lease's raw form, and the leases left out as unusable."""
     document = migrate(document)
+    if not document.keys() <= DOCUMENT_KEYS:
+        raise _Malformed(f"unknown keys {sorted(document.keys() - DOCUMENT_KEYS)}")
     raw_leases = document.get("leases")
     raw_homes = document.get("homes")
     raw_files = document.get("files")
@@ -416,6 +459,8 @@ def _files_from_raw(raw: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...
             raise _Malformed("'files' must map session ids to lists")
         parsed: list[tuple[str, str]] = []
         for record in records:
+            if type(record) is dict and record.keys() != {"kind", "path"}:
+                raise _Malformed("a file record must hold exactly a kind and a path")
             kind = record.get("kind") if type(record) is dict else None
             path = record.get("path") if type(record) is dict else None
             if type(kind) is not str or type(path) is not str:
@@ -598,11 +643,10 @@ class Ledger:
     def save(self, state: LedgerState) -> None:
         """Validate, then write atomically and durably. Call only while holding the lock."""
         validate(state)
-        document = state_to_raw(state, self._known)
-        payload = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+        payload = dump(state_to_raw(state, self._known))
         self._remove_stale_temps()
         try:
-            atomic_write(self.path, payload.encode("utf-8"), self._file_mode())
+            atomic_write(self.path, payload, self._file_mode())
         except OSError as exc:
             raise LedgerError(self.path, f"cannot write: {exc.strerror or exc}") from None
 

@@ -69,6 +69,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except OSError as exc:
         raise ProfileError(path, "(file)", f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ProfileError(path, "(file)", "is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(path, "(file)", f"is not valid TOML: {exc}") from None
 

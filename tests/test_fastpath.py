@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from portalloc.adapters import cli, entry
+from portalloc.ledger import dump
 from portalloc.models import isoformat
 
 SESSIONS = ["s", "/home/me/my worktree", "=ls", "ünï 🚀", 'it\'s "q" $(x)']
@@ -58,8 +59,7 @@ def save(state_dir: Path, *leases: dict[str, object]) -> None:
         "homes": {str(x["session_id"]): x["start"] for x in leases},
         "files": {},
     }
-    payload = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
-    (state_dir / "leases.json").write_text(payload, encoding="utf-8")
+    (state_dir / "leases.json").write_bytes(dump(document))  # type: ignore[arg-type]
 
 
 def run(main: Callable[[list[str]], int], args: list[str]) -> tuple[int, str, str]:
@@ -244,3 +244,67 @@ def test_full_ledger_error_is_the_same_one_line(state_dir: Path) -> None:
         full = run(cli.main, ["allocate", "other", "--json"])
     assert fast == full
     assert fast[0] == 3 and json.loads(fast[1]) == {"success": False, "error": "no_ports_available"}
+
+
+def _raw_document(*leases: dict[str, object], **extra: object) -> dict[str, object]:
+    return {"version": 2, "leases": list(leases), "homes": {}, "files": {}, **extra}
+
+
+def _hand_edited(tmp_path: Path) -> dict[str, bytes]:
+    """Ledgers a person or a hostile group member wrote (found by a review). A file
+    forged to pass as save()'s own, CRC recomputed, is out of reach of this promise:
+    both paths then print ports its writer chose, each through the lease rules."""
+    a, b = lease("a", 10300), lease("b", 10100)
+    twice_keyed = json.dumps(_raw_document(b)).replace(
+        '"session_id": "b"', '"session_id": "a", "session_id": "b"', 1
+    )
+    escaped = json.dumps(_raw_document(lease("a", 10500), a), separators=(",", ":")).replace(
+        '"a"', '"\\u0061"', 1
+    )
+    return {
+        "filed-under-another-id": twice_keyed.encode(),
+        "nested-in-an-extra-key": _compact(_raw_document({**b, "x": a})),
+        "inside-a-files-record": _compact(
+            {**_raw_document(b), "files": {"b": [{**a, "kind": "manifest", "path": "/x"}]}}
+        ),
+        "overlapping": _compact(_raw_document(lease("b", 10200, span=200), lease("a", 10300))),
+        "escaped-duplicate": escaped.encode(),
+        "newer-version-key-later": json.dumps(_raw_document(a), separators=(",", ":"))
+        .replace('"files":{}', '"files":{},"version":3')
+        .encode(),
+        "broken-after-the-lease": json.dumps(_raw_document(a), separators=(",", ":")).encode()[:-1],
+        "extra-top-level-key": _compact({**_raw_document(b), "zzz": a}),
+        # save()'s own output, then one byte changed by hand: the CRC no longer matches.
+        "edited-after-save": dump(_raw_document(a)).replace(b"10303", b"10304"),  # type: ignore[arg-type]
+    }
+
+
+def _compact(document: dict[str, object]) -> bytes:
+    """As save() lays it out, but without the CRC save() adds: a file edited by hand."""
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("name", list(_hand_edited(Path("/x"))))
+def test_hand_edited_ledgers_are_left_to_the_full_cli(
+    name: str, state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PORTALLOC_SKIP_PORT_CHECK", "1")
+    for args in (["get", "a", "api"], ["env", "a"], ["get", "b", "api"]):
+        state_dir.mkdir(exist_ok=True)
+        (state_dir / "leases.json").write_bytes(_hand_edited(tmp_path)[name])
+        for leftover in state_dir.glob("leases.json.corrupt-*"):
+            leftover.unlink()
+        fast, full = both(state_dir, args)
+        assert fast == full, (name, args)
+
+
+def test_stdout_that_cannot_say_it_is_the_full_clis_one_line(state_dir: Path) -> None:
+    save(state_dir, lease("ünï", 10000))
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PORTALLOC_DEBUG": ""}
+    out = subprocess.run(
+        [sys.executable, "-m", "portalloc", "get", "ünï", "session_id"],
+        capture_output=True, text=True, env=env, timeout=30, check=False,
+    )  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "internal error (UnicodeEncodeError)" in out.stderr
+    Path(out.stderr.rsplit("traceback written to ", 1)[1].strip()).unlink()

@@ -7,10 +7,18 @@ whole, so it can be read without the lock, without Typer, pydantic or filelock. 
 anything else (another command or flag, `--help`, a lease to make, refresh or
 reclaim, any error) the full Typer CLI runs, and says what it says. A differential
 test runs a matrix of invocations through both paths and compares every byte.
+
+Two differences are by design: a read needs no lock, so it answers while another
+process holds the lock for longer than the timeout (the full path would time out);
+and only a ledger save() wrote, unchanged since (its CRC-32 says so), is read this
+way: a file edited by hand goes the full path, which checks the whole document. A
+file forged to look like save()'s own, CRC and all, can be read differently by the
+two, though both only ever print what passes the lease rules.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -137,22 +145,27 @@ def allocate(session: str, json_output: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
-    read = parse(args)
-    if read is not None and read.command == "allocate" and read.session is not None:
-        return allocate(read.session, read.value == "json")
-    if read is not None:
-        try:
-            text = serve(read)
-        except Exception:
-            text = None  # whatever it was, the full CLI reports it in its own words
-        if text is not None:
+    # Shell completion drives the full CLI through the environment, whatever argv says.
+    read = None if "_PORTALLOC_COMPLETE" in os.environ else parse(args)
+    try:
+        if read is not None and read.command == "allocate" and read.session is not None:
+            return allocate(read.session, read.value == "json")
+        if read is not None:
             try:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            except OSError:
-                pass  # a closed stdout: the full CLI would not do better, and says nothing
-            else:
+                text = serve(read)
+            except Exception:
+                text = None  # whatever it was, the full CLI reports it in its own words
+            if text is not None:
+                try:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                except Exception as exc:  # a closed stdout, an encoding that cannot say it
+                    from portalloc.adapters.common import unexpected
+
+                    return unexpected(exc)
                 return 0
+    except KeyboardInterrupt:
+        return 130  # as the full CLI: no traceback for Ctrl-C
     from portalloc.adapters.cli import main as full
 
     return full(args)
