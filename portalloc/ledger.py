@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import stat
@@ -314,6 +315,7 @@ def state_to_raw(
 # its first key without decoding the others.
 _PREFIX = f'{{"version":{LEDGER_VERSION},"leases":['
 _LEASE_START = '{"session_id":'
+_LEASE_WINDOW = 1 << 20
 # save() ends the document with a CRC-32 of everything before it, so the read path can
 # tell a file save() wrote, whole, from one edited by hand (which the locked path
 # checks in full). The locked path ignores it.
@@ -335,7 +337,9 @@ def _intact(data: bytes) -> bool:
         expected = int(data[-10:-2], 16)
     except ValueError:
         return False
-    return zlib.crc32(data[:-trailer] + b"}") == expected
+    # A memoryview: no copy of a ledger of thousands of leases just to check it.
+    crc = zlib.crc32(b"}", zlib.crc32(memoryview(data)[:-trailer]))
+    return crc == expected
 
 
 def read_lease(path: Path, session_id: str) -> Lease | None:
@@ -352,20 +356,20 @@ def read_lease(path: Path, session_id: str) -> Lease | None:
         data = path.read_bytes()
     except OSError:
         return None
-    if not _intact(data):
+    if not _intact(data) or not data.startswith(_PREFIX.encode()):
         return None
+    needle = (_LEASE_START + json.dumps(session_id, ensure_ascii=False) + ",").encode("utf-8")
+    start = data.find(needle)
+    if start < 0 or data.find(needle, start + 1) >= 0:
+        return None
+    # Decode only from the lease on, as far as a lease can reach (a 4096-character id
+    # and its variables fit many times over); a lease cut off there fails to parse and
+    # goes the locked way.
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if not text.startswith(_PREFIX):
-        return None
-    needle = _LEASE_START + json.dumps(session_id, ensure_ascii=False) + ","
-    start = text.find(needle)
-    if start < 0 or text.find(needle, start + 1) >= 0:
-        return None
-    try:
-        raw, _end = json.JSONDecoder().raw_decode(text, start)
+        # final=False: a character cut at the window's end is left out, not an error;
+        # a byte that is not UTF-8 anywhere else still is one.
+        text, _used = codecs.utf_8_decode(data[start : start + _LEASE_WINDOW], "strict", False)
+        raw, _end = json.JSONDecoder().raw_decode(text)
         lease = lease_from_raw(raw)
     except (ValueError, RecursionError, _Malformed):
         return None
