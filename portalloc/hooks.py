@@ -48,19 +48,18 @@ eval "$(portalloc env)"
 """
 
 
-def repo_top(repo: Path) -> Path:
-    """The top of the worktree holding REPO."""
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     try:
-        result = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+        return subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=30, check=False
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise UsageError(f"cannot run git in {repo}: {exc}") from None
+
+
+def repo_top(repo: Path) -> Path:
+    """The top of the worktree holding REPO."""
+    result = _git(repo, "rev-parse", "--show-toplevel")
     if result.returncode != 0:
         raise UsageError(f"{repo} is not inside a git repository")
     return Path(result.stdout.strip())
@@ -80,39 +79,37 @@ def install_direnv(repo: Path) -> Path:
 
 
 def uninstall_direnv(repo: Path) -> Path | None:
-    envrc = repo_top(repo) / ".envrc"
-    if not envrc.exists():
+    """Take portalloc's lines out of the worktree's .envrc; remove a file left empty."""
+    return _remove_block(repo_top(repo) / ".envrc", leftover=("",))
+
+
+def _remove_block(path: Path, leftover: tuple[str, ...]) -> Path | None:
+    """Take portalloc's block out of PATH; delete the file when what is left is one of
+    LEFTOVER (stripped). Return PATH if anything changed."""
+    if not path.exists():
         return None
-    _check_regular(envrc)
-    existing = envrc.read_text(encoding="utf-8")
+    _check_regular(path)
+    existing = path.read_text(encoding="utf-8")
     text = without(existing)
     if text == existing:
         return None
-    if not text.strip():
-        envrc.unlink()
+    if text.strip() in leftover:
+        path.unlink()
     else:
-        atomic_write(envrc, text.encode("utf-8"), mode=stat.S_IMODE(envrc.stat().st_mode))
-    return envrc
+        atomic_write(path, text.encode("utf-8"), mode=stat.S_IMODE(path.stat().st_mode))
+    return path
 
 
 def git_hooks_dir(repo: Path) -> Path:
     """Where git looks for hooks in REPO: `git rev-parse --git-path hooks`, so a
     `core.hooksPath` is honoured."""
 
-    def git(*args: str) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=repo, capture_output=True, text=True, timeout=30, check=False
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise UsageError(f"cannot run git in {repo}: {exc}") from None
-
-    hooks_path = git("config", "--get", "core.hooksPath")
+    hooks_path = _git(repo, "config", "--get", "core.hooksPath")
     if hooks_path.returncode == 0 and not hooks_path.stdout.strip():
         raise UsageError(
             f"core.hooksPath is set to an empty value in {repo}: git runs no hooks there"
         )
-    result = git("rev-parse", "--path-format=absolute", "--git-path", "hooks")
+    result = _git(repo, "rev-parse", "--path-format=absolute", "--git-path", "hooks")
     if result.returncode != 0:
         raise UsageError(f"{repo} is not inside a git repository")
     return Path(result.stdout.strip())
@@ -177,19 +174,7 @@ def install_git(repo: Path) -> Path:
 def uninstall_git(repo: Path) -> Path | None:
     """Take portalloc's block out of REPO's post-checkout hook; remove a hook it leaves
     empty. Return the hook's path if anything changed."""
-    hook = git_hooks_dir(repo) / "post-checkout"
-    if not hook.exists():
-        return None
-    _check_regular(hook)
-    existing = hook.read_text(encoding="utf-8")
-    text = without(existing)
-    if text == existing:
-        return None
-    if text.strip() in ("", "#!/bin/sh"):
-        hook.unlink()
-    else:
-        atomic_write(hook, text.encode("utf-8"), mode=stat.S_IMODE(hook.stat().st_mode))
-    return hook
+    return _remove_block(git_hooks_dir(repo) / "post-checkout", leftover=("", "#!/bin/sh"))
 
 
 def _check_regular(path: Path) -> None:
