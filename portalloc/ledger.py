@@ -494,6 +494,8 @@ class Ledger:
         self._known: dict[int, tuple[Lease, Any]] = {}
         # The last load left leases out: the next transaction writes the file back.
         self.dirty = False
+        # The file as last loaded or saved (its stat key) and the state in it.
+        self._cached: tuple[tuple[int, ...], LedgerState] | None = None
         self._file_lock: filelock.FileLock | None = None
         self._lock_pid = 0
 
@@ -583,8 +585,33 @@ class Ledger:
 
         return lock_holder(self.lock_path)
 
+    def _file_key(self) -> tuple[int, ...] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LedgerError(self.path, f"cannot read: {exc.strerror or exc}") from None
+        # Every save replaces the file (a new inode); mtime, ctime and size on top.
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
     def load(self) -> LedgerState:
-        """Read the ledger; quarantine a corrupt one. Call only while holding the lock."""
+        """Read the ledger; quarantine a corrupt one. Call only while holding the lock.
+
+        A process that lives for hours (`mcp`, `serve`) parses the file again only when
+        it changed: the state it parsed or saved last is reused while the file is the
+        same one, which is certain under the lock (every writer holds it).
+        """
+        key = self._file_key()
+        if key is not None and self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        self._cached = None
+        state = self._load()
+        if key is not None and not self.dirty and self._file_key() == key:
+            self._cached = (key, state)
+        return state
+
+    def _load(self) -> LedgerState:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -649,10 +676,14 @@ class Ledger:
         validate(state)
         payload = dump(state_to_raw(state, self._known))
         self._remove_stale_temps()
+        self._cached = None
         try:
             atomic_write(self.path, payload, self._file_mode())
         except OSError as exc:
             raise LedgerError(self.path, f"cannot write: {exc.strerror or exc}") from None
+        key = self._file_key()
+        if key is not None:
+            self._cached = (key, state)
 
     def _remove_stale_temps(self) -> None:
         # Every writer holds the lock while its temp file exists, so under the lock any

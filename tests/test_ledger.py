@@ -179,3 +179,30 @@ def test_every_ledger_version_migrates_to_the_same_state(version: int, tmp_path:
     assert list(state.leases) == ["/src/shop-a"]
     assert state.homes == {"gone": 10100, "/src/shop-a": 10000, "old": 10200}
     assert state.leases["/src/shop-a"].guests == ()
+
+
+def test_a_long_lived_service_parses_the_ledger_again_only_when_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portalloc import ledger as ledger_module
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.service import PortAllocatorService
+
+    config = PortAllocatorConfig(state_dir=tmp_path / "state", skip_port_check=True)
+    server, other = PortAllocatorService(config), PortAllocatorService(config)
+    server.allocate("a")
+    parses: list[object] = []
+    real = ledger_module.parse_document
+
+    def counting(document: object) -> ledger_module.Parsed:
+        parses.append(document)
+        return real(document)
+
+    monkeypatch.setattr(ledger_module, "parse_document", counting)
+    for _ in range(3):
+        assert [a.session_id for a in server.status()] == ["a"]
+    assert parses == []  # unchanged since its own save: nothing parsed again
+    other.allocate("b")  # another process (here: another ledger object) reads and writes
+    assert len(parses) == 1
+    assert [a.session_id for a in server.status()] == ["a", "b"]
+    assert len(parses) == 2  # the server saw the change and parsed once more
