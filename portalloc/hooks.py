@@ -17,7 +17,7 @@ from portalloc.ledger import atomic_write
 
 BEGIN = "# >>> portalloc >>>"
 END = "# <<< portalloc <<<"
-TOOLS = ("git", "direnv")
+TOOLS = ("git", "direnv", "claude")
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
 
 # git runs post-checkout in the new worktree's top with `<old> <new> <flag>`; a new
@@ -186,3 +186,95 @@ def _check_regular(path: Path) -> None:
         raise UsageError(f"{path}: refusing to edit it, it is not a regular file")
     if not os.access(path, os.W_OK):
         raise UsageError(f"{path}: not writable")
+
+
+# Claude Code sources the `export` lines a SessionStart hook appends to
+# $CLAUDE_ENV_FILE before every Bash call; $CLAUDE_PROJECT_DIR is the worktree. JSON
+# has no comments: the command's trailing shell comment marks it as portalloc's.
+CLAUDE_MARK = "# added by portalloc hook install"
+CLAUDE_COMMAND = (
+    'portalloc env --worktree "$CLAUDE_PROJECT_DIR" >> "$CLAUDE_ENV_FILE" || true  ' + CLAUDE_MARK
+)
+
+
+def _claude_settings(repo: Path) -> tuple[Path, dict[str, object]]:
+    import json
+
+    path = repo_top(repo) / ".claude" / "settings.json"
+    _check_regular(path)
+    if not path.exists():
+        return path, {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise UsageError(f"{path} is not valid JSON; refusing to edit it") from None
+    if not isinstance(settings, dict):
+        raise UsageError(f"{path}: the settings are not a JSON object; refusing to edit them")
+    return path, settings
+
+
+def _write_json(path: Path, settings: dict[str, object]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+    text = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, text.encode("utf-8"), mode=mode)
+
+
+def _ours(entry: object) -> bool:
+    return isinstance(entry, dict) and CLAUDE_MARK in str(entry.get("command", ""))
+
+
+def install_claude(repo: Path) -> Path:
+    """Add a SessionStart hook to .claude/settings.json that hands the worktree's ports
+    to every Bash call; other settings and hooks are kept as they are."""
+    path, settings = _claude_settings(repo)
+    hooks = settings.setdefault("hooks", {})
+    if not isinstance(hooks, dict):
+        raise UsageError(f"{path}: 'hooks' is not an object; refusing to edit it")
+    groups = hooks.setdefault("SessionStart", [])
+    if not isinstance(groups, list):
+        raise UsageError(f"{path}: 'hooks.SessionStart' is not a list; refusing to edit it")
+    present = any(
+        _ours(entry)
+        for group in groups
+        if isinstance(group, dict) and isinstance(group.get("hooks"), list)
+        for entry in group["hooks"]
+    )
+    if not present:
+        groups.append({"hooks": [{"type": "command", "command": CLAUDE_COMMAND}]})
+        _write_json(path, settings)
+    return path
+
+
+def uninstall_claude(repo: Path) -> Path | None:
+    """Take portalloc's SessionStart hook out of .claude/settings.json, and any container
+    that leaves empty; remove a file left as `{}`."""
+    path, settings = _claude_settings(repo)
+    hooks = settings.get("hooks")
+    groups = hooks.get("SessionStart") if isinstance(hooks, dict) else None
+    if not isinstance(hooks, dict) or not isinstance(groups, list):
+        return None
+    kept = []
+    for group in groups:
+        if isinstance(group, dict) and isinstance(group.get("hooks"), list):
+            entries = [entry for entry in group["hooks"] if not _ours(entry)]
+            if len(entries) != len(group["hooks"]):
+                if not entries:
+                    continue
+                group = {**group, "hooks": entries}
+        kept.append(group)
+    if kept == groups:
+        return None
+    if kept:
+        hooks["SessionStart"] = kept
+    else:
+        del hooks["SessionStart"]
+        if not hooks:
+            del settings["hooks"]
+    if settings:
+        _write_json(path, settings)
+    else:
+        path.unlink()
+    return path

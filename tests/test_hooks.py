@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,3 +138,61 @@ def test_direnv_block_merges_into_envrc_and_uninstall_restores(tmp_path: Path) -
     assert out.stdout == "1 10003"
     assert run_cli("hook", "uninstall", "--for", "direnv", cwd=repo).returncode == 0
     assert envrc.read_text() == mine + "\n"
+
+
+CLAUDE_SETTINGS: dict[str, Any] = {
+    "permissions": {"allow": ["Bash(npm test)"]},
+    "hooks": {
+        "SessionStart": [
+            {"matcher": "startup", "hooks": [{"type": "command", "command": "echo mine"}]}
+        ],
+        "PreToolUse": [{"matcher": "Bash", "hooks": [{"type": "command", "command": "x"}]}],
+    },
+    "env": {"FOO": "ünï"},
+}
+
+
+def test_claude_session_start_hook_merges_runs_and_uninstalls(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    settings = repo / ".claude" / "settings.json"
+    settings.parent.mkdir()
+    original = json.dumps(CLAUDE_SETTINGS, indent=2, ensure_ascii=False) + "\n"
+    settings.write_text(original)
+    for _ in range(2):  # idempotent
+        assert run_cli("hook", "install", "--for", "claude", cwd=repo).returncode == 0
+    data = json.loads(settings.read_text())
+    groups = data["hooks"]["SessionStart"]
+    assert groups[0] == CLAUDE_SETTINGS["hooks"]["SessionStart"][0]  # theirs first, kept
+    (ours,) = [g["hooks"][0]["command"] for g in groups[1:]]
+    assert data["permissions"] == CLAUDE_SETTINGS["permissions"] and data["env"] == {"FOO": "ünï"}
+    # What Claude Code does: run the command with its variables, then source the file.
+    env_file = tmp_path / "claude-env"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "CLAUDE_PROJECT_DIR": str(repo), "CLAUDE_ENV_FILE": str(env_file)}  # fmt: skip
+    subprocess.run(["sh", "-c", ours], env=env, check=True, timeout=60)
+    out = subprocess.run(
+        ["bash", "-c", f'. {env_file}; printf %s "$API_PORT"'],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert out.stdout == "10003"
+    assert sessions() == [str(repo)]
+    # Without portalloc on PATH the session still starts.
+    subprocess.run(
+        ["/bin/sh", "-c", ours], env={**env, "PATH": "/nonexistent"}, check=True, timeout=60
+    )
+    assert run_cli("hook", "uninstall", "--for", "claude", cwd=repo).returncode == 0
+    assert settings.read_text() == original
+
+
+def test_claude_hook_in_a_fresh_file_and_a_broken_one(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    settings = repo / ".claude" / "settings.json"
+    assert run_cli("hook", "install", "--for", "claude", cwd=repo).returncode == 0
+    assert list(json.loads(settings.read_text())) == ["hooks"]
+    assert run_cli("hook", "uninstall", "--for", "claude", cwd=repo).returncode == 0
+    assert not settings.exists()  # it held nothing but portalloc's hook
+    settings.write_text("{not json")
+    broken = run_cli("hook", "install", "--for", "claude", cwd=repo)
+    assert broken.returncode == 2 and "not valid JSON" in broken.stderr
+    assert settings.read_text() == "{not json"

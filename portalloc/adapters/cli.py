@@ -535,7 +535,7 @@ def why(
 
 
 hook_app = typer.Typer(
-    help="Wire portalloc into the tools that create worktrees (git, direnv).",
+    help="Wire portalloc into the tools that create worktrees (git, direnv, claude).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -581,9 +581,12 @@ def hook_install(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
             if tool == "git":
                 path = hooks.install_git(where)
                 _out(f"git: {path} leases ports for every new worktree\n")
-            else:
+            elif tool == "direnv":
                 path = hooks.install_direnv(where)
                 _out(f"direnv: {path} exports the worktree's ports; run `direnv allow`\n")
+            else:
+                path = hooks.install_claude(where)
+                _out(f"claude: {path} hands the worktree's ports to every session\n")
 
 
 @hook_app.command(
@@ -602,7 +605,11 @@ def hook_uninstall(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
     with _errors():
         where = (repo or Path.cwd()).absolute()
         for tool in _tools(tools):
-            uninstall = hooks.uninstall_git if tool == "git" else hooks.uninstall_direnv
+            uninstall = {
+                "git": hooks.uninstall_git,
+                "direnv": hooks.uninstall_direnv,
+                "claude": hooks.uninstall_claude,
+            }[tool]
             path = uninstall(where)
             _out(f"{tool}: {'removed from ' + str(path) if path else 'nothing to remove'}\n")
 
