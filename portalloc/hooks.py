@@ -11,13 +11,14 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from portalloc.errors import UsageError
 from portalloc.ledger import atomic_write
 
 BEGIN = "# >>> portalloc >>>"
 END = "# <<< portalloc <<<"
-TOOLS = ("git", "direnv", "claude")
+TOOLS = ("git", "direnv", "claude", "codex", "conductor", "worktrunk", "mise")
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
 
 # git runs post-checkout in the new worktree's top with `<old> <new> <flag>`; a new
@@ -278,3 +279,120 @@ def uninstall_claude(repo: Path) -> Path | None:
     else:
         path.unlink()
     return path
+
+
+class TomlHook(NamedTuple):
+    """A tool that reads its hooks from a TOML file in the worktree."""
+
+    file: str  # relative to the worktree top
+    table: str | None  # None: top-level keys
+    keys: dict[str, str]  # key -> shell command
+    preamble: str = ""  # top-level lines a new file starts with
+
+
+# The commands never fail the tool's operation: `|| true`, and output kept off the
+# tool's own (Codex and Conductor show it; worktrunk templates arrive shell-escaped).
+TOML_HOOKS = {
+    "codex": TomlHook(
+        ".codex/environments/environment.toml",
+        None,
+        {},
+        preamble="version = 1",
+    ),
+    "conductor": TomlHook(
+        ".conductor/settings.toml",
+        "scripts",
+        {
+            "setup": 'portalloc env --worktree "$CONDUCTOR_WORKSPACE_PATH" >/dev/null || true',
+            "archive": 'portalloc release "$CONDUCTOR_WORKSPACE_PATH" >/dev/null || true',
+        },
+    ),
+    "worktrunk": TomlHook(
+        ".config/wt.toml",
+        None,
+        {
+            "pre-start": "portalloc env --worktree {{ worktree_path }} >/dev/null || true",
+            "post-remove": "portalloc release {{ worktree_path }} >/dev/null || true",
+        },
+    ),
+    "mise": TomlHook(
+        "mise.toml",
+        "hooks",
+        {"enter": "portalloc env >/dev/null 2>&1 || true"},
+    ),
+}
+# Codex's environment file holds two tables, [setup] and [cleanup], each a script.
+CODEX_TABLES = {
+    "setup": 'portalloc env --worktree "$PWD" >/dev/null || true',
+    "cleanup": 'portalloc release "$PWD" >/dev/null || true',
+}
+
+
+def _toml_string(value: str) -> str:
+    import json
+
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def _toml_parse(path: Path, text: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path} is not valid TOML ({exc}); refusing to edit it") from None
+
+
+def _toml_block(tool: str, spec: TomlHook, new_file: bool) -> tuple[str, str]:
+    """(block to put at the top of the file, block to append at its end)."""
+    lines = [f"{k} = {_toml_string(v)}" for k, v in spec.keys.items()]
+    if tool == "codex":
+        top = [spec.preamble] if new_file else []
+        tables = [f"[{t}]\nscript = {_toml_string(v)}" for t, v in CODEX_TABLES.items()]
+        end = "\n".join(tables)
+        return (f"{BEGIN}\n" + "\n".join(top) + f"\n{END}\n") if top else "", (
+            f"{BEGIN}\n{end}\n{END}\n"
+        )
+    if spec.table is None:
+        return f"{BEGIN}\n" + "\n".join(lines) + f"\n{END}\n", ""
+    return "", f"{BEGIN}\n[{spec.table}]\n" + "\n".join(lines) + f"\n{END}\n"
+
+
+def install_toml(repo: Path, tool: str) -> Path:
+    """Add portalloc's keys to TOOL's TOML file: merged, marked, verified by parsing."""
+    spec = TOML_HOOKS[tool]
+    path = repo_top(repo) / spec.file
+    _check_regular(path)
+    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    base = without(existing)
+    before = _toml_parse(path, base)
+    ours = (
+        dict(CODEX_TABLES) if tool == "codex" else ({spec.table: None} if spec.table else spec.keys)
+    )
+    clash = [name for name in ours if name in before]
+    if clash:
+        raise UsageError(
+            f"{path} already sets {', '.join(clash)}: portalloc never replaces another "
+            f"tool's hook; add its command there yourself"
+        )
+    new_file = not base.strip()
+    top, end = _toml_block(tool, spec, new_file=new_file)
+    text = top + base
+    if end:
+        text += ("" if not text or text.endswith("\n") else "\n") + end
+    after = _toml_parse(path, text)
+    added = set(ours) | ({"version"} if tool == "codex" and new_file else set())
+    if {k: v for k, v in after.items() if k not in added} != before:
+        raise UsageError(f"{path}: cannot add portalloc's keys without changing others")
+    if text != existing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+        atomic_write(path, text.encode("utf-8"), mode=mode)
+    return path
+
+
+def uninstall_toml(repo: Path, tool: str) -> Path | None:
+    """Take portalloc's lines out of TOOL's TOML file; remove a file left empty."""
+    path = repo_top(repo) / TOML_HOOKS[tool].file
+    leftover = ("", TOML_HOOKS[tool].preamble)
+    return _remove_block(path, leftover=leftover)

@@ -196,3 +196,60 @@ def test_claude_hook_in_a_fresh_file_and_a_broken_one(tmp_path: Path) -> None:
     broken = run_cli("hook", "install", "--for", "claude", cwd=repo)
     assert broken.returncode == 2 and "not valid JSON" in broken.stderr
     assert settings.read_text() == "{not json"
+
+
+TOML_CASES = {
+    # tool: (file, the user's own content, what a TOML reader sees of ours after install)
+    "codex": (
+        ".codex/environments/environment.toml",
+        '# my env\nversion = 1\nname = "app"\n',
+        lambda data: (data["setup"]["script"], data["cleanup"]["script"]),
+    ),
+    "conductor": (
+        ".conductor/settings.toml",
+        '[scripts]\nrun = "npm run dev"\n',  # a [scripts] of theirs: refused below
+        None,
+    ),
+    "worktrunk": (
+        ".config/wt.toml",
+        '# worktrunk\n[list]\nfull = true\n\n[[aliases]]\nname = "x"\n',
+        lambda data: (data["pre-start"], data["post-remove"]),
+    ),
+    "mise": (
+        "mise.toml",
+        '[tools]\nnode = "20"  # pinned\n',
+        lambda data: (data["hooks"]["enter"],),
+    ),
+}
+
+
+@pytest.mark.parametrize("tool", list(TOML_CASES))
+def test_toml_tools_merge_verify_and_uninstall_byte_for_byte(tmp_path: Path, tool: str) -> None:
+    import tomllib
+
+    repo = make_repo(tmp_path)
+    relative, mine, read = TOML_CASES[tool]
+    path = repo / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(mine)
+    installed = run_cli("hook", "install", "--for", tool, cwd=repo)
+    if read is None:  # the user's file already has the table portalloc would add
+        assert (
+            installed.returncode == 2 and "never replaces another tool's hook" in installed.stderr
+        )
+        assert path.read_text() == mine
+        path.write_text("")
+        assert run_cli("hook", "install", "--for", tool, cwd=repo).returncode == 0
+        assert "portalloc env" in tomllib.loads(path.read_text())["scripts"]["setup"]
+        assert run_cli("hook", "uninstall", "--for", tool, cwd=repo).returncode == 0
+        assert not path.exists()
+        return
+    assert installed.returncode == 0, installed.stderr
+    assert run_cli("hook", "install", "--for", tool, cwd=repo).returncode == 0  # idempotent
+    data = tomllib.loads(path.read_text())
+    commands = read(data)
+    assert all("portalloc" in command and "|| true" in command for command in commands)
+    for key, value in tomllib.loads(mine).items():
+        assert data[key] == value  # everything of theirs, as it was
+    assert run_cli("hook", "uninstall", "--for", tool, cwd=repo).returncode == 0
+    assert path.read_text() == mine  # byte for byte

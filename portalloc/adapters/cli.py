@@ -535,7 +535,8 @@ def why(
 
 
 hook_app = typer.Typer(
-    help="Wire portalloc into the tools that create worktrees (git, direnv, claude).",
+    help="Wire portalloc into the tools that create worktrees: git, direnv, claude, codex, "
+    "conductor, worktrunk, mise.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -584,9 +585,17 @@ def hook_install(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
             elif tool == "direnv":
                 path = hooks.install_direnv(where)
                 _out(f"direnv: {path} exports the worktree's ports; run `direnv allow`\n")
-            else:
+            elif tool == "claude":
                 path = hooks.install_claude(where)
                 _out(f"claude: {path} hands the worktree's ports to every session\n")
+            else:
+                path = hooks.install_toml(where, tool)
+                what = (
+                    "refreshes the lease on every entry into the worktree"
+                    if tool == "mise"
+                    else f"leases ports when {tool} makes a worktree, releases them after"
+                )
+                _out(f"{tool}: {path} {what}\n")
 
 
 @hook_app.command(
@@ -605,12 +614,15 @@ def hook_uninstall(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
     with _errors():
         where = (repo or Path.cwd()).absolute()
         for tool in _tools(tools):
-            uninstall = {
-                "git": hooks.uninstall_git,
-                "direnv": hooks.uninstall_direnv,
-                "claude": hooks.uninstall_claude,
-            }[tool]
-            path = uninstall(where)
+            if tool in hooks.TOML_HOOKS:
+                path = hooks.uninstall_toml(where, tool)
+            else:
+                uninstall = {
+                    "git": hooks.uninstall_git,
+                    "direnv": hooks.uninstall_direnv,
+                    "claude": hooks.uninstall_claude,
+                }[tool]
+                path = uninstall(where)
             _out(f"{tool}: {'removed from ' + str(path) if path else 'nothing to remove'}\n")
 
 
