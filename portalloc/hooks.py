@@ -18,7 +18,7 @@ from portalloc.ledger import atomic_write
 
 BEGIN = "# >>> portalloc >>>"
 END = "# <<< portalloc <<<"
-TOOLS = ("git", "direnv", "claude", "codex", "conductor", "worktrunk", "mise")
+TOOLS = ("git", "direnv", "claude", "gemini", "codex", "conductor", "worktrunk", "mise")
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
 
 # git runs post-checkout in the new worktree's top with `<old> <new> <flag>`; a new
@@ -189,19 +189,29 @@ def _check_regular(path: Path) -> None:
         raise UsageError(f"{path}: not writable")
 
 
-# Claude Code sources the `export` lines a SessionStart hook appends to
-# $CLAUDE_ENV_FILE before every Bash call; $CLAUDE_PROJECT_DIR is the worktree. JSON
-# has no comments: the command's trailing shell comment marks it as portalloc's.
+# JSON has no comments: the command's trailing shell comment marks it as portalloc's.
 CLAUDE_MARK = "# added by portalloc hook install"
+# Claude Code sources the `export` lines a SessionStart hook appends to
+# $CLAUDE_ENV_FILE before every Bash call; $CLAUDE_PROJECT_DIR is the worktree.
 CLAUDE_COMMAND = (
     'portalloc env --worktree "$CLAUDE_PROJECT_DIR" >> "$CLAUDE_ENV_FILE" || true  ' + CLAUDE_MARK
 )
+# Gemini CLI parses a hook's stdout as JSON and offers no env file: the hook makes or
+# refreshes the lease (and the profile's .env block), says `{}`, and logs on stderr.
+GEMINI_COMMAND = (
+    'portalloc env --worktree "${GEMINI_PROJECT_DIR:-$PWD}" >/dev/null || true; '
+    "echo '{}'  " + CLAUDE_MARK
+)
+JSON_HOOKS = {
+    "claude": (".claude/settings.json", CLAUDE_COMMAND),
+    "gemini": (".gemini/settings.json", GEMINI_COMMAND),
+}
 
 
-def _claude_settings(repo: Path) -> tuple[Path, dict[str, object]]:
+def _json_settings(repo: Path, relative: str) -> tuple[Path, dict[str, object]]:
     import json
 
-    path = repo_top(repo) / ".claude" / "settings.json"
+    path = repo_top(repo) / relative
     _check_regular(path)
     if not path.exists():
         return path, {}
@@ -227,10 +237,11 @@ def _ours(entry: object) -> bool:
     return isinstance(entry, dict) and CLAUDE_MARK in str(entry.get("command", ""))
 
 
-def install_claude(repo: Path) -> Path:
-    """Add a SessionStart hook to .claude/settings.json that hands the worktree's ports
-    to every Bash call; other settings and hooks are kept as they are."""
-    path, settings = _claude_settings(repo)
+def install_json(repo: Path, tool: str) -> Path:
+    """Add a SessionStart hook to TOOL's settings.json (Claude Code, Gemini CLI); other
+    settings and hooks are kept as they are."""
+    relative, command = JSON_HOOKS[tool]
+    path, settings = _json_settings(repo, relative)
     hooks = settings.setdefault("hooks", {})
     if not isinstance(hooks, dict):
         raise UsageError(f"{path}: 'hooks' is not an object; refusing to edit it")
@@ -244,15 +255,15 @@ def install_claude(repo: Path) -> Path:
         for entry in group["hooks"]
     )
     if not present:
-        groups.append({"hooks": [{"type": "command", "command": CLAUDE_COMMAND}]})
+        groups.append({"hooks": [{"type": "command", "command": command}]})
         _write_json(path, settings)
     return path
 
 
-def uninstall_claude(repo: Path) -> Path | None:
-    """Take portalloc's SessionStart hook out of .claude/settings.json, and any container
+def uninstall_json(repo: Path, tool: str) -> Path | None:
+    """Take portalloc's SessionStart hook out of TOOL's settings.json, and any container
     that leaves empty; remove a file left as `{}`."""
-    path, settings = _claude_settings(repo)
+    path, settings = _json_settings(repo, JSON_HOOKS[tool][0])
     hooks = settings.get("hooks")
     groups = hooks.get("SessionStart") if isinstance(hooks, dict) else None
     if not isinstance(hooks, dict) or not isinstance(groups, list):

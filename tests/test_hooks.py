@@ -16,6 +16,7 @@ from tests.helpers import run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
+ROOT = Path(__file__).parent.parent
 OTHER_HOOK = "#!/usr/bin/env bash\n# another tool's hook\necho other-tool-ran >&2\n"
 
 
@@ -253,3 +254,39 @@ def test_toml_tools_merge_verify_and_uninstall_byte_for_byte(tmp_path: Path, too
         assert data[key] == value  # everything of theirs, as it was
     assert run_cli("hook", "uninstall", "--for", tool, cwd=repo).returncode == 0
     assert path.read_text() == mine  # byte for byte
+
+
+def test_gemini_session_start_hook_prints_only_json(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    settings = repo / ".gemini" / "settings.json"
+    settings.parent.mkdir()
+    original = (ROOT / ".gemini" / "settings.json").read_text()  # this repository's own
+    settings.write_text(original)
+    assert run_cli("hook", "install", "--for", "gemini", cwd=repo).returncode == 0
+    data = json.loads(settings.read_text())
+    assert data["mcpServers"] == json.loads(original)["mcpServers"]
+    (command,) = [g["hooks"][0]["command"] for g in data["hooks"]["SessionStart"]]
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "GEMINI_PROJECT_DIR": str(repo)}
+    out = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True,
+                         check=True, timeout=60)  # fmt: skip
+    assert json.loads(out.stdout) == {}  # Gemini CLI parses stdout as JSON: nothing else
+    assert sessions() == [str(repo)]
+    assert run_cli("hook", "uninstall", "--for", "gemini", cwd=repo).returncode == 0
+    assert json.loads(settings.read_text()) == json.loads(original)
+
+
+def test_readme_shows_the_commands_hook_install_writes() -> None:
+    """The README's per-tool blocks cannot drift from the templates."""
+    from portalloc import hooks
+
+    readme = (ROOT / "README.md").read_text()
+    for text in (
+        hooks.CLAUDE_COMMAND,
+        hooks.GEMINI_COMMAND,
+        *hooks.DIRENV_BLOCK.splitlines(),
+        *(line.strip() for line in hooks.GIT_BLOCK.splitlines() if "portalloc env" in line),
+    ):
+        assert text in readme, text
+    for tool in hooks.TOOLS:
+        assert f"--for {tool}" in readme or tool == "git", tool

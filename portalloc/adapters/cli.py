@@ -535,8 +535,8 @@ def why(
 
 
 hook_app = typer.Typer(
-    help="Wire portalloc into the tools that create worktrees: git, direnv, claude, codex, "
-    "conductor, worktrunk, mise.",
+    help="Wire portalloc into the tools that create worktrees: git, direnv, claude, gemini, "
+    "codex, conductor, worktrunk, mise.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -585,9 +585,9 @@ def hook_install(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
             elif tool == "direnv":
                 path = hooks.install_direnv(where)
                 _out(f"direnv: {path} exports the worktree's ports; run `direnv allow`\n")
-            elif tool == "claude":
-                path = hooks.install_claude(where)
-                _out(f"claude: {path} hands the worktree's ports to every session\n")
+            elif tool in hooks.JSON_HOOKS:
+                path = hooks.install_json(where, tool)
+                _out(f"{tool}: {path} leases the worktree's ports when a session starts\n")
             else:
                 path = hooks.install_toml(where, tool)
                 what = (
@@ -616,13 +616,12 @@ def hook_uninstall(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
         for tool in _tools(tools):
             if tool in hooks.TOML_HOOKS:
                 path = hooks.uninstall_toml(where, tool)
+            elif tool in hooks.JSON_HOOKS:
+                path = hooks.uninstall_json(where, tool)
+            elif tool == "git":
+                path = hooks.uninstall_git(where)
             else:
-                uninstall = {
-                    "git": hooks.uninstall_git,
-                    "direnv": hooks.uninstall_direnv,
-                    "claude": hooks.uninstall_claude,
-                }[tool]
-                path = uninstall(where)
+                path = hooks.uninstall_direnv(where)
             _out(f"{tool}: {'removed from ' + str(path) if path else 'nothing to remove'}\n")
 
 
