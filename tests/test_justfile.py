@@ -63,6 +63,7 @@ def make_repo(parent: Path, env: dict[str, str], *extra_files: str) -> Path:
     repo.mkdir()
     ok("git", "init", "-q", "-b", "main", cwd=repo, env=env)
     shutil.copy(ROOT / "justfile", repo / "justfile")
+    shutil.copy(ROOT / "worktree.just", repo / "worktree.just")
     for name in extra_files:
         source = ROOT / name
         if source.is_dir():
@@ -267,3 +268,17 @@ def test_example_script_behaves_like_worktree_new(tmp_path: Path, env: dict[str,
     assert ok("git", "status", "--porcelain", cwd=repo.parent / "my repo-feat-b", env=env) == ""
     held = leases(repo, env)
     assert set(held) == {str(repo.parent / "my repo-feat-a"), str(repo.parent / "my repo-feat-b")}
+
+
+def test_worktree_recipes_alone_in_another_repository(tmp_path: Path, env: dict[str, str]) -> None:
+    """What a user copies: worktree.just as their justfile, none of portalloc's own."""
+    repo = tmp_path / "theirs"
+    repo.mkdir()
+    ok("git", "init", "-q", "-b", "main", cwd=repo, env=env)
+    shutil.copy(ROOT / "worktree.just", repo / "justfile")
+    ok("git", "add", "-A", cwd=repo, env=env)
+    ok("git", "commit", "-q", "-m", "initial", cwd=repo, env=env)
+    recipes = set(ok(JUST, "--summary", cwd=repo, env=env).split())
+    assert recipes == {"worktree-new", "worktree-remove", "worktree-env", "worktree-serve"}
+    ok(JUST, "worktree-new", "feat-x", cwd=repo, env=env)
+    assert str(tmp_path / "theirs-feat-x") in leases(repo, env)
