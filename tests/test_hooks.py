@@ -290,3 +290,26 @@ def test_readme_shows_the_commands_hook_install_writes() -> None:
         assert text in readme, text
     for tool in hooks.TOOLS:
         assert f"--for {tool}" in readme or tool == "git", tool
+
+
+@pytest.mark.skipif(
+    shutil.which("mise") is None, reason="mise is not installed (npm install -g @jdxcode/mise)"
+)
+def test_the_real_mise_reads_the_hook(tmp_path: Path) -> None:
+    from portalloc import hooks
+
+    repo = make_repo(tmp_path)
+    (repo / "mise.toml").write_text('[tools]\nnode = "20"  # pinned\n')
+    assert run_cli("hook", "install", "--for", "mise", cwd=repo).returncode == 0
+    env = {**os.environ, "MISE_YES": "1"}
+    subprocess.run(["mise", "trust", "mise.toml"], cwd=repo, env=env, check=True, timeout=60,
+                   capture_output=True)  # fmt: skip
+
+    def get(key: str) -> str:
+        return subprocess.run(
+            ["mise", "config", "get", "-f", "mise.toml", key], cwd=repo, env=env,
+            check=True, timeout=60, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+
+    assert get("hooks.enter") == hooks.TOML_HOOKS["mise"].keys["enter"]
+    assert get("tools.node") == "20"
