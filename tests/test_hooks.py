@@ -313,3 +313,13 @@ def test_the_real_mise_reads_the_hook(tmp_path: Path) -> None:
 
     assert get("hooks.enter") == hooks.TOML_HOOKS["mise"].keys["enter"]
     assert get("tools.node") == "20"
+
+
+def test_readme_shows_every_toml_command() -> None:
+    from portalloc import hooks
+
+    readme = (ROOT / "README.md").read_text()
+    commands = [*hooks.CODEX_TABLES.values()]
+    commands += [c for spec in hooks.TOML_HOOKS.values() for c in spec.keys.values()]
+    for command in commands:
+        assert f"`{command}`" in readme, command
