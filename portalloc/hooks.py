@@ -70,7 +70,7 @@ def install_direnv(repo: Path) -> Path:
     """Add portalloc's lines to the worktree's .envrc (then `direnv allow` it)."""
     envrc = repo_top(repo) / ".envrc"
     _check_regular(envrc)
-    existing = envrc.read_text(encoding="utf-8") if envrc.exists() else ""
+    existing = _read(envrc) if envrc.exists() else ""
     text = without(existing)
     text += ("" if not text or text.endswith("\n") else "\n") + DIRENV_BLOCK
     if text != existing:
@@ -90,7 +90,7 @@ def _remove_block(path: Path, leftover: tuple[str, ...]) -> Path | None:
     if not path.exists():
         return None
     _check_regular(path)
-    existing = path.read_text(encoding="utf-8")
+    existing = _read(path)
     text = without(existing)
     if text == existing:
         return None
@@ -109,6 +109,17 @@ def git_hooks_dir(repo: Path) -> Path:
     if hooks_path.returncode == 0 and not hooks_path.stdout.strip():
         raise UsageError(
             f"core.hooksPath is set to an empty value in {repo}: git runs no hooks there"
+        )
+    if (
+        hooks_path.returncode == 0
+        and _git(repo, "config", "--local", "--get", "core.hooksPath").returncode != 0
+    ):
+        # A global or system hooksPath: a hook there runs for every repository, and
+        # `git clone` everywhere would lease ports. Not this repository's to change.
+        raise UsageError(
+            f"core.hooksPath ({hooks_path.stdout.strip()}) is set globally, not for {repo}: "
+            "a hook there would run for every repository; add portalloc's lines yourself "
+            "if that is what you want"
         )
     result = _git(repo, "rev-parse", "--path-format=absolute", "--git-path", "hooks")
     if result.returncode != 0:
@@ -139,23 +150,29 @@ def merged(existing: str | None, block: str) -> str:
             f"the existing hook is not a shell script ({shell or 'no #! line'}); "
             f"add portalloc's lines to it yourself:\n{block}"
         )
-    return without(existing) + ("" if existing.endswith("\n") else "\n") + block
+    # Right after the #! line: a hook that ends in `exit` (husky's do) would never reach
+    # lines appended at its end, and the hook's own last command keeps its exit status.
+    rest = without(existing)
+    first, newline, body = rest.partition("\n")
+    return first + newline + ("" if newline else "\n") + block + body
 
 
 def without(text: str) -> str:
-    """TEXT with portalloc's block (its marker lines included) taken out."""
+    """TEXT with portalloc's blocks (marker lines included) taken out; a begin marker
+    without an end is left as it is, with everything after it."""
+    from portalloc.outputs import block_spans
+
     lines = text.splitlines(keepends=True)
-    out: list[str] = []
-    inside = False
-    for line in lines:
-        stripped = line.rstrip("\r\n")
-        if stripped == BEGIN:
-            inside = True
-        elif stripped == END and inside:
-            inside = False
-        elif not inside:
-            out.append(line)
-    return "".join(out)
+    ours = {index for span in block_spans(lines, BEGIN, END) for index in span}
+    return "".join(line for index, line in enumerate(lines) if index not in ours)
+
+
+def _read(path: Path) -> str:
+    """PATH's text exactly: bytes decoded without newline translation (CRLF stays CRLF)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text; refusing to edit it") from None
 
 
 def install_git(repo: Path) -> Path:
@@ -163,7 +180,7 @@ def install_git(repo: Path) -> Path:
     hooks = git_hooks_dir(repo)
     hook = hooks / "post-checkout"
     _check_regular(hook)
-    existing = hook.read_text(encoding="utf-8") if hook.exists() else None
+    existing = _read(hook) if hook.exists() else None
     text = merged(existing, GIT_BLOCK)
     if text != existing:
         hooks.mkdir(parents=True, exist_ok=True)
@@ -216,7 +233,7 @@ def _json_settings(repo: Path, relative: str) -> tuple[Path, dict[str, object]]:
     if not path.exists():
         return path, {}
     try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
+        settings = json.loads(_read(path))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise UsageError(f"{path} is not valid JSON; refusing to edit it") from None
     if not isinstance(settings, dict):
@@ -229,8 +246,14 @@ def _write_json(path: Path, settings: dict[str, object]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
-    text = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, text.encode("utf-8"), mode=mode)
+    try:
+        # allow_nan=False: a 1e400 read as inf must not come back as invalid JSON.
+        data = (json.dumps(settings, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+    except (ValueError, UnicodeEncodeError):
+        raise UsageError(
+            f"{path} holds values JSON cannot write back; refusing to edit it"
+        ) from None
+    atomic_write(path, data, mode=mode)
 
 
 def _ours(entry: object) -> bool:
@@ -315,7 +338,9 @@ TOML_HOOKS = {
         "scripts",
         {
             "setup": 'portalloc env --worktree "$CONDUCTOR_WORKSPACE_PATH" >/dev/null || true',
-            "archive": 'portalloc release "$CONDUCTOR_WORKSPACE_PATH" >/dev/null || true',
+            # Resolved as `env --worktree` resolves it: the lease is under the real path.
+            "archive": 'portalloc release "$(cd "$CONDUCTOR_WORKSPACE_PATH" && pwd -P)" '
+            ">/dev/null || true",
         },
     ),
     "worktrunk": TomlHook(
@@ -335,7 +360,7 @@ TOML_HOOKS = {
 # Codex's environment file holds two tables, [setup] and [cleanup], each a script.
 CODEX_TABLES = {
     "setup": 'portalloc env --worktree "$PWD" >/dev/null || true',
-    "cleanup": 'portalloc release "$PWD" >/dev/null || true',
+    "cleanup": 'portalloc release "$(pwd -P)" >/dev/null || true',
 }
 
 
@@ -372,9 +397,17 @@ def _toml_block(tool: str, spec: TomlHook, new_file: bool) -> tuple[str, str]:
 def install_toml(repo: Path, tool: str) -> Path:
     """Add portalloc's keys to TOOL's TOML file: merged, marked, verified by parsing."""
     spec = TOML_HOOKS[tool]
-    path = repo_top(repo) / spec.file
+    top_dir = repo_top(repo)
+    path = top_dir / spec.file
+    if tool == "conductor" and (top_dir / "conductor.json").exists():
+        # Conductor ignores conductor.json once .conductor/settings.toml exists: making
+        # that file would switch the user's scripts off.
+        raise UsageError(
+            f"{top_dir / 'conductor.json'} exists, and Conductor stops reading it once "
+            f"{spec.file} exists; move its scripts there first"
+        )
     _check_regular(path)
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    existing = _read(path) if path.exists() else ""
     base = without(existing)
     before = _toml_parse(path, base)
     ours = (
@@ -392,8 +425,12 @@ def install_toml(repo: Path, tool: str) -> Path:
     if end:
         text += ("" if not text or text.endswith("\n") else "\n") + end
     after = _toml_parse(path, text)
-    added = set(ours) | ({"version"} if tool == "codex" and new_file else set())
-    if {k: v for k, v in after.items() if k not in added} != before:
+    # Everything but portalloc's own keys reads the same as in the file as it was (not
+    # only as it is without the block: a key of theirs after the block must not move).
+    original = _toml_parse(path, existing)
+    if _theirs(tool, after, new_file) != _theirs(tool, original, new_file) or _theirs(
+        tool, after, new_file
+    ) != _theirs(tool, before, new_file):
         raise UsageError(f"{path}: cannot add portalloc's keys without changing others")
     if text != existing:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,7 +440,39 @@ def install_toml(repo: Path, tool: str) -> Path:
 
 
 def uninstall_toml(repo: Path, tool: str) -> Path | None:
-    """Take portalloc's lines out of TOOL's TOML file; remove a file left empty."""
-    path = repo_top(repo) / TOML_HOOKS[tool].file
-    leftover = ("", TOML_HOOKS[tool].preamble)
-    return _remove_block(path, leftover=leftover)
+    """Take portalloc's lines out of TOOL's TOML file; remove a file left empty. Refused
+    when that would change how any key of the user's reads."""
+    spec = TOML_HOOKS[tool]
+    path = repo_top(repo) / spec.file
+    if path.exists():
+        _check_regular(path)
+        existing = _read(path)
+        remaining = without(existing)
+        kept = _toml_parse(path, remaining)
+        if _theirs(tool, kept, True) != _theirs(tool, _toml_parse(path, existing), True):
+            raise UsageError(
+                f"{path}: keys of yours follow portalloc's block inside its table; "
+                "taking the block out would move them: edit the file by hand"
+            )
+    return _remove_block(path, leftover=("", spec.preamble))
+
+
+def _theirs(tool: str, data: dict[str, Any], drop_version: bool) -> dict[str, Any]:
+    """DATA without the keys portalloc adds for TOOL (a table left empty goes too)."""
+    spec = TOML_HOOKS[tool]
+    result = dict(data)
+    if tool == "codex":
+        for table in CODEX_TABLES:
+            result.pop(table, None)
+        if drop_version and result.get("version") == 1:
+            result.pop("version")
+    elif spec.table is None:
+        for key in spec.keys:
+            result.pop(key, None)
+    elif isinstance(result.get(spec.table), dict):
+        entries = {k: v for k, v in result[spec.table].items() if k not in spec.keys}
+        if entries:
+            result[spec.table] = entries
+        else:
+            result.pop(spec.table)
+    return result

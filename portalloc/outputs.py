@@ -45,6 +45,18 @@ def check_writable(path: Path, option: str, state_dir: Path) -> None:
         raise UsageError(f"{option} {path}: refusing to overwrite portalloc's ledger")
 
 
+def file_in_worktree(tree: Path, relative: str, key: str) -> Path:
+    """TREE/RELATIVE for a profile key, refused unless it really lies in the worktree:
+    no symlink on the way (a committed link could point anywhere), nothing in `.git`."""
+    top = Path(os.path.realpath(tree))
+    target = top / relative
+    if ".git" in Path(relative).parts:
+        raise UsageError(f"{key} = {relative!r}: refusing to write inside .git")
+    if Path(os.path.realpath(target)) != Path(os.path.normpath(target)):
+        raise UsageError(f"{key} = {relative!r}: a symlink on the way; refusing to follow it")
+    return target
+
+
 def manifest_bytes(allocation: PortAllocation) -> bytes:
     return (json.dumps(allocation.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
 
@@ -60,6 +72,23 @@ def write_manifest(path: Path, allocation: PortAllocation) -> None:
     atomic_write(path, data, mode=0o644)
 
 
+def block_spans(lines: list[str], begin: str = BLOCK_BEGIN, end: str = BLOCK_END) -> list[range]:
+    """The line ranges of portalloc's blocks: a begin marker with an end marker after it.
+
+    Each end marker closes the nearest begin marker before it; a begin marker without
+    an end is no block: the lines after it are someone's, and are never swallowed."""
+    spans: list[range] = []
+    opened: int | None = None
+    for index, line in enumerate(lines):
+        marker = line.rstrip("\r\n")
+        if marker == begin:
+            opened = index
+        elif marker == end and opened is not None:
+            spans.append(range(opened, index + 1))
+            opened = None
+    return spans
+
+
 def merge_block(existing: str | None, block: str) -> str:
     """EXISTING with its managed block replaced by BLOCK (lines, each ending in a newline),
     or BLOCK appended, every byte outside the block kept as it was."""
@@ -67,29 +96,22 @@ def merge_block(existing: str | None, block: str) -> str:
     if not existing:
         return managed
     lines = existing.splitlines(keepends=True)
-    begin = next((i for i, line in enumerate(lines) if line.rstrip("\r\n") == BLOCK_BEGIN), None)
-    if begin is not None:
-        end = next(
-            (i for i in range(begin + 1, len(lines)) if lines[i].rstrip("\r\n") == BLOCK_END),
-            None,
-        )
-        if end is not None:
-            return "".join(lines[:begin]) + managed + "".join(lines[end + 1 :])
+    spans = block_spans(lines)
+    if spans:
+        first = spans[0]
+        return "".join(lines[: first.start]) + managed + "".join(lines[first.stop :])
     separator = "" if existing.endswith("\n") else "\n"
     return existing + separator + managed
 
 
 def keys_outside(text: str) -> set[str]:
     """Variables a dotenv file sets outside portalloc's managed block."""
+    lines = text.splitlines()
+    inside = {index for span in block_spans(lines) for index in span}
     keys: set[str] = set()
-    inside = False
-    for raw in text.splitlines():
+    for index, raw in enumerate(lines):
         line = raw.strip()
-        if line == BLOCK_BEGIN:
-            inside = True
-        elif line == BLOCK_END:
-            inside = False
-        elif not inside and line and not line.startswith("#") and "=" in line:
+        if index not in inside and line and not line.startswith("#") and "=" in line:
             name = line.split("=", 1)[0].strip()
             keys.add(name.removeprefix("export ").strip())
     return keys
@@ -139,7 +161,7 @@ def refresh(kind: str, path: str, allocation: PortAllocation) -> bool:
             return False
         if kind == ENV_FILE:
             # Only a file that already holds portalloc's block is portalloc's to rewrite.
-            if BLOCK_BEGIN not in target.read_bytes().decode("utf-8"):
+            if not block_spans(target.read_bytes().decode("utf-8").splitlines()):
                 return False
             return write_env_file(target, allocation.env, lambda _message: None) or True
         current = json.loads(target.read_bytes())

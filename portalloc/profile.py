@@ -24,6 +24,8 @@ def _relative_file(path: Path, key: str, value: object) -> str:
     parts = value.replace("\\", "/").split("/")
     if value.startswith(("/", "~")) or ".." in parts or Path(value).is_absolute():
         raise ProfileError(path, key, "must stay inside the worktree (relative, no '..')")
+    if ".git" in parts:
+        raise ProfileError(path, key, "must not be inside .git")
     return value
 
 

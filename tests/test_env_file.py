@@ -165,3 +165,44 @@ def test_check_port_only_the_named_ones() -> None:
     assert [line.split()[0] for line in result.stdout.splitlines()] == ["db", "api"]
     bad = run_cli("check", "s", "--port", "nope")
     assert bad.returncode == 2 and "known: db, rest, realtime, api" in bad.stderr
+
+
+# --- found by a hostile review ------------------------------------------------------------
+
+
+def test_a_begin_marker_of_the_users_own_swallows_nothing(tmp_path: Path) -> None:
+    target = tmp_path / ".env"
+    mine = f"A=1\n{BLOCK_BEGIN}\nUSER_SECRET=keepme\nOTHER=2\n"
+    target.write_text(mine)
+    env = {"PORTALLOC_SKIP_PORT_CHECK": "1"}
+    assert run_cli("env", "s", "--env-file", str(target), env=env).returncode == 0
+    assert run_cli("env", "s", "--env-file", str(target), env=env).returncode == 0
+    text = target.read_text()
+    assert text.startswith(mine) and text.count(BLOCK_END) == 1
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+@pytest.mark.parametrize("key_value", ['manifest = ".git/x.json"', 'env_file = "d/.env"'])
+def test_profile_files_never_leave_the_worktree(tmp_path: Path, key_value: str) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git("init", "-q", "-b", "main", cwd=repo)
+    outside = tmp_path / "victim"
+    outside.mkdir()
+    (repo / "d").symlink_to(outside)  # a committed symlink pointing anywhere
+    (repo / "portalloc.toml").write_text(key_value + "\n")
+    result = run_cli("env", cwd=repo, env={"PORTALLOC_SKIP_PORT_CHECK": "1"})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_project_file_above_the_worktree_writes_nothing_into_it(tmp_path: Path) -> None:
+    (tmp_path / "portalloc.toml").write_text('manifest = "app.py"\n')
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git("init", "-q", "-b", "main", cwd=repo)
+    (repo / "app.py").write_text("print('mine')\n")
+    result = run_cli("env", cwd=repo, env={"PORTALLOC_SKIP_PORT_CHECK": "1"})
+    assert result.returncode == 0 and "only from the worktree's own file" in result.stderr
+    assert (repo / "app.py").read_text() == "print('mine')\n"

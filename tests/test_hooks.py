@@ -20,9 +20,15 @@ ROOT = Path(__file__).parent.parent
 OTHER_HOOK = "#!/usr/bin/env bash\n# another tool's hook\necho other-tool-ran >&2\n"
 
 
-def git(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+def git(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     # The hook calls `portalloc` from PATH: this interpreter's console script.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **(env or {}),
+    }
     return subprocess.run(
         ["git", *map(str, args)], cwd=cwd, check=True, capture_output=True, text=True,
         timeout=60, env=env,
@@ -59,7 +65,10 @@ def test_git_worktree_add_leases_ports_and_uninstall_restores(tmp_path: Path) ->
     assert run_cli("hook", "install", cwd=repo).returncode == 0
     assert run_cli("hook", "install", cwd=repo).returncode == 0  # idempotent
     text = hook.read_text()
-    assert text.startswith(OTHER_HOOK) and text.count("# >>> portalloc >>>") == 1
+    # Right after the #! line, so a hook ending in `exit` still reaches it.
+    shebang, rest = OTHER_HOOK.split("\n", 1)
+    assert text.startswith(shebang + "\n# >>> portalloc >>>") and text.endswith(rest)
+    assert text.count("# >>> portalloc >>>") == 1
     added = git("worktree", "add", "-q", tmp_path / "wt1", cwd=repo)
     assert "other-tool-ran" in added.stderr  # the other tool's hook still runs
     assert sessions() == [str((tmp_path / "wt1").resolve())]
@@ -323,3 +332,63 @@ def test_readme_shows_every_toml_command() -> None:
     commands += [c for spec in hooks.TOML_HOOKS.values() for c in spec.keys.values()]
     for command in commands:
         assert f"`{command}`" in readme, command
+
+
+# --- found by a hostile review ------------------------------------------------------------
+
+
+def test_unpaired_marker_and_crlf_survive_install_and_uninstall(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    envrc = repo / ".envrc"
+    mine = b"export A=1\r\n# >>> portalloc >>>\r\nexport SECRET=keep\r\nuse nix\r\n"
+    envrc.write_bytes(mine)
+    assert run_cli("hook", "install", "--for", "direnv", cwd=repo).returncode == 0
+    assert envrc.read_bytes().startswith(mine)
+    assert run_cli("hook", "uninstall", "--for", "direnv", cwd=repo).returncode == 0
+    assert envrc.read_bytes() == mine
+    mise = repo / "mise.toml"
+    mise.write_bytes(b'[tools]\r\nnode = "20"\r\n')
+    assert run_cli("hook", "install", "--for", "mise", cwd=repo).returncode == 0
+    assert run_cli("hook", "uninstall", "--for", "mise", cwd=repo).returncode == 0
+    assert mise.read_bytes() == b'[tools]\r\nnode = "20"\r\n'
+
+
+def test_a_key_of_theirs_after_the_block_is_never_moved(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    assert run_cli("hook", "install", "--for", "conductor", cwd=repo).returncode == 0
+    settings = repo / ".conductor" / "settings.toml"
+    settings.write_text(settings.read_text() + 'run = "pnpm dev"\n')  # scripts.run
+    before = settings.read_text()
+    for command in ("install", "uninstall"):
+        result = run_cli("hook", command, "--for", "conductor", cwd=repo)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1
+        assert settings.read_text() == before
+
+
+def test_conductor_json_and_a_global_hooks_path_are_refused(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    (repo / "conductor.json").write_text('{"scripts": {"setup": "npm ci"}}')
+    legacy = run_cli("hook", "install", "--for", "conductor", cwd=repo)
+    assert legacy.returncode == 2 and "conductor.json" in legacy.stderr
+    assert not (repo / ".conductor").exists()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+    git("config", "--global", "core.hooksPath", str(home / "hooks"), cwd=repo, env=env)
+    shared = run_cli("hook", "install", cwd=repo, env=env)
+    assert shared.returncode == 2 and "set globally" in shared.stderr
+    assert not (home / "hooks").exists()
+
+
+@pytest.mark.skipif(
+    shutil.which("portalloc") is None and not (Path(sys.executable).parent / "portalloc").exists(),
+    reason="needs the console script",
+)
+def test_a_hook_that_ends_in_exit_still_leases(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    hook = repo / ".git" / "hooks" / "post-checkout"
+    hook.write_text("#!/bin/sh\necho user hook ran\nexit 0\n")
+    hook.chmod(0o755)
+    assert run_cli("hook", "install", cwd=repo).returncode == 0
+    git("worktree", "add", "-q", tmp_path / "wt", cwd=repo)
+    assert sessions() == [str((tmp_path / "wt").resolve())]

@@ -305,11 +305,18 @@ def env(
         from portalloc import outputs
 
         profile = service.config.profile
-        # The profile's files are kept current for a worktree's own lease only.
-        if write is None and tree is not None and profile.manifest:
-            write = tree / profile.manifest
-        if env_file is None and tree is not None and profile.env_file:
-            env_file = tree / profile.env_file
+        # The profile's files are kept current for a worktree's own lease only, and only
+        # from a project file inside that worktree: one in a parent directory (anyone's
+        # /tmp/portalloc.toml) does not get to write into it.
+        if tree is not None and (profile.manifest or profile.env_file):
+            source = profile.source
+            if source is None or not _inside(source, tree):
+                _warn(f"{source}: env_file and manifest are used only from the worktree's own file")
+            else:
+                if write is None and profile.manifest:
+                    write = outputs.file_in_worktree(tree, profile.manifest, "manifest")
+                if env_file is None and profile.env_file:
+                    env_file = outputs.file_in_worktree(tree, profile.env_file, "env_file")
         manifest = None if write is None else outputs.manifest_path(write)
         dotenv = None if env_file is None else env_file.absolute()
         state_dir = service.config.state_dir
@@ -328,6 +335,11 @@ def env(
             except OSError as exc:
                 raise PortallocError(f"--env-file {dotenv}: {exc.strerror or exc}") from None
     _out(text)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(directory)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
 def _write_manifest(path: Path, allocation: PortAllocation) -> None:
