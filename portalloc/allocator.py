@@ -32,6 +32,11 @@ class Skip(NamedTuple):
     port_name: str
     holder: str = ""  # who listens there, where the OS tells
 
+    @property
+    def reason(self) -> str:
+        holder = f" by {self.holder}" if self.holder else ""
+        return f"port {self.port} ({self.port_name}) is in use{holder}"
+
 
 class Move(NamedTuple):
     """A session granted a block other than its home, and why."""
@@ -211,7 +216,7 @@ def grant(
             if skip is None:
                 chosen = home
             else:
-                moved = Move(home, _busy_reason(skip))
+                moved = Move(home, skip.reason)
     if chosen is None:
         # Other sessions' homes last: a newcomer should not take a block someone
         # returns to tomorrow while a block nobody calls home is free.
@@ -240,11 +245,6 @@ def grant(
             files = {key: value for key, value in files.items() if key != forgotten}
     new_state = LedgerState({**state.leases, request.session_id: lease}, homes_after, files)
     return Grant(new_state, lease, created=True, skipped=tuple(skipped), moved=moved)
-
-
-def _busy_reason(skip: Skip) -> str:
-    holder = f" by {skip.holder}" if skip.holder else ""
-    return f"port {skip.port} ({skip.port_name}) is in use{holder}"
 
 
 def _merge_files(
@@ -276,13 +276,11 @@ def _refresh(
         return Grant(LedgerState(leases, state.homes, files), joined, created=False)
     owner = request.owner or existing.owner
     worktree = request.worktree or existing.worktree
-    guests = existing.guests
     if (
         abs(expires_at - existing.expires_at) < refresh_granularity(config.ttl_minutes)
         and config.ttl_minutes == existing.ttl_minutes
         and owner == existing.owner
         and worktree == existing.worktree
-        and guests == existing.guests
     ):
         # Refreshed a moment ago: leave the leases alone. `eval "$(portalloc env)"`
         # in a prompt hook or direnv then reads without rewriting the file.
@@ -294,7 +292,6 @@ def _refresh(
         ttl_minutes=config.ttl_minutes,
         owner=owner,
         worktree=worktree,
-        guests=guests,
     )
     leases = {**state.leases, request.session_id: refreshed}
     return Grant(LedgerState(leases, state.homes, files), refreshed, created=False)

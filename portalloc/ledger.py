@@ -231,11 +231,6 @@ def lease_from_raw(raw: object) -> Lease:
     return lease
 
 
-# Cc: control characters; Cs: lone surrogates (what undecodable bytes become), which no
-# UTF-8 write can carry: one would make every later save fail.
-_has_control = has_unprintable
-
-
 def _check_rules(lease: Lease) -> None:
     """The rules every lease from the file must meet before anything of it is printed:
     in a shared state dir, other users can write this file."""
@@ -250,14 +245,14 @@ def _check_rules(lease: Lease) -> None:
     for name, port in lease.ports:
         if not SHELL_NAME.fullmatch(name) or not lease.start <= port <= lease.end:
             raise _Malformed(f"lease {lease.session_id!r} has a bad port {name!r}")
+    # Control characters and lone surrogates (what undecodable bytes become, which no
+    # UTF-8 write can carry: one would make every later save fail) in no string.
     for name, value in lease.env:
-        if not SHELL_NAME.fullmatch(name) or forbidden_variable(name) or _has_control(value):
+        if not SHELL_NAME.fullmatch(name) or forbidden_variable(name) or has_unprintable(value):
             raise _Malformed(f"lease {lease.session_id!r} sets variable {name!r}")
-    if not COMPOSE_NAME.fullmatch(lease.compose_project_name) or _has_control(
-        lease.compose_project_name
-    ):
+    if not COMPOSE_NAME.fullmatch(lease.compose_project_name):
         raise _Malformed(f"lease {lease.session_id!r} has a bad compose project name")
-    if lease.worktree is not None and (not lease.worktree or _has_control(lease.worktree)):
+    if lease.worktree is not None and (not lease.worktree or has_unprintable(lease.worktree)):
         raise _Malformed(f"lease {lease.session_id!r} has a bad worktree path")
     for owner in (lease.owner, *lease.guests):
         if owner is not None and not (
@@ -469,7 +464,7 @@ def _files_from_raw(raw: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...
             path = record.get("path") if type(record) is dict else None
             if type(kind) is not str or type(path) is not str:
                 raise _Malformed("a file record must hold a string kind and path")
-            if not _has_control(kind) and not _has_control(path):
+            if not has_unprintable(kind) and not has_unprintable(path):
                 parsed.append((kind, path))
         files[session_id] = tuple(parsed)
     return files
@@ -681,6 +676,7 @@ class Ledger:
             atomic_write(self.path, payload, self._file_mode())
         except OSError as exc:
             raise LedgerError(self.path, f"cannot write: {exc.strerror or exc}") from None
+        self.dirty = False
         key = self._file_key()
         if key is not None:
             self._cached = (key, state)

@@ -3,7 +3,6 @@ typed value: settings with the key each came from, and the profile it describes.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -171,7 +170,7 @@ def load_project_file(path: Path) -> ProjectFile:
                 )
             if not isinstance(template, str):
                 raise ProfileError(path, key, "template must be a string")
-            if any(unicodedata.category(char) == "Cc" for char in template):
+            if has_unprintable(template):
                 # Newlines, ESC and friends have no business in a port variable, and
                 # would reach terminals and env files raw.
                 raise ProfileError(path, key, "template must not contain control characters")

@@ -96,11 +96,9 @@ class PortAllocatorService:
                     # without them even when this operation fails, or every later call
                     # would copy it aside again.
                     self.ledger.save(state)
-                    self.ledger.dirty = False
                 raise
             if state is not loaded or self.ledger.dirty:
                 self.ledger.save(state)
-                self.ledger.dirty = False
         return Outcome(value, state, now, reclaimed)
 
     def _read(self) -> Outcome:
@@ -199,11 +197,7 @@ class PortAllocatorService:
         home = result.moved.home if result.moved else None
         for skip in result.skipped:
             if skip.block_start != home:
-                holder = f" by {skip.holder}" if skip.holder else ""
-                self.on_warning(
-                    f"skipped block {skip.block_start}: port {skip.port} ({skip.port_name}) "
-                    f"is in use{holder}"
-                )
+                self.on_warning(f"skipped block {skip.block_start}: {skip.reason}")
         if result.moved is not None:
             old = f"{result.moved.home}-{result.moved.home + request.config.range - 1}"
             self.on_warning(
