@@ -16,7 +16,8 @@ from portalloc import __version__
 from portalloc.adapters.common import (
     DEFAULT_HTTP_PORT,
     allocate_body,
-    error_body,
+    cli_service,
+    fail,
     json_text,
     lookup,
     say,
@@ -28,12 +29,12 @@ from portalloc.adapters.common import (
 )
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import MissingExtra, PortallocError, UsageError
+from portalloc.host import inside
 from portalloc.render import FORMATS, render
 from portalloc.rules import MAX_PID, MAX_TTL_MINUTES
 
 if TYPE_CHECKING:
     from portalloc.models import PortAllocation
-    from portalloc.service import PortAllocatorService
 
 app = typer.Typer(
     name="portalloc",
@@ -132,18 +133,7 @@ def _errors(json_output: bool = False) -> Iterator[None]:
     try:
         yield
     except PortallocError as exc:
-        if json_output:
-            _print_json(error_body(exc))
-        _err(exc.message)
-        raise typer.Exit(exc.exit_code) from None
-
-
-def _service() -> PortAllocatorService:
-    from portalloc.service import PortAllocatorService
-
-    config = PortAllocatorConfig.from_env()
-    warn_ephemeral_overlap(config)
-    return PortAllocatorService(config, on_warning=_warn)
+        raise typer.Exit(fail(exc, json_output)) from None
 
 
 def _version(value: bool) -> None:
@@ -180,7 +170,7 @@ def allocate(
 ) -> None:
     """Allocate a block for SESSION, or refresh its lease."""
     with _errors(json_output):
-        allocation = _service().allocate(session, ttl_minutes=ttl, pid=pid)
+        allocation = cli_service().allocate(session, ttl_minutes=ttl, pid=pid)
     if json_output:
         _print_json(allocate_body(allocation))
     else:
@@ -199,7 +189,7 @@ def allocate(
 def release(session: SessionArg, json_output: JsonOpt = False) -> None:
     """Release SESSION's lease. Succeeds for an unknown session too."""
     with _errors(json_output):
-        released = _service().release(session)
+        released = cli_service().release(session)
     if json_output:
         _print_json({"success": True, "released": released})
     elif released:
@@ -220,7 +210,7 @@ def release(session: SessionArg, json_output: JsonOpt = False) -> None:
 def status(json_output: JsonOpt = False) -> None:
     """List active leases, what holds each, and the capacity in use."""
     with _errors(json_output):
-        service = _service()
+        service = cli_service()
         allocations = service.status()
     if json_output:
         _print_json([allocation.to_dict() for allocation in allocations])
@@ -301,7 +291,7 @@ def env(
             tree = Path(_session_or_worktree(None))
         if session is None:
             session = str(tree)
-        service = _service()
+        service = cli_service()
         from portalloc import outputs
 
         profile = service.config.profile
@@ -310,7 +300,7 @@ def env(
         # /tmp/portalloc.toml) does not get to write into it.
         if tree is not None and (profile.manifest or profile.env_file):
             source = profile.source
-            if source is None or not _inside(source, tree):
+            if source is None or not inside(os.path.realpath(source), os.path.realpath(tree)):
                 _warn(f"{source}: env_file and manifest are used only from the worktree's own file")
             else:
                 if write is None and profile.manifest:
@@ -335,11 +325,6 @@ def env(
             except OSError as exc:
                 raise PortallocError(f"--env-file {dotenv}: {exc.strerror or exc}") from None
     _out(text)
-
-
-def _inside(path: Path, directory: Path) -> bool:
-    real, top = os.path.realpath(path), os.path.realpath(directory)
-    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
 def _write_manifest(path: Path, allocation: PortAllocation) -> None:
@@ -375,7 +360,7 @@ def get(
 ) -> None:
     """Print one value of SESSION's active lease (read-only)."""
     with _errors():
-        allocation = _service().get(session)
+        allocation = cli_service().get(session)
         value = lookup(allocation, key)
     _out(value + "\n")
 
@@ -406,7 +391,7 @@ def run(
     from portalloc.adapters.runner import run_with_lease
 
     with _errors():
-        service = _service()
+        service = cli_service()
         code = run_with_lease(service, session, command, keep=keep, ttl_minutes=ttl, error=_err)
     raise typer.Exit(code)
 
@@ -423,7 +408,7 @@ def run(
 def prune(json_output: JsonOpt = False) -> None:
     """Reclaim expired and dead leases and show what was reclaimed."""
     with _errors(json_output):
-        reclaimed = _service().prune()
+        reclaimed = cli_service().prune()
     if json_output:
         _print_json(
             {
@@ -487,7 +472,7 @@ def check(
     from portalloc.probe import is_listening
 
     with _errors(json_output):
-        allocation = _service().get(_session_or_worktree(session))
+        allocation = cli_service().get(_session_or_worktree(session))
         if port_names:
             unknown = [name for name in port_names if name not in allocation.ports]
             if unknown:
@@ -536,7 +521,7 @@ def why(
     from portalloc.probe import is_listening
 
     with _errors(json_output):
-        service = _service()
+        service = cli_service()
         holder = next((a for a in service.status() if a.block_start <= port <= a.block_end), None)
     processes = [(item.pid, item.command or "") for item in listeners(port) if item.pid]
     found = views.Why(port, holder, processes, bool(processes) or is_listening(port))

@@ -19,6 +19,7 @@ from portalloc.errors import (
 if TYPE_CHECKING:
     from portalloc.config import PortAllocatorConfig
     from portalloc.models import PortAllocation
+    from portalloc.service import PortAllocatorService
 
 DEFAULT_HTTP_PORT = 7878
 
@@ -145,3 +146,24 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
+
+
+def cli_service() -> PortAllocatorService:
+    """The service a command line uses: settings from the environment (and project
+    file), the ephemeral-range warning, warnings on stderr."""
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.service import PortAllocatorService
+
+    config = PortAllocatorConfig.from_env()
+    warn_ephemeral_overlap(config)
+    return PortAllocatorService(config, on_warning=warn)
+
+
+def fail(error: PortallocError, json_output: bool) -> int:
+    """An expected failure on a command line: the JSON body on stdout when asked for,
+    one line on stderr; return its exit code."""
+    if json_output:
+        sys.stdout.write(json_text(error_body(error)))
+        sys.stdout.flush()
+    say(error.message)
+    return error.exit_code

@@ -110,29 +110,19 @@ def allocate(session: str, json_output: bool) -> int:
     not import is CPU the lock holder gets instead."""
     from portalloc.adapters.common import (
         allocate_body,
-        error_body,
+        cli_service,
+        fail,
         json_text,
-        say,
         summary,
         unexpected,
-        warn,
-        warn_ephemeral_overlap,
     )
-    from portalloc.config import PortAllocatorConfig
     from portalloc.errors import PortallocError
-    from portalloc.service import PortAllocatorService
 
     try:
         try:
-            config = PortAllocatorConfig.from_env()
-            warn_ephemeral_overlap(config)
-            allocation = PortAllocatorService(config, on_warning=warn).allocate(session)
+            allocation = cli_service().allocate(session)
         except PortallocError as exc:
-            if json_output:
-                sys.stdout.write(json_text(error_body(exc)))
-                sys.stdout.flush()
-            say(exc.message)
-            return exc.exit_code
+            return fail(exc, json_output)
         sys.stdout.write(
             json_text(allocate_body(allocation)) if json_output else summary(allocation)
         )
