@@ -105,3 +105,26 @@ def invoke(*args: str, env: dict[str, str] | None = None, cwd: Path | None = Non
         os.environ.clear()
         os.environ.update(saved_env)
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def inner_pytest(
+    project: Path, source: str, out: Path, env: dict[str, str], *args: str
+) -> subprocess.Popen[str]:
+    """Start a real pytest with the portalloc plugin on PROJECT (a worktree top holding
+    SOURCE as its one test file); PLUGIN_OUT tells the test where to write."""
+    project.mkdir(exist_ok=True)
+    (project / ".git").mkdir(exist_ok=True)
+    (project / "test_inner.py").write_text(source)
+    full_env = {**os.environ, "PLUGIN_OUT": str(out), **env}
+    # Not the outer run's options or xdist identity.
+    for name in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
+        full_env.pop(name, None)
+    plugin = ["-p", "portalloc.pytest_plugin", "-q", "-p", "no:cacheprovider"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest", *plugin, *args, str(project)],
+        cwd=project,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

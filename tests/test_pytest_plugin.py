@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.pytest_plugin import PortallocPorts, ports_from_environment, session_key
-from tests.helpers import run_cli
+from tests.helpers import inner_pytest, run_cli
 
 INNER_TEST = """
 import json, os, pathlib
@@ -27,33 +25,10 @@ def test_ports(portalloc_ports):
 
 
 def run_inner_pytest(tmp_path: Path, env: dict[str, str]) -> dict[str, object]:
-    project = tmp_path / "project"
-    project.mkdir(exist_ok=True)
-    (project / ".git").mkdir(exist_ok=True)
-    (project / "test_inner.py").write_text(INNER_TEST)
     out = tmp_path / "out.json"
-    full_env = {**os.environ, "PLUGIN_OUT": str(out), **env}
-    full_env.pop("PYTEST_ADDOPTS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "portalloc.pytest_plugin",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(project),
-        ],
-        cwd=project,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = inner_pytest(tmp_path / "project", INNER_TEST, out, env)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
     data: dict[str, object] = json.loads(out.read_text())
     return data
 

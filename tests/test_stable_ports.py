@@ -25,7 +25,7 @@ import pytest
 from portalloc import PortAllocatorConfig, PortAllocatorService
 from portalloc.host import Host, Listener
 from portalloc.models import Owner
-from tests.helpers import FakeClock, Result, run_cli
+from tests.helpers import FakeClock, Result, inner_pytest, run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -334,34 +334,9 @@ def test_ports(portalloc_ports):
 
 
 def _inner_pytest(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    project = tmp_path / "project"
-    project.mkdir(exist_ok=True)
-    (project / ".git").mkdir(exist_ok=True)
-    (project / "test_worker.py").write_text(WORKER_TEST)
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    full_env = {**os.environ, "PLUGIN_OUT": str(out), **env}
-    for name in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
-        full_env.pop(name, None)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "portalloc.pytest_plugin",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            *args,
-            str(project),
-        ],
-        cwd=project,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return inner_pytest(tmp_path / "project", WORKER_TEST, out, env, *args)
 
 
 def test_xdist_workers_get_disjoint_ports_with_variables_set(tmp_path: Path) -> None:
