@@ -23,8 +23,6 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-FORMATS = ("sh", "fish", "dotenv", "json")
-
 
 class Read(NamedTuple):
     """An invocation the read path may serve."""
@@ -56,6 +54,8 @@ def parse(args: list[str]) -> Read | None:
             return None  # any other option, `--`, `-h`: the full CLI
         else:
             positional.append(arg)
+    from portalloc.render import FORMATS  # the read path renders with it anyway
+
     if args[0] == "env" and fmt in FORMATS and len(positional) <= 1:
         return Read("env", positional[0] if positional else None, fmt)
     if args[0] == "get" and len(positional) == 2:
