@@ -79,6 +79,20 @@ class UsageError(PortallocError):
     code = "usage"
 
 
+class AdoptError(PortallocError):
+    """`portalloc init` cannot adopt a file: not YAML, not compose, a bad template."""
+
+    exit_code = 2
+    code = "invalid_compose"
+
+    def __init__(self, path: Path, line: int, reason: str) -> None:
+        self.path = path
+        self.line = line
+        self.reason = reason
+        where = f"{printable(path)}:{line}" if line else printable(path)
+        super().__init__(f"{where}: {reason}")
+
+
 class NoPortsAvailable(PortallocError):
     """Every block is taken or max_sessions is reached; the ledger is unchanged."""
 

@@ -531,6 +531,62 @@ def why(
         _out(found.text())
 
 
+@app.command(
+    **_command(
+        "[OPTIONS] [COMPOSE_FILE]...",
+        """
+  portalloc init                          # show the diffs and the profile; change nothing
+  portalloc init --write                  # apply them
+  portalloc init > adopt.patch            # stdout is a patch: git apply adopt.patch
+  portalloc init docker-compose.yml docker-compose.override.yml --write
+""",
+    )
+)
+def init(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Compose files (default: compose*.y*ml and docker-compose*.y*ml at the "
+            "repository top).",
+            metavar="[COMPOSE_FILE]...",
+            show_default=False,
+        ),
+    ] = None,
+    write: Annotated[
+        bool, typer.Option("--write", help="Replace the files (atomically); default: dry run.")
+    ] = False,
+) -> None:
+    """Make the compose stack worktree-safe: every fixed host port and container_name
+    becomes a variable with the old value as default, and a profile sets them."""
+    from portalloc import adopt
+
+    with _errors():
+        top = worktree_top(Path.cwd())
+        paths = list(files) if files else adopt.find_compose_files(top)
+        if not paths:
+            raise UsageError(
+                f"no compose file at {top} (compose*.y*ml, docker-compose*.y*ml); name one"
+            )
+        plan = adopt.plan(paths, top)
+        profile_sets = adopt.add_profile(plan)
+        notes = adopt.report(plan, profile_sets) + adopt.hard_coded(plan)
+        if write:
+            adopt.write(plan)
+        else:
+            _out(plan.diff())
+    for note in notes:
+        _err(f"note: {note}")
+    changed = ", ".join(shown for _path, shown, _old, _new in plan.changes)
+    if not plan.changes:
+        _err("nothing to change: no fixed host port or container_name left")
+    elif write:
+        _out(f"wrote {changed}\n")
+        variables = " ".join(variable for variable, _template in plan.env)
+        _out(f'variables: {variables}\nnext: eval "$(portalloc env)" in each worktree\n')
+    else:
+        _err(f"dry run: would change {changed}; run `portalloc init --write` to apply")
+
+
 hook_app = typer.Typer(
     help="Wire portalloc into the tools that create worktrees: git, direnv, claude, gemini, "
     "codex, conductor, worktrunk, mise.",

@@ -1,0 +1,814 @@
+"""`portalloc init`: make a repository's compose stack worktree-safe.
+
+Every fixed published host port becomes `${<NAME>_PORT:-<original>}` and every fixed
+`container_name: X` becomes `${<NAME>_CONTAINER_NAME:-X}`; a profile sets exactly
+those variables from the lease. Edits are targeted: the files are parsed with PyYAML
+only to find the scalars to change (their character offsets), and only those
+characters are replaced, so comments, quoting, anchors, merge keys, indentation and
+every other byte stay as they were. Before anything is shown or written, the result
+is parsed again and checked: with no variable set it must mean exactly what the
+original meant, value for value, after compose's interpolation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from portalloc.compose import (
+    NAME,
+    Published,
+    TemplateError,
+    fixed_range,
+    interpolate,
+    parse_short,
+)
+from portalloc.errors import AdoptError, printable
+from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable
+
+COMPOSE_PATTERNS = ("compose*.yml", "compose*.yaml", "docker-compose*.yml", "docker-compose*.yaml")
+MERGE_TAG = "tag:yaml.org,2002:merge"
+_REFERENCE = re.compile(r"\$\{?(" + NAME.pattern + ")")
+_VARIABLE = re.compile(
+    r"\$(?:\{(" + NAME.pattern + r")(?::?-([0-9]{1,5}))?\}|(" + NAME.pattern + "))"
+)
+CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+DEFAULT_RANGE = 100
+DEFAULT_BASE = 10000
+DEFAULT_MAX_SESSIONS = 20
+HEADER = "# Written by `portalloc init`: the host ports and container names of the compose files."
+
+
+# --- reading compose files -------------------------------------------------------
+
+
+@dataclass
+class ComposeFile:
+    path: Path  # as given or found (shown in messages and diffs)
+    shown: str  # the name in diffs: relative to the top when inside it
+    data: bytes
+    text: str
+    root: Any  # yaml.MappingNode
+
+
+def _load_yaml(path: Path, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise AdoptError(path, line, f"not valid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise AdoptError(path, 1, f"not valid YAML: {exc}") from None
+
+
+def read_compose(path: Path, top: Path) -> ComposeFile:
+    import yaml
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AdoptError(path, 0, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdoptError(path, 1, "is not UTF-8 text") from None
+    root = _load_yaml(path, text)
+    services = _get(root, "services") if isinstance(root, yaml.MappingNode) else None
+    if not isinstance(services, yaml.MappingNode):
+        line = root.start_mark.line + 1 if root is not None else 1
+        raise AdoptError(path, line, "not a compose file (no `services:` mapping)")
+    _check_templates(path, root)
+    try:
+        shown = str(path.absolute().relative_to(top.absolute()))
+    except ValueError:
+        shown = str(path)
+    return ComposeFile(path, shown, data, text, root)
+
+
+def _scalars(node: Any, seen: set[int] | None = None) -> Iterator[Any]:
+    """Every value scalar under NODE (not mapping keys), each node once."""
+    import yaml
+
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        yield node
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            yield from _scalars(item, seen)
+    elif isinstance(node, yaml.MappingNode):
+        for _key, value in node.value:
+            yield from _scalars(value, seen)
+
+
+def _check_templates(path: Path, root: Any) -> None:
+    """Refuse what compose refuses: a `$` that is no valid interpolation."""
+    for node in _scalars(root):
+        if "$" in node.value:
+            try:
+                interpolate(node.value, {}, required=False)
+            except TemplateError as exc:
+                raise AdoptError(path, node.start_mark.line + 1, str(exc)) from None
+
+
+def _get(node: Any, key: str) -> Any:
+    """The value of KEY in mapping NODE as compose sees it: an explicit key wins over
+    merged ones (`<<: *a`, `<<: [*a, *b]`, earlier sources first)."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    found = None
+    for key_node, value in node.value:
+        if key_node.tag != MERGE_TAG and key_node.value == key:
+            found = value
+    if found is not None:
+        return found
+    for key_node, value in node.value:
+        if key_node.tag == MERGE_TAG:
+            sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
+            for source in sources:
+                merged = _get(source, key)
+                if merged is not None:
+                    return merged
+    return None
+
+
+def _keys(node: Any) -> list[str]:
+    """The keys of mapping NODE as compose sees them, merged ones included, in order."""
+    import yaml
+
+    names: dict[str, None] = {}
+    for key_node, value in node.value:
+        if key_node.tag == MERGE_TAG:
+            sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
+            for source in sources:
+                if isinstance(source, yaml.MappingNode):
+                    names.update(dict.fromkeys(_keys(source)))
+        else:
+            names[str(key_node.value)] = None
+    return list(names)
+
+
+def model(node: Any, env: Mapping[str, str]) -> Any:
+    """The document under NODE as compose reads it with variables ENV: merge keys
+    applied, every value interpolated, every scalar as its text."""
+    import yaml
+
+    if isinstance(node, yaml.ScalarNode):
+        return interpolate(node.value, env)
+    if isinstance(node, yaml.SequenceNode):
+        return [model(item, env) for item in node.value]
+    if isinstance(node, yaml.MappingNode):
+        return {key: model(_get(node, key), env) for key in _keys(node)}
+    return None
+
+
+# --- what the files publish ------------------------------------------------------
+
+
+@dataclass
+class Use:
+    """A published host port or a container name init may rewrite."""
+
+    file: ComposeFile
+    node: Any  # the scalar holding it
+    service: str
+    kind: str  # "port" or "container_name"
+    key: tuple[Any, ...]  # equal keys are one port (the same mapping in two files)
+    span: tuple[int, int]  # the part of the scalar's value to replace
+    first: int = 0
+    last: int = 0
+    container: str = ""
+    protocol: str = "tcp"
+
+    @property
+    def line(self) -> int:
+        return int(self.node.start_mark.line) + 1
+
+
+@dataclass
+class Plan:
+    top: Path
+    files: list[ComposeFile]
+    changes: list[tuple[Path, str, bytes | None, bytes]] = field(default_factory=list)
+    notes: list[tuple[str, int, str]] = field(default_factory=list)  # (file, line, text)
+    # Host ports and names already given by variables: (file, line, text, variables),
+    # reported once it is known which of those variables the profile sets.
+    given: list[tuple[str, int, str, tuple[str, ...]]] = field(default_factory=list)
+    ports: list[tuple[str, int]] = field(default_factory=list)
+    env: list[tuple[str, str]] = field(default_factory=list)
+    defaults: dict[str, str] = field(default_factory=dict)  # variable -> original value
+    adopted: set[str] = field(default_factory=set)  # variables the files already used
+
+    def diff(self) -> str:
+        out: list[str] = []
+        for _path, shown, old, new in self.changes:
+            before = "" if old is None else old.decode("utf-8")
+            out.extend(
+                difflib.unified_diff(
+                    before.splitlines(keepends=True),
+                    new.decode("utf-8").splitlines(keepends=True),
+                    "/dev/null" if old is None else f"a/{shown}",
+                    f"b/{shown}",
+                )
+            )
+        return "".join(
+            line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+            for line in out
+        )
+
+
+def _note(plan: Plan, use_file: ComposeFile, node: Any, message: str) -> None:
+    plan.notes.append((use_file.shown, node.start_mark.line + 1, message))
+
+
+def _given(plan: Plan, use_file: ComposeFile, node: Any, what: str, text: str) -> None:
+    variables = tuple(dict.fromkeys(m.group(1) for m in _REFERENCE.finditer(text)))
+    plan.given.append((use_file.shown, node.start_mark.line + 1, what, variables))
+
+
+def report(plan: Plan, profile_sets: set[str]) -> list[str]:
+    """Every note, in file and line order; a value given by variables says whether
+    portalloc's profile sets them."""
+    notes = list(plan.notes)
+    for shown, line, what, variables in plan.given:
+        unset = [v for v in variables if v not in profile_sets]
+        tail = f"{', '.join(unset)} not set by the profile" if unset else "set by the profile"
+        notes.append(
+            (shown, line, f"{what}: given by {', '.join(variables)}; left as it is ({tail})")
+        )
+    notes.sort(key=lambda note: (note[0], note[1]))
+    return [f"{shown}:{line}: {text}" for shown, line, text in notes]
+
+
+def _services(compose: ComposeFile) -> Iterator[tuple[str, Any]]:
+    import yaml
+
+    services = _get(compose.root, "services")
+    for name in _keys(services):
+        service = _get(services, name)
+        if isinstance(service, yaml.MappingNode):
+            yield name, service
+
+
+def _port_uses(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Iterator[Use]:
+    import yaml
+
+    ports = _get(service, "ports")
+    if ports is None:
+        return
+    if not isinstance(ports, yaml.SequenceNode):
+        raise AdoptError(compose.path, ports.start_mark.line + 1, f"{name}: ports must be a list")
+    for entry in ports.value:
+        if isinstance(entry, yaml.ScalarNode):
+            try:
+                spec = parse_short(entry.value)
+            except ValueError as exc:
+                _note(plan, compose, entry, f"{name}: {exc}; left as it is")
+                continue
+            node, container, protocol = entry, spec.container, spec.protocol
+        elif isinstance(entry, yaml.MappingNode):
+            node = _get(entry, "published")
+            target = _get(entry, "target")
+            protocol_node = _get(entry, "protocol")
+            container = str(target.value) if isinstance(target, yaml.ScalarNode) else "?"
+            protocol = (
+                str(protocol_node.value) if isinstance(protocol_node, yaml.ScalarNode) else "tcp"
+            )
+            if not isinstance(node, yaml.ScalarNode) or node.value in ("", "0"):
+                _note(
+                    plan, compose, entry, f"{name}: container port {container} only, nothing to do"
+                )
+                continue
+            spec = Published(node.value, 0, len(node.value), container, protocol)
+        else:
+            raise AdoptError(compose.path, entry.start_mark.line + 1, f"{name}: bad port entry")
+        if not spec.host:
+            _note(plan, compose, node, f"{name}: container port {container} only; nothing to do")
+            continue
+        if "$" in spec.host:
+            variable = _VARIABLE.fullmatch(spec.host)
+            if variable is None:
+                _given(plan, compose, node, f"{name}: {spec.host}", spec.host)
+                continue
+            var = variable.group(1) or variable.group(3)
+            default = variable.group(2)
+            yield Use(
+                compose,
+                node,
+                name,
+                "variable",
+                (name, 0, 0, container, protocol, var),
+                (spec.start, spec.end),
+                int(default or 0),
+                int(default or 0),
+                container,
+                protocol,
+            )
+            continue
+        fixed = fixed_range(spec.host)
+        if fixed is None:
+            _note(
+                plan,
+                compose,
+                node,
+                f"{name}: host port {spec.host!r} not understood; left as is",
+            )
+            continue
+        first, last = fixed
+        yield Use(
+            compose,
+            node,
+            name,
+            "port",
+            (name, first, last, container, protocol),
+            (spec.start, spec.end),
+            first,
+            last,
+            container,
+            protocol,
+        )
+
+
+def _container_use(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Use | None:
+    import yaml
+
+    node = _get(service, "container_name")
+    if not isinstance(node, yaml.ScalarNode):
+        return None
+    if "$" in node.value:
+        _given(plan, compose, node, f"{name}: container_name {node.value}", node.value)
+        return None
+    if not CONTAINER_NAME.fullmatch(node.value):
+        _note(plan, compose, node, f"{name}: container_name {node.value!r} is not a valid name")
+        return None
+    return Use(compose, node, name, "container_name", (name, node.value), (0, len(node.value)))
+
+
+# --- names and offsets ---------------------------------------------------------
+
+
+def _stem(service: str) -> str:
+    stem = re.sub(r"[^a-z0-9]+", "_", service.lower()).strip("_") or "service"
+    return "s_" + stem if stem[0].isdigit() else stem
+
+
+def _usable(name: str, taken: set[str], suffix: str) -> bool:
+    variable = (name + suffix).upper()
+    return (
+        name.lower() not in taken
+        and variable not in taken
+        and not forbidden_variable(variable)
+        and SHELL_NAME.fullmatch(variable) is not None
+    )
+
+
+def _claim(name: str, taken: set[str], suffix: str = "_PORT") -> str:
+    """NAME, or NAME_2, NAME_3...: the first that is free, case-insensitively, and
+    whose variable a profile may set (`compose` would give the refused COMPOSE_PORT)."""
+    if not _usable(name, taken, suffix):
+        name = "svc_" + name if forbidden_variable((name + suffix).upper()) else name
+        candidate, number = name, 2
+        while not _usable(candidate, taken, suffix):
+            candidate, number = f"{name}_{number}", number + 1
+        name = candidate
+    taken.add(name.lower())
+    taken.add((name + suffix).upper())
+    return name
+
+
+def _claim_variable(variable: str, taken: set[str]) -> str:
+    candidate, number = variable, 2
+    while candidate in taken or forbidden_variable(candidate):
+        candidate, number = f"SVC_{variable}_{number}", number + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _name_ports(uses: list[Use], taken: set[str]) -> dict[tuple[Any, ...], str]:
+    """One name per distinct port: the service's, or service_containerport when a
+    service publishes several; stable for the same files."""
+    by_service: dict[str, dict[tuple[Any, ...], Use]] = {}
+    for use in uses:
+        by_service.setdefault(use.service, {}).setdefault(use.key, use)
+    names: dict[tuple[Any, ...], str] = {}
+    for service, keyed in by_service.items():
+        stem = _stem(service)
+        for key, use in keyed.items():
+            if key in names:
+                continue
+            if len(keyed) == 1:
+                wanted = stem
+            else:
+                number = use.container.split("-")[0]
+                wanted = f"{stem}_{number if number.isdigit() else use.first}"
+                if use.protocol != "tcp":
+                    wanted += f"_{use.protocol}"
+            names[key] = _claim(wanted, taken)
+    return names
+
+
+# --- the plan ----------------------------------------------------------------
+
+
+def _body(compose: ComposeFile, node: Any) -> tuple[int, str] | None:
+    """Where the scalar's own text starts, and its quote ("" when plain), when its
+    source is its value verbatim: no escapes, no folding, on one line."""
+    start, end = node.start_mark.index, node.end_mark.index
+    source = compose.text[start:end]
+    quote = {'"': '"', "'": "'", None: ""}.get(node.style)
+    if quote is None or "\n" in source:
+        return None
+    body = quote + node.value + quote
+    if not source.endswith(body) or (quote == "'" and "'" in node.value):
+        return None
+    if quote == '"' and "\\" in node.value:
+        return None
+    return end - len(body), quote
+
+
+def _edit(plan: Plan, use: Use, replacement: str, edits: dict[int, tuple[int, int, str]]) -> None:
+    """Queue the replacement of USE's part (its host port, its name) by REPLACEMENT."""
+    located = _body(use.file, use.node)
+    if located is None:
+        _note(
+            plan,
+            use.file,
+            use.node,
+            f"{use.service}: {use.node.value!r} is written in a "
+            "form init does not rewrite (escapes or several lines); change it by hand",
+        )
+        return
+    body_start, quote = located
+    value: str = use.node.value
+    start, end = use.span
+    # Plain scalars get double quotes: `${` and `}` are safest quoted (flow lists).
+    quote = quote or '"'
+    new_value = value[:start] + replacement + value[end:]
+    edits[body_start] = (body_start, use.node.end_mark.index, quote + new_value + quote)
+
+
+def _adoptable(plan_: Plan, uses: list[Use]) -> list[Use]:
+    """USES without the variables the profile must not take over: a host port already
+    written as `${VAR:-N}` is adopted (the profile sets VAR) only when VAR appears
+    nowhere else in the files and is a variable a profile may set."""
+    references: dict[str, int] = {}
+    for compose in plan_.files:
+        for node in _scalars(compose.root):
+            for match in _REFERENCE.finditer(node.value):
+                references[match.group(1)] = references.get(match.group(1), 0) + 1
+    in_ports: dict[str, int] = {}
+    for use in uses:
+        if use.kind == "variable":
+            in_ports[use.key[-1]] = in_ports.get(use.key[-1], 0) + 1
+    kept: list[Use] = []
+    for use in uses:
+        if use.kind == "variable":
+            var = use.key[-1]
+            _given(plan_, use.file, use.node, f"{use.service}: {use.node.value}", f"${{{var}}}")
+            if forbidden_variable(var) or references.get(var) != in_ports[var]:
+                continue  # used for more than this host port: the user's to set
+            plan_.adopted.add(var)
+            use.key = ("$", var)  # one port per variable, whichever services use it
+        kept.append(use)
+    return kept
+
+
+def plan(paths: Iterable[Path], top: Path) -> Plan:
+    """Everything `init` would change, checked; nothing is written."""
+    files = [read_compose(path, top) for path in paths]
+    result = Plan(top, files)
+    taken: set[str] = {"compose_project_name"}
+    for compose in files:
+        for node in _scalars(compose.root):
+            for match in _REFERENCE.finditer(node.value):
+                taken.add(match.group(1).upper())
+    uses: list[Use] = []
+    containers: list[Use] = []
+    seen: set[int] = set()
+    for compose in files:
+        for name, service in _services(compose):
+            for use in _port_uses(result, compose, name, service):
+                if id(use.node) not in seen:
+                    seen.add(id(use.node))
+                    uses.append(use)
+            container = _container_use(result, compose, name, service)
+            if container is not None and id(container.node) not in seen:
+                seen.add(id(container.node))
+                containers.append(container)
+
+    uses = _adoptable(result, uses)
+    names = _name_ports(uses, taken)
+    offsets: dict[tuple[Any, ...], int] = {}
+    range_ends: dict[tuple[Any, ...], str] = {}
+    next_offset = 0
+    per_file: dict[int, dict[int, tuple[int, int, str]]] = {}
+    for use in uses:
+        name = names[use.key]
+        variable = use.key[-1] if use.kind == "variable" else f"{name.upper()}_PORT"
+        if use.key not in offsets:
+            offsets[use.key] = next_offset
+            result.ports.append((name, next_offset))
+            result.env.append((variable, "{" + name + "_port}"))
+            if use.first:
+                result.defaults[variable] = str(use.first)
+            if use.last != use.first:
+                # A range takes consecutive offsets; its two ends have a variable each.
+                last = _claim(name + "_last", taken)
+                result.ports.append((last, next_offset + use.last - use.first))
+                result.env.append((f"{last.upper()}_PORT", "{" + last + "_port}"))
+                result.defaults[f"{last.upper()}_PORT"] = str(use.last)
+                range_ends[use.key] = f"{last.upper()}_PORT"
+            next_offset += use.last - use.first + 1
+        if use.kind == "variable":
+            continue
+        replacement = f"${{{variable}:-{use.first}}}"
+        if use.key in range_ends:
+            replacement += f"-${{{range_ends[use.key]}:-{use.last}}}"
+        _edit(result, use, replacement, per_file.setdefault(id(use.file), {}))
+    container_names: dict[tuple[Any, ...], str] = {}
+    for use in containers:
+        if use.key not in container_names:
+            variable = _claim_variable(f"{_stem(use.service).upper()}_CONTAINER_NAME", taken)
+            container_names[use.key] = variable
+            result.env.append((variable, "{compose_project_name}-" + use.node.value))
+            result.defaults[variable] = use.node.value
+        replacement = f"${{{container_names[use.key]}:-{use.node.value}}}"
+        _edit(result, use, replacement, per_file.setdefault(id(use.file), {}))
+    if result.ports or container_names:
+        result.env.append(("COMPOSE_PROJECT_NAME", "{compose_project_name}"))
+
+    for compose in files:
+        edits = per_file.get(id(compose), {})
+        if not edits:
+            continue
+        text = compose.text
+        for start, end, replacement in sorted(edits.values(), reverse=True):
+            text = text[:start] + replacement + text[end:]
+        _verify(compose, text)
+        result.changes.append((compose.path, compose.shown, compose.data, text.encode("utf-8")))
+    return result
+
+
+def _verify(compose: ComposeFile, text: str) -> None:
+    """The rewritten text must parse and, with no variable set, mean what the original
+    meant. A failure here is a bug in init, never the user's: nothing is written."""
+    rewritten = _load_yaml(compose.path, text)
+    if model(rewritten, {}) != model(compose.root, {}):
+        raise AssertionError(f"init would change what {compose.path} means; nothing written")
+
+
+# --- the profile ---------------------------------------------------------------
+
+
+def span_settings(needed: int) -> list[tuple[str, int]]:
+    """Settings the profile must carry for NEEDED offsets per block."""
+    if needed <= DEFAULT_RANGE:
+        return []
+    settings = [("range", needed)]
+    if DEFAULT_BASE + needed * DEFAULT_MAX_SESSIONS - 1 > 65535:
+        sessions = (65536 - DEFAULT_BASE) // needed
+        if sessions < 1:
+            raise AdoptError(
+                Path(),
+                0,
+                f"the compose files publish {needed} ports: more "
+                f"than fit above port {DEFAULT_BASE}",
+            )
+        settings.append(("max_sessions", sessions))
+    return settings
+
+
+def compose_prefix(top: Path) -> str | None:
+    """A compose_prefix from the repository's directory name, when one can be made."""
+    prefix = re.sub(r"[^a-z0-9_-]+", "-", top.name.lower()).strip("-_")[:24]
+    return prefix if prefix and COMPOSE_NAME.fullmatch(prefix) else None
+
+
+def needed_range(plan_: Plan) -> int:
+    return max((offset + 1 for _, offset in plan_.ports), default=0)
+
+
+def profile_tables(plan_: Plan, table: str) -> str:
+    """The `ports` and `env` tables, under TABLE ("" for portalloc.toml)."""
+    prefix = f"{table}." if table else ""
+    lines = [f"[{prefix}ports]"]
+    lines += [f"{name} = {offset}" for name, offset in plan_.ports]
+    lines += ["", f"[{prefix}env]"]
+    lines += [f"{variable} = {json.dumps(template)}" for variable, template in plan_.env]
+    return "\n".join(lines) + "\n"
+
+
+def profile_text(plan_: Plan, table: str, *, settings: bool = True) -> str:
+    """A whole profile: header, the table (pyproject.toml), settings, ports and env."""
+    head = [HEADER]
+    if table:
+        head.append(f"[{table}]")
+    if settings:
+        prefix = compose_prefix(plan_.top)
+        if prefix:
+            head.append(f'compose_prefix = "{prefix}"')
+        head += [f"{key} = {value}" for key, value in span_settings(needed_range(plan_))]
+    return "\n".join(head) + "\n\n" + profile_tables(plan_, table)
+
+
+def _table(path: Path) -> dict[str, Any] | None:
+    """The portalloc table of PATH as written, or None when it has none."""
+    import tomllib
+
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    if path.name == "portalloc.toml":
+        return data
+    table = data.get("tool", {}).get("portalloc")
+    return table if isinstance(table, dict) else None
+
+
+def add_profile(plan_: Plan) -> set[str]:
+    """Add the profile to the plan; return the variables the profile will set.
+
+    A new portalloc.toml; or [tool.portalloc] appended to a pyproject.toml without
+    one; or, in a project file that has settings but no ports and no env, those two
+    tables appended. A project file that already lists ports or env is the user's:
+    init leaves it alone, and stops (naming what to add) when it lacks a variable a
+    rewritten file needs."""
+    from portalloc.profile import load_project_file
+
+    toml = plan_.top / "portalloc.toml"
+    pyproject = plan_.top / "pyproject.toml"
+    existing = toml if toml.is_file() else pyproject if pyproject.is_file() else None
+    wanted = {variable for variable, _template in plan_.env}
+    if existing is None:
+        if plan_.env:
+            text = profile_text(plan_, "")
+            plan_.changes.append((toml, "portalloc.toml", None, text.encode()))
+        return wanted
+    project = load_project_file(existing)  # a broken project file: exit 2 naming the key
+    data = existing.read_bytes()
+    table = _table(existing)
+    name = "tool.portalloc" if existing.name == "pyproject.toml" else ""
+    needed = needed_range(plan_)
+    if table is not None and ("ports" in table or "env" in table):
+        have = dict(project.profile.env) if project.profile is not None else {}
+        missing = [(v, t) for v, t in plan_.env if v not in have and v not in plan_.adopted]
+        if missing:
+            lines = ", ".join(f"{v} = {json.dumps(t)}" for v, t in missing)
+            raise AdoptError(
+                existing,
+                0,
+                "already lists ports and variables, and init does not "
+                f"edit them; add {lines} (with their ports); nothing written",
+            )
+        return set(have)
+    if not plan_.env:
+        return set()
+    if table is None:  # pyproject.toml without [tool.portalloc]
+        added = profile_text(plan_, name)
+    elif needed > project.values.get("range", DEFAULT_RANGE) and (name or "range" in table):
+        raise AdoptError(
+            existing,
+            0,
+            f"set range = {needed} or more: the compose files "
+            f"publish {needed} ports; nothing written",
+        )
+    else:
+        added = profile_tables(plan_, name)
+        if not name:
+            settings = [f"{k} = {v}" for k, v in span_settings(needed) if k not in table]
+            added = "".join(line + "\n" for line in settings) + "\n" + added
+    text = data.decode("utf-8")
+    separator = "" if not text else "\n" if text.endswith("\n") else "\n\n"
+    plan_.changes.append((existing, existing.name, data, (text + separator + added).encode()))
+    return wanted
+
+
+# --- writing -------------------------------------------------------------------
+
+
+def write(plan_: Plan) -> None:
+    """Replace every changed file atomically; all or none. A file that changed since it
+    was read, or is not a regular file, stops everything before the first write."""
+    from portalloc.ledger import atomic_write
+
+    modes: list[int] = []
+    for path, _shown, old, _new in plan_.changes:
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            if old is not None:
+                raise AdoptError(path, 0, "vanished while init ran; nothing written") from None
+            modes.append(0o644)
+            continue
+        except OSError as exc:
+            raise AdoptError(path, 0, f"cannot be read: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+            raise AdoptError(path, 0, f"refusing to replace it, it is {kind}; nothing written")
+        if old is None or path.read_bytes() != old:
+            raise AdoptError(path, 0, "changed while init ran; nothing written")
+        modes.append(stat.S_IMODE(info.st_mode))
+    done: list[tuple[Path, bytes | None]] = []
+    try:
+        for (path, _shown, old, new), mode in zip(plan_.changes, modes, strict=True):
+            atomic_write(path, new, mode)
+            done.append((path, old))
+    except OSError as exc:
+        for path, old in reversed(done):
+            try:
+                if old is None:
+                    os.unlink(path)
+                else:
+                    atomic_write(path, old, stat.S_IMODE(path.stat().st_mode))
+            except OSError:
+                pass
+        raise AdoptError(path, 0, f"cannot be written: {exc.strerror}; nothing changed") from None
+
+
+# --- reports on other files ------------------------------------------------------
+
+_SCRIPT_PORT = re.compile(
+    r"(?:--port[= ]|--listen[= ]|(?<![\w-])-p ?|\bPORT=)(\d{2,5})\b"
+    r"|\b(?:localhost|127\.0\.0\.1|0\.0\.0\.0):(\d{2,5})\b"
+)
+_ENV_PORT = re.compile(
+    r"^\s*(?:export\s+)?((?:[A-Za-z_][A-Za-z0-9_]*)?PORT[A-Za-z0-9_]*)\s*=\s*['\"]?(\d{2,5})['\"]?\s*$"
+    r"|\b(?:localhost|127\.0\.0\.1|0\.0\.0\.0):(\d{2,5})\b"
+)
+
+
+def _hint(port: str, plan_: Plan) -> str:
+    for variable, default in plan_.defaults.items():
+        if default == port and variable.endswith("_PORT"):
+            return f" (the compose files now publish it as ${variable})"
+    return ""
+
+
+def hard_coded(plan_: Plan) -> list[str]:
+    """Likely fixed local ports in package.json scripts and .env files at the top."""
+    notes: list[str] = []
+    package = plan_.top / "package.json"
+    if package.is_file():
+        try:
+            scripts = json.loads(package.read_text(encoding="utf-8")).get("scripts", {})
+        except (OSError, ValueError, AttributeError):
+            scripts = {}
+        if isinstance(scripts, dict):
+            for name, command in scripts.items():
+                if isinstance(command, str):
+                    for match in _SCRIPT_PORT.finditer(command):
+                        port = match.group(1) or match.group(2)
+                        notes.append(
+                            f"package.json: scripts.{printable(name)}: {printable(match.group(0))} "
+                            f"is a fixed port{_hint(port, plan_)}"
+                        )
+    for path in sorted(plan_.top.glob(".env*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        inside = False
+        for number, line in enumerate(lines, 1):
+            if line.startswith("# >>> portalloc >>>"):
+                inside = True
+            elif line.startswith("# <<< portalloc <<<"):
+                inside = False
+            if inside:
+                continue
+            for match in _ENV_PORT.finditer(line):
+                port = match.group(2) or match.group(3)
+                notes.append(
+                    f"{path.name}:{number}: {printable(match.group(0).strip())} is a fixed "
+                    f"port{_hint(port, plan_)}"
+                )
+    return notes
+
+
+def find_compose_files(top: Path) -> list[Path]:
+    found: dict[Path, None] = {}
+    for pattern in COMPOSE_PATTERNS:
+        for path in sorted(top.glob(pattern)):
+            if path.is_file():
+                found[path] = None
+    return sorted(
+        found,
+        key=lambda p: (
+            not p.name.startswith(("compose.", "docker-compose.")),
+            "override" in p.name,
+            p.name,
+        ),
+    )
