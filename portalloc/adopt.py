@@ -76,23 +76,24 @@ def read_compose(path: Path, top: Path) -> ComposeFile:
     import yaml
 
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise AdoptError(path, 0, f"cannot be read: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise AdoptError(path, 1, "is not UTF-8 text") from None
-    root = _load_yaml(path, text)
-    services = _get(root, "services") if isinstance(root, yaml.MappingNode) else None
-    if not isinstance(services, yaml.MappingNode):
-        line = root.start_mark.line + 1 if root is not None else 1
-        raise AdoptError(path, line, "not a compose file (no `services:` mapping)")
-    _check_templates(path, root)
-    try:
         shown = str(path.absolute().relative_to(top.absolute()))
     except ValueError:
         shown = str(path)
+    where = Path(shown)  # messages name the file as the user knows it
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AdoptError(where, 0, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdoptError(where, 1, "is not UTF-8 text") from None
+    root = _load_yaml(where, text)
+    services = _get(root, "services") if isinstance(root, yaml.MappingNode) else None
+    if not isinstance(services, yaml.MappingNode):
+        line = root.start_mark.line + 1 if root is not None else 1
+        raise AdoptError(where, line, "not a compose file (no `services:` mapping)")
+    _check_templates(where, root)
     return ComposeFile(path, shown, data, text, root)
 
 
@@ -163,17 +164,18 @@ def _keys(node: Any) -> list[str]:
     return list(names)
 
 
-def model(node: Any, env: Mapping[str, str]) -> Any:
+def model(node: Any, env: Mapping[str, str], *, required: bool = False) -> Any:
     """The document under NODE as compose reads it with variables ENV: merge keys
-    applied, every value interpolated, every scalar as its text."""
+    applied, every value interpolated, every scalar as its text. A required variable
+    without a value reads as empty unless REQUIRED."""
     import yaml
 
     if isinstance(node, yaml.ScalarNode):
-        return interpolate(node.value, env)
+        return interpolate(node.value, env, required=required)
     if isinstance(node, yaml.SequenceNode):
-        return [model(item, env) for item in node.value]
+        return [model(item, env, required=required) for item in node.value]
     if isinstance(node, yaml.MappingNode):
-        return {key: model(_get(node, key), env) for key in _keys(node)}
+        return {key: model(_get(node, key), env, required=required) for key in _keys(node)}
     return None
 
 
@@ -272,7 +274,9 @@ def _port_uses(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Ite
     if ports is None:
         return
     if not isinstance(ports, yaml.SequenceNode):
-        raise AdoptError(compose.path, ports.start_mark.line + 1, f"{name}: ports must be a list")
+        raise AdoptError(
+            Path(compose.shown), ports.start_mark.line + 1, f"{name}: ports must be a list"
+        )
     for entry in ports.value:
         if isinstance(entry, yaml.ScalarNode):
             try:
@@ -291,12 +295,14 @@ def _port_uses(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Ite
             )
             if not isinstance(node, yaml.ScalarNode) or node.value in ("", "0"):
                 _note(
-                    plan, compose, entry, f"{name}: container port {container} only, nothing to do"
+                    plan, compose, entry, f"{name}: container port {container} only; nothing to do"
                 )
                 continue
             spec = Published(node.value, 0, len(node.value), container, protocol)
         else:
-            raise AdoptError(compose.path, entry.start_mark.line + 1, f"{name}: bad port entry")
+            raise AdoptError(
+                Path(compose.shown), entry.start_mark.line + 1, f"{name}: bad port entry"
+            )
         if not spec.host:
             _note(plan, compose, node, f"{name}: container port {container} only; nothing to do")
             continue
@@ -335,7 +341,7 @@ def _port_uses(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Ite
             node,
             name,
             "port",
-            (name, first, last, container, protocol),
+            (name, first, last, container),  # tcp and udp of one port: one variable
             (spec.start, spec.end),
             first,
             last,
@@ -539,6 +545,8 @@ def plan(paths: Iterable[Path], top: Path) -> Plan:
         replacement = f"${{{variable}:-{use.first}}}"
         if use.key in range_ends:
             replacement += f"-${{{range_ends[use.key]}:-{use.last}}}"
+        elif "-" in use.node.value[use.span[0] : use.span[1]]:
+            replacement += f"-${{{variable}:-{use.last}}}"  # `8000-8000` stays a range
         _edit(result, use, replacement, per_file.setdefault(id(use.file), {}))
     container_names: dict[tuple[Any, ...], str] = {}
     for use in containers:
@@ -688,7 +696,7 @@ def add_profile(plan_: Plan) -> set[str]:
         added = profile_tables(plan_, name)
         if not name:
             settings = [f"{k} = {v}" for k, v in span_settings(needed) if k not in table]
-            added = "".join(line + "\n" for line in settings) + "\n" + added
+            added = "".join(line + "\n" for line in settings) + added
     text = data.decode("utf-8")
     separator = "" if not text else "\n" if text.endswith("\n") else "\n\n"
     plan_.changes.append((existing, existing.name, data, (text + separator + added).encode()))

@@ -58,7 +58,7 @@ def run_process(
 
 # Commands whose every effect shows in stdout, stderr, the exit code and the ledger:
 # tests run them in-process through main(argv), which is ~100x cheaper than a process.
-IN_PROCESS = frozenset({"allocate", "release", "status", "env", "get", "prune", "why"})
+IN_PROCESS = frozenset({"allocate", "release", "status", "env", "get", "prune", "why", "init"})
 
 
 def run_cli(
