@@ -27,7 +27,7 @@ from portalloc.models import render_template
 from tests.helpers import run_cli
 
 DATA = Path(__file__).parent / "data" / "compose"
-CASES = sorted(p.name for p in DATA.glob("*.yml")) + ["override"]
+CASES = [*sorted(p.name for p in DATA.glob("*.yml")), "override"]
 ENV = {"PORTALLOC_SKIP_PORT_CHECK": "1"}
 
 
@@ -87,6 +87,12 @@ def container_names(document: Any) -> list[str]:
     ]
 
 
+def common_length(a: str, b: str) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
 def check_plan(plan: adopt.Plan) -> None:
     """Every promise init makes about the files it rewrites."""
     width = adopt.needed_range(plan)
@@ -103,8 +109,8 @@ def check_plan(plan: adopt.Plan) -> None:
         assert len(old_lines) == len(new_lines)
         for a, b in zip(old_lines, new_lines, strict=True):
             if a != b:
-                head = len(os.path.commonprefix([a, b]))
-                tail = len(os.path.commonprefix([a[head:][::-1], b[head:][::-1]]))
+                head = common_length(a, b)
+                tail = common_length(a[head:][::-1], b[head:][::-1])
                 removed, added = a[head : len(a) - tail], b[head : len(b) - tail]
                 # What changed is a value: no comment, no line ending, no key touched.
                 assert "#" not in removed + added and "\n" not in removed + added
@@ -440,8 +446,8 @@ def test_write_then_two_worktrees_publish_disjoint_ports(tmp_path: Path) -> None
     assert "wrote docker-compose.yml, docker-compose.override.yml, portalloc.toml" in result.stdout
     assert "note: package.json: scripts.dev: --port 5173 is a fixed port" in result.stderr
     assert (
-        "note: .env:1: PORT=8000 is a fixed port (the compose files now publish it as $WEB_8000_PORT)"
-        in result.stderr
+        "note: .env:1: PORT=8000 is a fixed port "
+        "(the compose files now publish it as $WEB_8000_PORT)" in result.stderr
     )
     after = snapshot(top)
     # A second run changes nothing, not even a modification time.
