@@ -39,10 +39,18 @@ _REFERENCE = re.compile(r"\$\{?(" + NAME.pattern + ")")
 _VARIABLE = re.compile(
     r"\$(?:\{(" + NAME.pattern + r")(?::?-([0-9]{1,5}))?\}|(" + NAME.pattern + "))"
 )
+# The range init writes: `${A:-8000}-${B:-8002}`.
+_VARIABLE_RANGE = re.compile(
+    r"\$\{(" + NAME.pattern + r"):?-([0-9]{1,5})\}-\$\{(" + NAME.pattern + r"):?-([0-9]{1,5})\}"
+)
 CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+# The container_name init writes: `${DB_CONTAINER_NAME:-db}`.
+_CONTAINER_VARIABLE = re.compile(r"\$\{(" + NAME.pattern + r"):?-([^}]*)\}")
+_ASSIGNMENT = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
 DEFAULT_RANGE = 100
 DEFAULT_BASE = 10000
 DEFAULT_MAX_SESSIONS = 20
+PROFILE_NAME = "portalloc.toml"
 HEADER = "# Written by `portalloc init`: the host ports and container names of the compose files."
 
 
@@ -81,6 +89,8 @@ def read_compose(path: Path, top: Path) -> ComposeFile:
         shown = str(path)
     where = Path(shown)  # messages name the file as the user knows it
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
+            raise AdoptError(where, 0, "not a regular file")
         data = path.read_bytes()
     except OSError as exc:
         raise AdoptError(where, 0, f"cannot be read: {exc.strerror or exc}") from None
@@ -88,12 +98,15 @@ def read_compose(path: Path, top: Path) -> ComposeFile:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise AdoptError(where, 1, "is not UTF-8 text") from None
-    root = _load_yaml(where, text)
-    services = _get(root, "services") if isinstance(root, yaml.MappingNode) else None
-    if not isinstance(services, yaml.MappingNode):
-        line = root.start_mark.line + 1 if root is not None else 1
-        raise AdoptError(where, line, "not a compose file (no `services:` mapping)")
-    _check_templates(where, root)
+    try:
+        root = _load_yaml(where, text)
+        services = _get(root, "services") if isinstance(root, yaml.MappingNode) else None
+        if not isinstance(services, yaml.MappingNode):
+            line = root.start_mark.line + 1 if root is not None else 1
+            raise AdoptError(where, line, "not a compose file (no `services:` mapping)")
+        _check_document(where, root)
+    except RecursionError:
+        raise AdoptError(where, 0, "nested too deeply") from None
     return ComposeFile(path, shown, data, text, root)
 
 
@@ -115,14 +128,39 @@ def _scalars(node: Any, seen: set[int] | None = None) -> Iterator[Any]:
             yield from _scalars(value, seen)
 
 
-def _check_templates(path: Path, root: Any) -> None:
-    """Refuse what compose refuses: a `$` that is no valid interpolation."""
+def _check_document(path: Path, root: Any) -> None:
+    """Refuse what compose refuses: a `$` that is no valid interpolation, and a key
+    given twice in one mapping (PyYAML would keep the last one silently)."""
+    import yaml
+
     for node in _scalars(root):
         if "$" in node.value:
             try:
                 interpolate(node.value, {}, required=False)
             except TemplateError as exc:
                 raise AdoptError(path, node.start_mark.line + 1, str(exc)) from None
+    for mapping in _mappings(root, set()):
+        keys: set[str] = set()
+        for key, _value in mapping.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != MERGE_TAG:
+                if key.value in keys:
+                    raise AdoptError(path, key.start_mark.line + 1, f"key {key.value!r} twice")
+                keys.add(key.value)
+
+
+def _mappings(node: Any, seen: set[int]) -> Iterator[Any]:
+    import yaml
+
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        yield node
+        for _key, value in node.value:
+            yield from _mappings(value, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            yield from _mappings(item, seen)
 
 
 def _get(node: Any, key: str) -> Any:
@@ -184,22 +222,25 @@ def model(node: Any, env: Mapping[str, str], *, required: bool = False) -> Any:
 
 @dataclass
 class Use:
-    """A published host port or a container name init may rewrite."""
+    """A host port or a container name: one to rewrite (`port`, `container_name`), or
+    one already given by variables the profile may take over (`variable`)."""
 
     file: ComposeFile
     node: Any  # the scalar holding it
     service: str
-    kind: str  # "port" or "container_name"
+    kind: str  # "port", "container_name" or "variable"
     key: tuple[Any, ...]  # equal keys are one port (the same mapping in two files)
-    span: tuple[int, int]  # the part of the scalar's value to replace
+    span: tuple[int, int] = (0, 0)  # the part of the scalar's value to replace
     first: int = 0
     last: int = 0
+    texts: tuple[str, str] = ("", "")  # first and last as written (`08080` stays so)
     container: str = ""
     protocol: str = "tcp"
+    variables: tuple[str, ...] = ()  # kind "variable": the variable(s) giving it
 
     @property
-    def line(self) -> int:
-        return int(self.node.start_mark.line) + 1
+    def ranged(self) -> bool:
+        return self.last != self.first or "-" in self.node.value[self.span[0] : self.span[1]]
 
 
 @dataclass
@@ -222,8 +263,8 @@ class Plan:
             before = "" if old is None else old.decode("utf-8")
             out.extend(
                 difflib.unified_diff(
-                    before.splitlines(keepends=True),
-                    new.decode("utf-8").splitlines(keepends=True),
+                    _lines(before),
+                    _lines(new.decode("utf-8")),
                     "/dev/null" if old is None else f"a/{shown}",
                     f"b/{shown}",
                 )
@@ -232,6 +273,11 @@ class Plan:
             line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
             for line in out
         )
+
+
+def _lines(text: str) -> list[str]:
+    """TEXT cut after each \\n only, as diff and patch count lines (not at a lone \\r)."""
+    return re.findall(r"[^\n]*\n|[^\n]+", text)
 
 
 def _note(plan: Plan, use_file: ComposeFile, node: Any, message: str) -> None:
@@ -267,6 +313,48 @@ def _services(compose: ComposeFile) -> Iterator[tuple[str, Any]]:
             yield name, service
 
 
+def _variable_use(compose: ComposeFile, node: Any, name: str, spec: Published) -> Use | None:
+    """A host port written as one variable (`${V:-N}`, `$V`) or as the range init
+    writes (`${A:-N}-${B:-M}`): one the profile can take over."""
+    single = _VARIABLE.fullmatch(spec.host)
+    span = (spec.start, spec.end)
+    if single:
+        var = single.group(1) or single.group(3)
+        default = int(single.group(2) or 0)
+        return Use(
+            compose,
+            node,
+            name,
+            "variable",
+            ("$", var),
+            span,
+            default,
+            default,
+            container=spec.container,
+            protocol=spec.protocol,
+            variables=(var,),
+        )
+    pair = _VARIABLE_RANGE.fullmatch(spec.host)
+    if pair:
+        first, last = int(pair.group(2)), int(pair.group(4))
+        if first <= last:
+            variables = (pair.group(1), pair.group(3))
+            return Use(
+                compose,
+                node,
+                name,
+                "variable",
+                ("$", *variables),
+                span,
+                first,
+                last,
+                container=spec.container,
+                protocol=spec.protocol,
+                variables=variables,
+            )
+    return None
+
+
 def _port_uses(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Iterator[Use]:
     import yaml
 
@@ -284,69 +372,56 @@ def _port_uses(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Ite
             except ValueError as exc:
                 _note(plan, compose, entry, f"{name}: {exc}; left as it is")
                 continue
-            node, container, protocol = entry, spec.container, spec.protocol
+            node: Any = entry
         elif isinstance(entry, yaml.MappingNode):
             node = _get(entry, "published")
             target = _get(entry, "target")
-            protocol_node = _get(entry, "protocol")
+            protocol = _get(entry, "protocol")
             container = str(target.value) if isinstance(target, yaml.ScalarNode) else "?"
-            protocol = (
-                str(protocol_node.value) if isinstance(protocol_node, yaml.ScalarNode) else "tcp"
+            spec = Published(
+                node.value if isinstance(node, yaml.ScalarNode) else "",
+                0,
+                len(node.value) if isinstance(node, yaml.ScalarNode) else 0,
+                container,
+                str(protocol.value) if isinstance(protocol, yaml.ScalarNode) else "tcp",
             )
-            if not isinstance(node, yaml.ScalarNode) or node.value in ("", "0"):
-                _note(
-                    plan, compose, entry, f"{name}: container port {container} only; nothing to do"
-                )
-                continue
-            spec = Published(node.value, 0, len(node.value), container, protocol)
+            node = node if isinstance(node, yaml.ScalarNode) else entry
         else:
             raise AdoptError(
                 Path(compose.shown), entry.start_mark.line + 1, f"{name}: bad port entry"
             )
-        if not spec.host:
-            _note(plan, compose, node, f"{name}: container port {container} only; nothing to do")
+        if spec.host in ("", "0"):
+            _note(
+                plan, compose, node, f"{name}: container port {spec.container} only; nothing to do"
+            )
             continue
         if "$" in spec.host:
-            variable = _VARIABLE.fullmatch(spec.host)
-            if variable is None:
+            use = _variable_use(compose, node, name, spec)
+            if use is None:
                 _given(plan, compose, node, f"{name}: {spec.host}", spec.host)
-                continue
-            var = variable.group(1) or variable.group(3)
-            default = variable.group(2)
-            yield Use(
-                compose,
-                node,
-                name,
-                "variable",
-                (name, 0, 0, container, protocol, var),
-                (spec.start, spec.end),
-                int(default or 0),
-                int(default or 0),
-                container,
-                protocol,
-            )
+            else:
+                yield use
             continue
         fixed = fixed_range(spec.host)
         if fixed is None:
             _note(
-                plan,
-                compose,
-                node,
-                f"{name}: host port {spec.host!r} not understood; left as is",
+                plan, compose, node, f"{name}: host port {spec.host!r} not understood; left as is"
             )
             continue
         first, last = fixed
+        texts = spec.host.split("-") if "-" in spec.host else [spec.host, spec.host]
         yield Use(
             compose,
             node,
             name,
             "port",
-            (name, first, last, container),  # tcp and udp of one port: one variable
+            (name, first, last, spec.container),  # tcp and udp of one port: one variable
             (spec.start, spec.end),
             first,
             last,
-            container,
-            protocol,
+            (texts[0], texts[1]),
+            spec.container,
+            spec.protocol,
         )
 
 
@@ -357,6 +432,18 @@ def _container_use(plan: Plan, compose: ComposeFile, name: str, service: Any) ->
     if not isinstance(node, yaml.ScalarNode):
         return None
     if "$" in node.value:
+        given = _CONTAINER_VARIABLE.fullmatch(node.value)
+        if given and CONTAINER_NAME.fullmatch(given.group(2)):
+            # The form init writes: the profile can take the variable over.
+            return Use(
+                compose,
+                node,
+                name,
+                "variable",
+                ("$", given.group(1)),
+                container=given.group(2),
+                variables=(given.group(1),),
+            )
         _given(plan, compose, node, f"{name}: container_name {node.value}", node.value)
         return None
     if not CONTAINER_NAME.fullmatch(node.value):
@@ -397,6 +484,17 @@ def _claim(name: str, taken: set[str], suffix: str = "_PORT") -> str:
     return name
 
 
+def _claim_name(name: str, taken: set[str]) -> str:
+    """A port name for a variable the files already use: only the name must be free."""
+    if not SHELL_NAME.fullmatch(name):
+        name = "port_" + re.sub(r"[^a-z0-9_]", "_", name)
+    candidate, number = name, 2
+    while candidate in taken:
+        candidate, number = f"{name}_{number}", number + 1
+    taken.add(candidate)
+    return candidate
+
+
 def _claim_variable(variable: str, taken: set[str]) -> str:
     candidate, number = variable, 2
     while candidate in taken or forbidden_variable(candidate):
@@ -417,6 +515,11 @@ def _name_ports(uses: list[Use], taken: set[str]) -> dict[tuple[Any, ...], str]:
         for key, use in keyed.items():
             if key in names:
                 continue
+            if use.variables and use.variables[0].endswith("_PORT"):
+                # A variable the files already use names its port (init's own output
+                # gives back the names it had).
+                names[key] = _claim_name(use.variables[0][: -len("_PORT")].lower(), taken)
+                continue
             if len(keyed) == 1:
                 wanted = stem
             else:
@@ -431,173 +534,272 @@ def _name_ports(uses: list[Use], taken: set[str]) -> dict[tuple[Any, ...], str]:
 # --- the plan ----------------------------------------------------------------
 
 
-def _body(compose: ComposeFile, node: Any) -> tuple[int, str] | None:
-    """Where the scalar's own text starts, and its quote ("" when plain), when its
-    source is its value verbatim: no escapes, no folding, on one line."""
+def _locate(compose: ComposeFile, node: Any, value: str) -> tuple[int, str] | str:
+    """Where the scalar's own text starts and the quote to write VALUE (its new value)
+    in; or why init leaves it to the user. Only a scalar whose source is its value
+    verbatim qualifies: one line, no escapes, no folding, no tag."""
     start, end = node.start_mark.index, node.end_mark.index
     source = compose.text[start:end]
     quote = {'"': '"', "'": "'", None: ""}.get(node.style)
-    if quote is None or "\n" in source:
-        return None
-    body = quote + node.value + quote
-    if not source.endswith(body) or (quote == "'" and "'" in node.value):
-        return None
-    if quote == '"' and "\\" in node.value:
-        return None
+    body = f"{quote}{node.value}{quote}"
+    if (
+        quote is None
+        or "\n" in source
+        or not source.endswith(body)
+        or (quote == "'" and "'" in node.value)
+        or (quote == '"' and ("\\" in node.value or '"' in node.value))
+    ):
+        return "is written with escapes or over several lines"
+    if "!" in source[: len(source) - len(body)]:
+        return "carries a YAML tag"
+    if not quote:
+        # `${` and `}` are safest quoted (flow lists); a backslash must not become an escape.
+        quote = '"' if "\\" not in value and '"' not in value else "'"
+        if quote == "'" and "'" in value:
+            return "holds both kinds of quote"
     return end - len(body), quote
 
 
-def _edit(plan: Plan, use: Use, replacement: str, edits: dict[int, tuple[int, int, str]]) -> None:
-    """Queue the replacement of USE's part (its host port, its name) by REPLACEMENT."""
-    located = _body(use.file, use.node)
-    if located is None:
-        _note(
-            plan,
-            use.file,
-            use.node,
-            f"{use.service}: {use.node.value!r} is written in a "
-            "form init does not rewrite (escapes or several lines); change it by hand",
-        )
-        return
-    body_start, quote = located
-    value: str = use.node.value
-    start, end = use.span
-    # Plain scalars get double quotes: `${` and `}` are safest quoted (flow lists).
-    quote = quote or '"'
-    new_value = value[:start] + replacement + value[end:]
-    edits[body_start] = (body_start, use.node.end_mark.index, quote + new_value + quote)
-
-
 def _adoptable(plan_: Plan, uses: list[Use]) -> list[Use]:
-    """USES without the variables the profile must not take over: a host port already
-    written as `${VAR:-N}` is adopted (the profile sets VAR) only when VAR appears
-    nowhere else in the files and is a variable a profile may set."""
+    """USES without the variables the profile must not take over: a host port or
+    container name already given by variables is adopted (the profile sets them)
+    only when they appear nowhere else in the files and are variables a profile may
+    set."""
     references: dict[str, int] = {}
+    mentions: dict[str, int] = {}
     for compose in plan_.files:
         for node in _scalars(compose.root):
             for match in _REFERENCE.finditer(node.value):
                 references[match.group(1)] = references.get(match.group(1), 0) + 1
-    in_ports: dict[str, int] = {}
     for use in uses:
         if use.kind == "variable":
-            in_ports[use.key[-1]] = in_ports.get(use.key[-1], 0) + 1
+            for match in _REFERENCE.finditer(use.node.value):
+                mentions[match.group(1)] = mentions.get(match.group(1), 0) + 1
     kept: list[Use] = []
     for use in uses:
         if use.kind == "variable":
-            var = use.key[-1]
-            _given(plan_, use.file, use.node, f"{use.service}: {use.node.value}", f"${{{var}}}")
-            if forbidden_variable(var) or references.get(var) != in_ports[var]:
-                continue  # used for more than this host port: the user's to set
-            plan_.adopted.add(var)
-            use.key = ("$", var)  # one port per variable, whichever services use it
+            label = use.node.value if use.span[1] else f"container_name {use.node.value}"
+            text = "".join(f"${{{v}}}" for v in use.variables)
+            _given(plan_, use.file, use.node, f"{use.service}: {label}", text)
+            if any(
+                forbidden_variable(var) or references.get(var) != mentions.get(var)
+                for var in use.variables
+            ):
+                continue  # used for more than this: the user's to set
+            plan_.adopted.update(use.variables)
         kept.append(use)
     return kept
+
+
+def _dotenv_names(top: Path) -> set[str]:
+    """Variables `.env` at the top sets outside portalloc's block. Compose reads them
+    when it interpolates, so a variable init introduces must not be one of them: with
+    no portalloc variable set, the file would read the `.env` value."""
+    from portalloc.outputs import BLOCK_BEGIN, BLOCK_END
+
+    path = top / ".env"
+    names: set[str] = set()
+    try:
+        if not path.is_file():
+            return names
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return names
+    inside = False
+    for line in lines:
+        if line.startswith((BLOCK_BEGIN, BLOCK_END)):
+            inside = line.startswith(BLOCK_BEGIN)
+        elif not inside and (match := _ASSIGNMENT.match(line)):
+            names.add(match.group(1).upper())
+    return names
+
+
+def _file_notes(plan_: Plan, compose: ComposeFile) -> None:
+    """Notes for ports init cannot see from the files it was given."""
+    include = _get(compose.root, "include")
+    if include is not None:
+        _note(
+            plan_,
+            compose,
+            include,
+            "include: the included files are not rewritten; name them: portalloc init FILE...",
+        )
+    for name, service in _services(compose):
+        extends = _get(service, "extends")
+        if _get(extends, "file") is not None:
+            _note(
+                plan_,
+                compose,
+                extends,
+                f"{name}: extends a service of another file; "
+                "name that file too: portalloc init FILE...",
+            )
+
+
+def _container_notes(plan_: Plan, renamed: dict[str, str]) -> None:
+    """A `container:NAME` reference (network_mode, volumes_from, pid, ipc) to a
+    container whose name now follows the lease."""
+    for compose in plan_.files:
+        for node in _scalars(compose.root):
+            match = re.fullmatch(r"container:(.+)", node.value)
+            if match and match.group(1) in renamed:
+                _note(
+                    plan_,
+                    compose,
+                    node,
+                    f"{node.value} names a container that is now "
+                    f"${{{renamed[match.group(1)]}}}; write service:<service> instead",
+                )
 
 
 def plan(paths: Iterable[Path], top: Path) -> Plan:
     """Everything `init` would change, checked; nothing is written."""
     files = [read_compose(path, top) for path in paths]
     result = Plan(top, files)
-    taken: set[str] = {"compose_project_name"}
+    taken: set[str] = {"compose_project_name"} | _dotenv_names(top)
     for compose in files:
         for node in _scalars(compose.root):
             for match in _REFERENCE.finditer(node.value):
                 taken.add(match.group(1).upper())
-    uses: list[Use] = []
-    containers: list[Use] = []
+    found: list[Use] = []
     seen: set[int] = set()
     for compose in files:
+        _file_notes(result, compose)
         for name, service in _services(compose):
-            for use in _port_uses(result, compose, name, service):
-                if id(use.node) not in seen:
-                    seen.add(id(use.node))
-                    uses.append(use)
             container = _container_use(result, compose, name, service)
-            if container is not None and id(container.node) not in seen:
-                seen.add(id(container.node))
-                containers.append(container)
+            for use in [*_port_uses(result, compose, name, service), container]:
+                if use is not None and id(use.node) not in seen:
+                    seen.add(id(use.node))
+                    found.append(use)
+    uses: list[Use] = []
+    for use in _adoptable(result, found):
+        if use.kind != "variable":
+            located = _locate(use.file, use.node, use.node.value)
+            if isinstance(located, str):
+                _note(
+                    result,
+                    use.file,
+                    use.node,
+                    f"{use.service}: {use.node.value!r} {located}; change it by hand",
+                )
+                continue
+        uses.append(use)
 
-    uses = _adoptable(result, uses)
-    names = _name_ports(uses, taken)
+    ports = [use for use in uses if use.kind == "port" or (use.kind == "variable" and use.span[1])]
+    names = _name_ports(ports, taken)
     offsets: dict[tuple[Any, ...], int] = {}
-    range_ends: dict[tuple[Any, ...], str] = {}
     next_offset = 0
-    per_file: dict[int, dict[int, tuple[int, int, str]]] = {}
-    for use in uses:
+    last_names: dict[tuple[Any, ...], str] = {}
+    edits: dict[int, dict[int, tuple[int, int, str]]] = {}
+    for use in ports:
         name = names[use.key]
-        variable = use.key[-1] if use.kind == "variable" else f"{name.upper()}_PORT"
         if use.key not in offsets:
-            offsets[use.key] = next_offset
-            result.ports.append((name, next_offset))
+            offsets[use.key] = offset = next_offset
+            next_offset += use.last - use.first + 1
+            variable = use.variables[0] if use.variables else f"{name.upper()}_PORT"
+            result.ports.append((name, offset))
             result.env.append((variable, "{" + name + "_port}"))
             if use.first:
-                result.defaults[variable] = str(use.first)
+                result.defaults[variable] = use.texts[0] or str(use.first)
             if use.last != use.first:
                 # A range takes consecutive offsets; its two ends have a variable each.
-                last = _claim(name + "_last", taken)
-                result.ports.append((last, next_offset + use.last - use.first))
-                result.env.append((f"{last.upper()}_PORT", "{" + last + "_port}"))
-                result.defaults[f"{last.upper()}_PORT"] = str(use.last)
-                range_ends[use.key] = f"{last.upper()}_PORT"
-            next_offset += use.last - use.first + 1
+                if use.variables:
+                    last_variable = use.variables[1]
+                    last = _claim_name(last_variable.removesuffix("_PORT").lower(), taken)
+                else:
+                    last = _claim(name + "_last", taken)
+                    last_variable = f"{last.upper()}_PORT"
+                result.ports.append((last, offset + use.last - use.first))
+                result.env.append((last_variable, "{" + last + "_port}"))
+                result.defaults[last_variable] = use.texts[1] or str(use.last)
+                last_names[use.key] = last_variable
         if use.kind == "variable":
             continue
-        replacement = f"${{{variable}:-{use.first}}}"
-        if use.key in range_ends:
-            replacement += f"-${{{range_ends[use.key]}:-{use.last}}}"
-        elif "-" in use.node.value[use.span[0] : use.span[1]]:
-            replacement += f"-${{{variable}:-{use.last}}}"  # `8000-8000` stays a range
-        _edit(result, use, replacement, per_file.setdefault(id(use.file), {}))
-    container_names: dict[tuple[Any, ...], str] = {}
-    for use in containers:
-        if use.key not in container_names:
-            variable = _claim_variable(f"{_stem(use.service).upper()}_CONTAINER_NAME", taken)
-            container_names[use.key] = variable
-            result.env.append((variable, "{compose_project_name}-" + use.node.value))
-            result.defaults[variable] = use.node.value
-        replacement = f"${{{container_names[use.key]}:-{use.node.value}}}"
-        _edit(result, use, replacement, per_file.setdefault(id(use.file), {}))
-    if result.ports or container_names:
+        variable = f"{name.upper()}_PORT"
+        replacement = f"${{{variable}:-{use.texts[0]}}}"
+        if use.ranged:  # `8000-8002`, and `8000-8000` too: a range stays a range
+            replacement += f"-${{{last_names.get(use.key, variable)}:-{use.texts[1]}}}"
+        _edit(use, replacement, edits)
+
+    renamed: dict[str, str] = {}
+    for use in uses:
+        if use.kind == "container_name":
+            if use.node.value not in renamed:
+                variable = _claim_variable(f"{_stem(use.service).upper()}_CONTAINER_NAME", taken)
+                renamed[use.node.value] = variable
+                result.env.append((variable, "{compose_project_name}-" + use.node.value))
+                result.defaults[variable] = use.node.value
+            _edit(use, f"${{{renamed[use.node.value]}:-{use.node.value}}}", edits)
+        elif use.kind == "variable" and not use.span[1] and use.container not in renamed:
+            renamed[use.container] = use.variables[0]
+            result.env.append((use.variables[0], "{compose_project_name}-" + use.container))
+    _container_notes(result, renamed)
+    if result.env:
         result.env.append(("COMPOSE_PROJECT_NAME", "{compose_project_name}"))
 
     for compose in files:
-        edits = per_file.get(id(compose), {})
-        if not edits:
+        queued = edits.get(id(compose), {})
+        if not queued:
             continue
         text = compose.text
-        for start, end, replacement in sorted(edits.values(), reverse=True):
+        for start, end, replacement in sorted(queued.values(), reverse=True):
             text = text[:start] + replacement + text[end:]
         _verify(compose, text)
         result.changes.append((compose.path, compose.shown, compose.data, text.encode("utf-8")))
     return result
 
 
+def _edit(use: Use, replacement: str, edits: dict[int, dict[int, tuple[int, int, str]]]) -> None:
+    """Queue the replacement of USE's part (its host port, its name) by REPLACEMENT."""
+    value: str = use.node.value
+    new_value = value[: use.span[0]] + replacement + value[use.span[1] :]
+    located = _locate(use.file, use.node, new_value)
+    if isinstance(located, str):  # checked before names were given out: cannot happen
+        raise AdoptError(Path(use.file.shown), use.node.start_mark.line + 1, located)
+    body_start, quote = located
+    queued = edits.setdefault(id(use.file), {})
+    queued[body_start] = (body_start, use.node.end_mark.index, quote + new_value + quote)
+
+
 def _verify(compose: ComposeFile, text: str) -> None:
     """The rewritten text must parse and, with no variable set, mean what the original
-    meant. A failure here is a bug in init, never the user's: nothing is written."""
-    rewritten = _load_yaml(compose.path, text)
+    meant, value for value. Should it not, init stops and writes nothing."""
+    rewritten = _load_yaml(Path(compose.shown), text)
     if model(rewritten, {}) != model(compose.root, {}):
-        raise AssertionError(f"init would change what {compose.path} means; nothing written")
+        raise AdoptError(
+            Path(compose.shown),
+            0,
+            "init cannot rewrite this file without changing what it means; nothing written",
+        )
 
 
 # --- the profile ---------------------------------------------------------------
 
 
-def span_settings(needed: int) -> list[tuple[str, int]]:
-    """Settings the profile must carry for NEEDED offsets per block."""
-    if needed <= DEFAULT_RANGE:
+def span_settings(needed: int, values: Mapping[str, int], where: Path) -> list[tuple[str, int]]:
+    """Settings a profile with VALUES (what its file sets) must add for NEEDED
+    offsets per block: `range`, and `max_sessions` when the span would pass 65535."""
+    if needed <= values.get("range", DEFAULT_RANGE):
         return []
     settings = [("range", needed)]
-    if DEFAULT_BASE + needed * DEFAULT_MAX_SESSIONS - 1 > 65535:
-        sessions = (65536 - DEFAULT_BASE) // needed
-        if sessions < 1:
+    base = values.get("base", DEFAULT_BASE)
+    fits = (65536 - base) // needed
+    if fits < 1:
+        raise AdoptError(
+            where,
+            0,
+            f"the compose files publish {needed} ports: more than fit "
+            f"above port {base}; nothing written",
+        )
+    if base + needed * values.get("max_sessions", DEFAULT_MAX_SESSIONS) - 1 > 65535:
+        if "max_sessions" in values:
             raise AdoptError(
-                Path(),
+                where,
                 0,
-                f"the compose files publish {needed} ports: more "
-                f"than fit above port {DEFAULT_BASE}",
+                f"set max_sessions = {fits} or less: blocks of "
+                f"{needed} ports above {base}; nothing written",
             )
-        settings.append(("max_sessions", sessions))
+        settings.append(("max_sessions", fits))
     return settings
 
 
@@ -614,9 +816,10 @@ def needed_range(plan_: Plan) -> int:
 def profile_tables(plan_: Plan, table: str) -> str:
     """The `ports` and `env` tables, under TABLE ("" for portalloc.toml)."""
     prefix = f"{table}." if table else ""
-    lines = [f"[{prefix}ports]"]
-    lines += [f"{name} = {offset}" for name, offset in plan_.ports]
-    lines += ["", f"[{prefix}env]"]
+    lines: list[str] = []
+    if plan_.ports:  # container names alone need no port
+        lines += [f"[{prefix}ports]", *(f"{name} = {offset}" for name, offset in plan_.ports), ""]
+    lines += [f"[{prefix}env]"]
     lines += [f"{variable} = {json.dumps(template)}" for variable, template in plan_.env]
     return "\n".join(lines) + "\n"
 
@@ -630,7 +833,8 @@ def profile_text(plan_: Plan, table: str, *, settings: bool = True) -> str:
         prefix = compose_prefix(plan_.top)
         if prefix:
             head.append(f'compose_prefix = "{prefix}"')
-        head += [f"{key} = {value}" for key, value in span_settings(needed_range(plan_))]
+        needed = needed_range(plan_)
+        head += [f"{k} = {v}" for k, v in span_settings(needed, {}, Path(PROFILE_NAME))]
     return "\n".join(head) + "\n\n" + profile_tables(plan_, table)
 
 
@@ -652,23 +856,24 @@ def add_profile(plan_: Plan) -> set[str]:
     one; or, in a project file that has settings but no ports and no env, those two
     tables appended. A project file that already lists ports or env is the user's:
     init leaves it alone, and stops (naming what to add) when it lacks a variable a
-    rewritten file needs."""
+    rewritten file needs. Whatever it would write is loaded as `portalloc env` would
+    load it first."""
     from portalloc.profile import load_project_file
 
-    toml = plan_.top / "portalloc.toml"
+    toml = plan_.top / PROFILE_NAME
     pyproject = plan_.top / "pyproject.toml"
     existing = toml if toml.is_file() else pyproject if pyproject.is_file() else None
     wanted = {variable for variable, _template in plan_.env}
     if existing is None:
         if plan_.env:
             text = profile_text(plan_, "")
-            plan_.changes.append((toml, "portalloc.toml", None, text.encode()))
+            _check_profile(toml, text)
+            plan_.changes.append((toml, PROFILE_NAME, None, text.encode()))
         return wanted
     project = load_project_file(existing)  # a broken project file: exit 2 naming the key
     data = existing.read_bytes()
     table = _table(existing)
     name = "tool.portalloc" if existing.name == "pyproject.toml" else ""
-    needed = needed_range(plan_)
     if table is not None and ("ports" in table or "env" in table):
         have = dict(project.profile.env) if project.profile is not None else {}
         missing = [(v, t) for v, t in plan_.env if v not in have and v not in plan_.adopted]
@@ -677,30 +882,59 @@ def add_profile(plan_: Plan) -> set[str]:
             raise AdoptError(
                 existing,
                 0,
-                "already lists ports and variables, and init does not "
-                f"edit them; add {lines} (with their ports); nothing written",
+                "already lists ports and variables, and init does "
+                f"not edit them; add {lines} (with their ports); nothing written",
             )
         return set(have)
     if not plan_.env:
         return set()
     if table is None:  # pyproject.toml without [tool.portalloc]
         added = profile_text(plan_, name)
-    elif needed > project.values.get("range", DEFAULT_RANGE) and (name or "range" in table):
-        raise AdoptError(
-            existing,
-            0,
-            f"set range = {needed} or more: the compose files "
-            f"publish {needed} ports; nothing written",
-        )
     else:
-        added = profile_tables(plan_, name)
-        if not name:
-            settings = [f"{k} = {v}" for k, v in span_settings(needed) if k not in table]
-            added = "".join(line + "\n" for line in settings) + added
+        settings = span_settings(needed_range(plan_), project.values, existing)
+        if settings and name:
+            wanted_lines = ", ".join(f"{k} = {v}" for k, v in settings)
+            raise AdoptError(
+                existing,
+                0,
+                f"set {wanted_lines} in [tool.portalloc]: the compose "
+                "files publish that many ports; nothing written",
+            )
+        added = "".join(f"{k} = {v}\n" for k, v in settings) + profile_tables(plan_, name)
     text = data.decode("utf-8")
     separator = "" if not text else "\n" if text.endswith("\n") else "\n\n"
-    plan_.changes.append((existing, existing.name, data, (text + separator + added).encode()))
+    new = text + separator + added
+    _check_profile(existing, new)
+    plan_.changes.append((existing, existing.name, data, new.encode()))
     return wanted
+
+
+def _check_profile(path: Path, text: str) -> None:
+    """Load TEXT as PATH the way `portalloc env` will; refuse to write what it would
+    refuse (an inline [tool] table we cannot extend, a span that does not fit)."""
+    import tempfile
+    import tomllib
+
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.errors import PortallocError
+
+    try:
+        tomllib.loads(text)
+        with tempfile.TemporaryDirectory() as scratch:
+            (Path(scratch) / path.name).write_text(text, encoding="utf-8")
+            PortAllocatorConfig.from_env({"PORTALLOC_STATE_DIR": scratch}, cwd=Path(scratch))
+    except tomllib.TOMLDecodeError as exc:
+        raise AdoptError(
+            path,
+            0,
+            f"adding the profile would make it invalid TOML ({exc}); "
+            "add [tool.portalloc] by hand; nothing written",
+        ) from None
+    except PortallocError as exc:
+        detail = exc.message.split(": ", 1)[-1]
+        raise AdoptError(
+            path, 0, f"the profile init would write is refused: {detail}; nothing written"
+        ) from None
 
 
 # --- writing -------------------------------------------------------------------
@@ -752,9 +986,10 @@ _SCRIPT_PORT = re.compile(
     r"|\b(?:localhost|127\.0\.0\.1|0\.0\.0\.0):(\d{2,5})\b"
 )
 _ENV_PORT = re.compile(
-    r"^\s*(?:export\s+)?((?:[A-Za-z_][A-Za-z0-9_]*)?PORT[A-Za-z0-9_]*)\s*=\s*['\"]?(\d{2,5})['\"]?\s*$"
+    r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*['\"]?(\d{2,5})['\"]?\s*$"
     r"|\b(?:localhost|127\.0\.0\.1|0\.0\.0\.0):(\d{2,5})\b"
 )
+MAX_SCANNED_LINE = 4096  # longer lines are no port settings, and regexes on them cost
 
 
 def _hint(port: str, plan_: Plan) -> str:
@@ -771,11 +1006,11 @@ def hard_coded(plan_: Plan) -> list[str]:
     if package.is_file():
         try:
             scripts = json.loads(package.read_text(encoding="utf-8")).get("scripts", {})
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             scripts = {}
         if isinstance(scripts, dict):
             for name, command in scripts.items():
-                if isinstance(command, str):
+                if isinstance(command, str) and len(command) <= MAX_SCANNED_LINE:
                     for match in _SCRIPT_PORT.finditer(command):
                         port = match.group(1) or match.group(2)
                         notes.append(
@@ -797,7 +1032,11 @@ def hard_coded(plan_: Plan) -> list[str]:
                 inside = False
             if inside:
                 continue
+            if len(line) > MAX_SCANNED_LINE:
+                continue
             for match in _ENV_PORT.finditer(line):
+                if match.group(1) and "PORT" not in match.group(1).upper():
+                    continue
                 port = match.group(2) or match.group(3)
                 notes.append(
                     f"{path.name}:{number}: {printable(match.group(0).strip())} is a fixed "

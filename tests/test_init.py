@@ -596,3 +596,190 @@ def test_docker_compose_config_agrees(case: str, tmp_path: Path) -> None:
     old, new = plan.changes[0][2], plan.changes[0][3]
     assert old is not None
     assert config(new) == config(old)
+
+
+# --- what a hostile review found ---------------------------------------------------
+
+
+def bare_repo(tmp_path: Path, compose: str, **files: str) -> Path:
+    top = tmp_path / "bare"
+    top.mkdir()
+    (top / ".git").mkdir()
+    (top / "compose.yaml").write_text(compose)
+    for name, text in files.items():
+        (top / name.replace("_", ".")).write_text(text)
+    return top
+
+
+def test_container_names_alone_give_a_profile_env_accepts(tmp_path: Path) -> None:
+    top = bare_repo(tmp_path, "services:\n  web:\n    image: x\n    container_name: mydb\n")
+    assert run_cli("init", "--write", cwd=top, env=ENV).returncode == 0
+    assert "[ports]" not in (top / "portalloc.toml").read_text()
+    out = run_cli("env", "--format", "dotenv", cwd=top, env={**ENV, "PORT_ALLOC_BASE": "38000"})
+    assert out.returncode == 0, out.stderr
+    assert "WEB_CONTAINER_NAME=" in out.stdout and out.stdout.count("-mydb") == 1
+    again = run_cli("init", "--write", cwd=top, env=ENV)
+    assert again.returncode == 0 and "nothing to change" in again.stderr
+
+
+def test_a_variable_dotenv_sets_is_never_introduced(tmp_path: Path) -> None:
+    compose = "services:\n  db:\n    image: postgres\n    ports: ['5432:5432']\n"
+    top = bare_repo(tmp_path, compose, _env="DB_PORT=6543\n")
+    plan = adopt.plan(adopt.find_compose_files(top), top)
+    new = plan.changes[0][3].decode()
+    assert "DB_PORT:-" not in new and "${DB_2_PORT:-5432}:5432" in new
+    # compose reads .env when it interpolates: the meaning is kept with it too.
+    assert model_of(new, {"DB_PORT": "6543"}) == model_of(compose, {"DB_PORT": "6543"})
+
+
+def test_an_inline_tool_table_is_not_broken(tmp_path: Path) -> None:
+    pyproject = "[project]\nname = 'x'\n[tool]\nportalloc = { compose_prefix = 'abc' }\n"
+    top = bare_repo(
+        tmp_path, "services:\n  web:\n    ports: ['8080:80']\n", pyproject_toml=pyproject
+    )
+    before = snapshot(top)
+    result = run_cli("init", "--write", cwd=top, env=ENV)
+    assert result.returncode == 2, result.stderr
+    assert "pyproject.toml: adding the profile would make it invalid TOML" in result.stderr
+    assert snapshot(top) == before
+
+
+def test_init_recognises_its_own_output(tmp_path: Path) -> None:
+    compose = (
+        "services:\n  web:\n    container_name: web\n    ports:\n"
+        '      - "8000-8002:8000-8002"\n      - "6379:6379"\n'
+    )
+    top = bare_repo(tmp_path, compose)
+    assert run_cli("init", "--write", cwd=top, env=ENV).returncode == 0
+    first = (top / "portalloc.toml").read_text()
+    # The profile is lost (never committed on this branch): init writes the same again.
+    (top / "portalloc.toml").unlink()
+    result = run_cli("init", "--write", cwd=top, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert (top / "portalloc.toml").read_text() == first
+    assert "not set by the profile" not in result.stderr
+
+
+def test_references_to_a_renamed_container_are_reported(tmp_path: Path) -> None:
+    compose = (
+        "services:\n  vpn:\n    image: x\n    container_name: vpn\n"
+        "  app:\n    image: y\n    network_mode: 'container:vpn'\n"
+    )
+    top = bare_repo(tmp_path, compose)
+    result = run_cli("init", cwd=top, env=ENV)
+    assert (
+        "compose.yaml:7: container:vpn names a container that is now ${VPN_CONTAINER_NAME}; "
+        "write service:<service> instead"
+    ) in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("port", "expected"),
+    [
+        ("08080:80", '"${WEB_PORT:-08080}:80"'),  # the default as written
+        ("8080:8\\t0", "'${WEB_PORT:-8080}:8\\t0'"),  # a backslash must not become an escape
+    ],
+)
+def test_odd_but_valid_ports_keep_their_meaning(port: str, expected: str, tmp_path: Path) -> None:
+    compose = f"services:\n  web:\n    ports:\n      - {port}\n"
+    top = bare_repo(tmp_path, compose)
+    plan = adopt.plan(adopt.find_compose_files(top), top)
+    assert f"      - {expected}\n" in plan.changes[0][3].decode()
+    check_plan(plan)
+
+
+def test_long_syntax_published_keeps_its_text(tmp_path: Path) -> None:
+    top = bare_repo(
+        tmp_path, "services:\n  web:\n    ports:\n      - {target: 80, published: 010}\n"
+    )
+    plan = adopt.plan(adopt.find_compose_files(top), top)
+    assert 'published: "${WEB_PORT:-010}"' in plan.changes[0][3].decode()
+
+
+def test_what_init_cannot_rewrite_gets_no_variable(tmp_path: Path) -> None:
+    compose = (
+        'services:\n  web:\n    ports:\n      - &p\n        "8080:80"\n'
+        "      - target: 81\n        published: !!int 9090\n      - 7000:70\n"
+    )
+    top = bare_repo(tmp_path, compose)
+    plan = adopt.plan(adopt.find_compose_files(top), top)
+    notes = adopt.report(plan, adopt.add_profile(plan))
+    assert [name for name, _ in plan.ports] == ["web"]  # the only port it rewrites
+    assert any("'8080:80' is written with escapes or over several lines" in n for n in notes)
+    assert any("'9090' carries a YAML tag; change it by hand" in n for n in notes)
+
+
+def test_include_and_extends_are_reported(tmp_path: Path) -> None:
+    compose = (
+        "include:\n  - other.yaml\nservices:\n  web:\n    ports: ['8080:80']\n"
+        "    extends: {file: base.yml, service: b}\n"
+    )
+    top = bare_repo(tmp_path, compose)
+    result = run_cli("init", cwd=top, env=ENV)
+    assert "compose.yaml:2: include: the included files are not rewritten" in result.stderr
+    assert "compose.yaml:6: web: extends a service of another file" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("services:\n  web:\n    image: a\n    image: b\n", "compose.yaml:4: key 'image' twice"),
+        ("services:\n  web:\n    ports: '80:80'\n", "compose.yaml:3: web: ports must be a list"),
+        ("services:\n  web: " + "[" * 5000 + "]" * 5000 + "\n", "compose.yaml: nested too deeply"),
+    ],
+)
+def test_more_bad_files(content: str, message: str, tmp_path: Path) -> None:
+    top = bare_repo(tmp_path, content)
+    result = run_cli("init", "--write", cwd=top, env=ENV)
+    assert result.returncode == 2
+    assert result.stderr == f"portalloc: {message}\n"
+
+
+def test_a_fifo_is_refused_not_read(tmp_path: Path) -> None:
+    (tmp_path / ".git").mkdir()
+    os.mkfifo(tmp_path / "compose.yaml")
+    result = run_cli("init", "compose.yaml", cwd=tmp_path, env=ENV, timeout=20)
+    assert result.returncode == 2 and "compose.yaml: not a regular file" in result.stderr
+
+
+def test_odd_package_json_and_env_files_do_not_crash(tmp_path: Path) -> None:
+    top = bare_repo(
+        tmp_path,
+        "services:\n  web:\n    ports: ['8080:80']\n",
+        package_json="[" * 100000 + "]" * 100000,
+        _env="PORT" * 8000 + "\nWEB_PORT=3000\n",
+    )
+    result = run_cli("init", cwd=top, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert "note: .env:2: WEB_PORT=3000 is a fixed port" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_cr_only_file_gives_a_patch_git_applies(tmp_path: Path) -> None:
+    top = tmp_path / "cr"
+    top.mkdir()
+    git("init", "-q", cwd=top)
+    (top / "compose.yaml").write_bytes(b"services:\r  web:\r    ports:\r      - 8080:80\r")
+    result = run_cli("init", cwd=top, env=ENV)
+    (tmp_path / "p.patch").write_text(result.stdout)
+    git("apply", tmp_path / "p.patch", cwd=top)
+    assert (top / "compose.yaml").read_bytes() == (
+        b'services:\r  web:\r    ports:\r      - "${WEB_PORT:-8080}:80"\r'
+    )
+
+
+def test_a_wide_stack_respects_the_base_the_project_sets(tmp_path: Path) -> None:
+    top = bare_repo(
+        tmp_path,
+        "services:\n  rtp:\n    ports: ['30000-30999:30000-30999/udp']\n",
+        portalloc_toml="base = 50000\n",
+    )
+    result = run_cli("init", "--write", cwd=top, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert (
+        (top / "portalloc.toml")
+        .read_text()
+        .startswith("base = 50000\n\nrange = 1000\nmax_sessions = 15\n")
+    )
+    env = run_cli("env", "--format", "dotenv", cwd=top, env=ENV)
+    assert env.returncode == 0 and "RTP_LAST_PORT=50999" in env.stdout
