@@ -31,7 +31,7 @@ from portalloc.compose import (
     parse_short,
 )
 from portalloc.errors import AdoptError, printable
-from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable
+from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable, has_unprintable
 
 COMPOSE_PATTERNS = ("compose*.yml", "compose*.yaml", "docker-compose*.yml", "docker-compose*.yaml")
 MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -47,6 +47,7 @@ CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 # The container_name init writes: `${DB_CONTAINER_NAME:-db}`.
 _CONTAINER_VARIABLE = re.compile(r"\$\{(" + NAME.pattern + r"):?-([^}]*)\}")
 _ASSIGNMENT = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
+MAX_EXPANDED_NODES = 1_000_000
 DEFAULT_RANGE = 100
 DEFAULT_BASE = 10000
 DEFAULT_MAX_SESSIONS = 20
@@ -84,11 +85,15 @@ def read_compose(path: Path, top: Path) -> ComposeFile:
     import yaml
 
     try:
-        shown = str(path.absolute().relative_to(top.absolute()))
+        shown = str(Path(os.path.normpath(path.absolute())).relative_to(top.absolute()))
     except ValueError:
-        shown = str(path)
+        raise AdoptError(path, 0, f"is outside the repository top {top}") from None
     where = Path(shown)  # messages name the file as the user knows it
+    if has_unprintable(shown):
+        raise AdoptError(where, 0, "has a control character in its name")
     try:
+        if path.is_symlink():
+            raise AdoptError(where, 0, "is a symlink; name the file it points to")
         if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
             raise AdoptError(where, 0, "not a regular file")
         data = path.read_bytes()
@@ -128,10 +133,47 @@ def _scalars(node: Any, seen: set[int] | None = None) -> Iterator[Any]:
             yield from _scalars(value, seen)
 
 
+def _check_cycles(path: Path, node: Any, ancestors: set[int], done: set[int]) -> None:
+    """Refuse an alias to a node that contains it (`x: &a [*a]`): compose cannot read
+    it, and nothing can be compared. Each node is looked into once (shared aliases
+    would otherwise cost exponential time)."""
+    import yaml
+
+    if id(node) in ancestors:
+        raise AdoptError(path, node.start_mark.line + 1, "an alias refers to its own anchor")
+    if id(node) in done or isinstance(node, yaml.ScalarNode):
+        return
+    ancestors.add(id(node))
+    for child in node.value:
+        for part in child if isinstance(child, tuple) else (child,):
+            _check_cycles(path, part, ancestors, done)
+    ancestors.discard(id(node))
+    done.add(id(node))
+
+
+def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
+    """How many nodes NODE is with every alias expanded (memoised: linear time)."""
+    import yaml
+
+    if id(node) not in sizes:
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+        else:
+            parts = [p for c in node.value for p in (c if isinstance(c, tuple) else (c,))]
+            sizes[id(node)] = 1 + sum(_expanded_size(part, sizes) for part in parts)
+    return sizes[id(node)]
+
+
 def _check_document(path: Path, root: Any) -> None:
     """Refuse what compose refuses: a `$` that is no valid interpolation, and a key
     given twice in one mapping (PyYAML would keep the last one silently)."""
     import yaml
+
+    _check_cycles(path, root, set(), set())
+    if _expanded_size(root, {}) > MAX_EXPANDED_NODES:
+        # Aliases of aliases: a few lines that expand to billions of values. Compose's
+        # YAML decoder refuses these as "excessive aliasing" too.
+        raise AdoptError(path, 0, "aliases expand to too many values")
 
     for node in _scalars(root):
         if "$" in node.value:
@@ -256,6 +298,7 @@ class Plan:
     env: list[tuple[str, str]] = field(default_factory=list)
     defaults: dict[str, str] = field(default_factory=dict)  # variable -> original value
     adopted: set[str] = field(default_factory=set)  # variables the files already used
+    profile_changed: bool = False  # add_profile added or extended a project file
 
     def diff(self) -> str:
         out: list[str] = []
@@ -335,7 +378,23 @@ def _variable_use(compose: ComposeFile, node: Any, name: str, spec: Published) -
             variables=(var,),
         )
     pair = _VARIABLE_RANGE.fullmatch(spec.host)
-    if pair:
+    if pair and pair.group(1) == pair.group(3):  # `${P:-8000}-${P:-8000}`: one port
+        first, last = int(pair.group(2)), int(pair.group(4))
+        if first == last:
+            return Use(
+                compose,
+                node,
+                name,
+                "variable",
+                ("$", pair.group(1)),
+                span,
+                first,
+                first,
+                container=spec.container,
+                protocol=spec.protocol,
+                variables=(pair.group(1),),
+            )
+    elif pair:
         first, last = int(pair.group(2)), int(pair.group(4))
         if first <= last:
             variables = (pair.group(1), pair.group(3))
@@ -457,7 +516,7 @@ def _container_use(plan: Plan, compose: ComposeFile, name: str, service: Any) ->
 
 def _stem(service: str) -> str:
     stem = re.sub(r"[^a-z0-9]+", "_", service.lower()).strip("_") or "service"
-    return "s_" + stem if stem[0].isdigit() else stem
+    return "s_" + stem if stem[0] in "0123456789" else stem
 
 
 def _usable(name: str, taken: set[str], suffix: str) -> bool:
@@ -473,6 +532,7 @@ def _usable(name: str, taken: set[str], suffix: str) -> bool:
 def _claim(name: str, taken: set[str], suffix: str = "_PORT") -> str:
     """NAME, or NAME_2, NAME_3...: the first that is free, case-insensitively, and
     whose variable a profile may set (`compose` would give the refused COMPOSE_PORT)."""
+    name = re.sub(r"[^a-z0-9_]+", "_", name.lower())  # ASCII only: a variable name
     if not _usable(name, taken, suffix):
         name = "svc_" + name if forbidden_variable((name + suffix).upper()) else name
         candidate, number = name, 2
@@ -524,8 +584,8 @@ def _name_ports(uses: list[Use], taken: set[str]) -> dict[tuple[Any, ...], str]:
                 wanted = stem
             else:
                 number = use.container.split("-")[0]
-                wanted = f"{stem}_{number if number.isdigit() else use.first}"
-                if use.protocol != "tcp":
+                wanted = f"{stem}_{number if re.fullmatch('[0-9]+', number) else use.first}"
+                if use.protocol != "tcp" and re.fullmatch("[a-z]+", use.protocol):
                     wanted += f"_{use.protocol}"
             names[key] = _claim(wanted, taken)
     return names
@@ -560,21 +620,54 @@ def _locate(compose: ComposeFile, node: Any, value: str) -> tuple[int, str] | st
     return end - len(body), quote
 
 
-def _adoptable(plan_: Plan, uses: list[Use]) -> list[Use]:
-    """USES without the variables the profile must not take over: a host port or
+def _passthrough(files: list[ComposeFile]) -> set[str]:
+    """Variables the files hand to containers or builds by bare name (`environment:
+    [API_PORT]`, `API_PORT:` with no value, the same in `build.args`): setting them
+    changes what a container sees, not only a port."""
+    import yaml
+
+    names: set[str] = set()
+    for compose in files:
+        for _name, service in _services(compose):
+            build = _get(service, "build")
+            for node in (_get(service, "environment"), _get(build, "args")):
+                if isinstance(node, yaml.SequenceNode):
+                    names.update(
+                        item.value
+                        for item in node.value
+                        if isinstance(item, yaml.ScalarNode) and "=" not in item.value
+                    )
+                elif isinstance(node, yaml.MappingNode):
+                    names.update(
+                        key.value
+                        for key, value in node.value
+                        if isinstance(value, yaml.ScalarNode) and value.tag.endswith(":null")
+                    )
+    return names
+
+
+def _adoptable(plan_: Plan, uses: list[Use], passthrough: set[str]) -> list[Use]:
+    """USES without the variables the profile must not take over. A host port or
     container name already given by variables is adopted (the profile sets them)
-    only when they appear nowhere else in the files and are variables a profile may
-    set."""
+    only when each variable appears nowhere else in the files (not in the container
+    side of the same mapping, not passed to a container by name), every use of it
+    means the same port or name, and a profile may set it."""
     references: dict[str, int] = {}
     mentions: dict[str, int] = {}
+    meanings: dict[str, set[tuple[Any, ...]]] = {}
     for compose in plan_.files:
         for node in _scalars(compose.root):
             for match in _REFERENCE.finditer(node.value):
                 references[match.group(1)] = references.get(match.group(1), 0) + 1
     for use in uses:
         if use.kind == "variable":
-            for match in _REFERENCE.finditer(use.node.value):
+            part = use.node.value[use.span[0] : use.span[1]] if use.span[1] else use.node.value
+            for match in _REFERENCE.finditer(part):
                 mentions[match.group(1)] = mentions.get(match.group(1), 0) + 1
+            for var in use.variables:
+                meanings.setdefault(var, set()).add(
+                    (use.key, use.container if not use.span[1] else "")
+                )
     kept: list[Use] = []
     for use in uses:
         if use.kind == "variable":
@@ -582,35 +675,41 @@ def _adoptable(plan_: Plan, uses: list[Use]) -> list[Use]:
             text = "".join(f"${{{v}}}" for v in use.variables)
             _given(plan_, use.file, use.node, f"{use.service}: {label}", text)
             if any(
-                forbidden_variable(var) or references.get(var) != mentions.get(var)
+                forbidden_variable(var)
+                or var == "COMPOSE_PROJECT_NAME"  # the profile sets it to the project's name
+                or var in passthrough
+                or references.get(var) != mentions.get(var)
+                or len(meanings[var]) > 1
                 for var in use.variables
             ):
-                continue  # used for more than this: the user's to set
+                continue  # the user's to set
             plan_.adopted.update(use.variables)
         kept.append(use)
     return kept
 
 
-def _dotenv_names(top: Path) -> set[str]:
-    """Variables `.env` at the top sets outside portalloc's block. Compose reads them
-    when it interpolates, so a variable init introduces must not be one of them: with
-    no portalloc variable set, the file would read the `.env` value."""
+def _dotenv_names(directories: Iterable[Path]) -> set[str]:
+    """Variables the `.env` files in DIRECTORIES set outside portalloc's block. Compose
+    reads the one in its project directory (the first file's) when it interpolates,
+    so a variable init introduces must not be one of them: with no portalloc
+    variable set, the file would read the `.env` value."""
     from portalloc.outputs import BLOCK_BEGIN, BLOCK_END
 
-    path = top / ".env"
     names: set[str] = set()
-    try:
-        if not path.is_file():
-            return names
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return names
-    inside = False
-    for line in lines:
-        if line.startswith((BLOCK_BEGIN, BLOCK_END)):
-            inside = line.startswith(BLOCK_BEGIN)
-        elif not inside and (match := _ASSIGNMENT.match(line)):
-            names.add(match.group(1).upper())
+    for directory in dict.fromkeys(directories):
+        path = directory / ".env"
+        try:
+            if not path.is_file():
+                continue
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        inside = False
+        for line in lines:
+            if line.startswith((BLOCK_BEGIN, BLOCK_END)):
+                inside = line.startswith(BLOCK_BEGIN)
+            elif not inside and (match := _ASSIGNMENT.match(line)):
+                names.add(match.group(1).upper())
     return names
 
 
@@ -654,9 +753,12 @@ def _container_notes(plan_: Plan, renamed: dict[str, str]) -> None:
 
 def plan(paths: Iterable[Path], top: Path) -> Plan:
     """Everything `init` would change, checked; nothing is written."""
-    files = [read_compose(path, top) for path in paths]
+    unique = {os.path.normpath(path.absolute()): path for path in paths}  # named twice: once
+    files = [read_compose(path, top) for path in unique.values()]
     result = Plan(top, files)
-    taken: set[str] = {"compose_project_name"} | _dotenv_names(top)
+    passthrough = _passthrough(files)
+    taken: set[str] = {"compose_project_name", *(n.upper() for n in passthrough)}
+    taken |= _dotenv_names([top, *(compose.path.absolute().parent for compose in files)])
     for compose in files:
         for node in _scalars(compose.root):
             for match in _REFERENCE.finditer(node.value):
@@ -672,7 +774,7 @@ def plan(paths: Iterable[Path], top: Path) -> Plan:
                     seen.add(id(use.node))
                     found.append(use)
     uses: list[Use] = []
-    for use in _adoptable(result, found):
+    for use in _adoptable(result, found, passthrough):
         if use.kind != "variable":
             located = _locate(use.file, use.node, use.node.value)
             if isinstance(located, str):
@@ -781,6 +883,13 @@ def span_settings(needed: int, values: Mapping[str, int], where: Path) -> list[t
     offsets per block: `range`, and `max_sessions` when the span would pass 65535."""
     if needed <= values.get("range", DEFAULT_RANGE):
         return []
+    if "range" in values:
+        raise AdoptError(
+            where,
+            0,
+            f"set range = {needed} or more: the compose files publish "
+            f"{needed} ports; nothing written",
+        )
     settings = [("range", needed)]
     base = values.get("base", DEFAULT_BASE)
     fits = (65536 - base) // needed
@@ -869,6 +978,7 @@ def add_profile(plan_: Plan) -> set[str]:
             text = profile_text(plan_, "")
             _check_profile(toml, text)
             plan_.changes.append((toml, PROFILE_NAME, None, text.encode()))
+            plan_.profile_changed = True
         return wanted
     project = load_project_file(existing)  # a broken project file: exit 2 naming the key
     data = existing.read_bytes()
@@ -906,6 +1016,7 @@ def add_profile(plan_: Plan) -> set[str]:
     new = text + separator + added
     _check_profile(existing, new)
     plan_.changes.append((existing, existing.name, data, new.encode()))
+    plan_.profile_changed = True
     return wanted
 
 

@@ -121,7 +121,7 @@ def parse_short(text: str) -> Published:
     """A short-syntax port: `[IP:][HOST:]CONTAINER[/PROTOCOL]`; IP may be an IPv6
     address, bracketed or not. Raise ValueError for anything else."""
     body, _, protocol = text.partition("/")
-    if "/" in protocol or (protocol and not protocol.isalpha()):
+    if "/" in protocol or (protocol and not re.fullmatch(r"[a-z]+", protocol)):
         raise ValueError(f"unknown protocol in {text!r}")
     if body.startswith("["):
         close = body.find("]")

@@ -499,7 +499,11 @@ def test_a_symlinked_compose_file_is_not_replaced(tmp_path: Path) -> None:
     before = real.read_bytes()
     result = run_cli("init", "--write", cwd=top, env=ENV)
     assert result.returncode == 2
-    assert "refusing to replace it, it is a symlink; nothing written" in result.stderr
+    assert (
+        result.stderr == "portalloc: docker-compose.yml: is a symlink; name the file it points to\n"
+    )
+    dry = run_cli("init", cwd=top, env=ENV)  # the dry run says so too, not a patch
+    assert dry.returncode == 2 and dry.stdout == ""
     assert real.read_bytes() == before and not (top / "portalloc.toml").exists()
 
 
@@ -843,3 +847,135 @@ def test_generated_anchors_merge_keys_and_flow_lists(text: str, tmp_path: Path) 
         # Anchors, aliases and merge keys are where they were.
         for token in ("&base", "&list", "<<: *base", "<< : *base", "*list"):
             assert text.count(token) == new.decode().count(token)
+
+
+# --- what a second review found ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "port", ['"8080:80/é"', '"8080:\uff18\uff10"', "{target: 80, published: 8080, protocol: u-d}"]
+)
+def test_odd_ports_never_hang(port: str, tmp_path: Path) -> None:
+    top = bare_repo(tmp_path, f'services:\n  web:\n    ports: [{port}, "8081:81"]\n')
+    result = run_cli("init", cwd=top, env=ENV, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "${WEB_" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "environment", ["[API_PORT]", "{API_PORT: }", "{API_PORT: null}", "[DB_PORT]"]
+)
+def test_variables_handed_to_containers_are_neither_adopted_nor_introduced(
+    environment: str, tmp_path: Path
+) -> None:
+    compose = (
+        'services:\n  api:\n    ports: ["${API_PORT:-8080}:8080"]\n'
+        f'  db:\n    ports: ["5432:5432"]\n    environment: {environment}\n'
+    )
+    top = bare_repo(tmp_path, compose)
+    plan = adopt.plan(adopt.find_compose_files(top), top)
+    variables = dict(plan.env)
+    assert ("API_PORT" in variables) == ("API_PORT" not in environment)
+    if "DB_PORT" in environment:  # the container reads DB_PORT: init names it DB_2_PORT
+        assert "DB_PORT" not in variables
+        assert "${DB_2_PORT:-5432}:5432" in plan.changes[0][3].decode()
+
+
+def test_the_container_side_of_a_mapping_keeps_its_variable(tmp_path: Path) -> None:
+    top = bare_repo(tmp_path, 'services:\n  web:\n    ports: ["${PORT:-3000}:${PORT:-3000}"]\n')
+    plan = adopt.plan(adopt.find_compose_files(top), top)
+    assert "PORT" not in dict(plan.env)
+    assert any("PORT not set by the profile" in n for n in adopt.report(plan, set()))
+
+
+def test_a_dotenv_beside_a_named_file_counts(tmp_path: Path) -> None:
+    top = bare_repo(tmp_path, "services: {}\n")
+    (top / "sub").mkdir()
+    (top / "sub" / "docker-compose.yml").write_text('services:\n  db:\n    ports: ["5432:5432"]\n')
+    (top / "sub" / ".env").write_text("DB_PORT=7777\n")
+    plan = adopt.plan([top / "sub" / "docker-compose.yml"], top)
+    assert "${DB_2_PORT:-5432}" in plan.changes[0][3].decode()
+    assert plan.changes[0][1] == "sub/docker-compose.yml"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("services: &s\n  web:\n    x: *s\n", "compose.yaml:1: an alias refers to its own anchor"),
+        ("x: &f [*f]\nservices: {}\n", "compose.yaml:1: an alias refers to its own anchor"),
+        ("services:\n  web: &w {<<: *w}\n", "compose.yaml:2: an alias refers to its own anchor"),
+        (
+            "".join(f"x{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 40)).replace(
+                "*a0, *a0", "1, 2"
+            )
+            + "services: {}\n",
+            "compose.yaml: aliases expand to too many values",
+        ),
+    ],
+)
+def test_recursive_and_exploding_aliases_exit_2(content: str, message: str, tmp_path: Path) -> None:
+    top = bare_repo(tmp_path, content)
+    result = run_cli("init", cwd=top, env=ENV, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == f"portalloc: {message}\n"
+
+
+@pytest.mark.parametrize(
+    "compose",
+    [
+        'services:\n  a:\n    ports: ["${A_PORT:-8000}-${B_PORT:-8002}:8000-8002"]\n'
+        '  b:\n    ports: ["${A_PORT:-8000}:80"]\n',
+        'services:\n  a:\n    ports: ["${X:-8080}:80"]\n    container_name: ${X:-foo}\n',
+        "services:\n  a:\n    container_name: ${N:-alpha}\n  b:\n    container_name: ${N:-beta}\n",
+        "services:\n  a:\n    container_name: ${COMPOSE_PROJECT_NAME:-myapp}\n    ports: ['1:1']\n",
+    ],
+)
+def test_a_variable_with_two_meanings_is_never_adopted(compose: str, tmp_path: Path) -> None:
+    top = bare_repo(tmp_path, compose)
+    result = run_cli("init", "--write", cwd=top, env=ENV)
+    assert result.returncode == 0, result.stderr
+    # Left to the user, or (COMPOSE_PROJECT_NAME) already the project's own per lease.
+    assert "not set by the profile" in result.stderr or "COMPOSE_PROJECT_NAME:-" in compose
+    env = run_cli("env", "--format", "dotenv", cwd=top, env={**ENV, "PORT_ALLOC_BASE": "39000"})
+    assert env.returncode == 0, env.stderr
+
+
+def test_a_lost_profile_comes_back_for_single_port_ranges(tmp_path: Path) -> None:
+    top = bare_repo(tmp_path, 'services:\n  web:\n    ports: ["8000-8000:80", "8000:80/udp"]\n')
+    assert run_cli("init", "--write", cwd=top, env=ENV).returncode == 0
+    first = (top / "portalloc.toml").read_text()
+    (top / "portalloc.toml").unlink()
+    assert run_cli("init", "--write", cwd=top, env=ENV).returncode == 0
+    assert (top / "portalloc.toml").read_text() == first
+
+
+def test_a_range_the_project_file_sets_too_small_is_named(tmp_path: Path) -> None:
+    ports = ", ".join(f'"{8000 + i}:{80 + i}"' for i in range(5))
+    top = bare_repo(
+        tmp_path, f"services:\n  web:\n    ports: [{ports}]\n", portalloc_toml="range = 4\n"
+    )
+    result = run_cli("init", "--write", cwd=top, env=ENV)
+    assert result.returncode == 2
+    assert "portalloc.toml: set range = 5 or more" in result.stderr
+
+
+def test_files_named_twice_outside_or_oddly(tmp_path: Path) -> None:
+    top = bare_repo(tmp_path, 'services:\n  web:\n    ports: ["8080:80"]\n')
+    twice = run_cli("init", "compose.yaml", "./compose.yaml", cwd=top, env=ENV)
+    assert twice.returncode == 0 and twice.stdout.count("+++ b/compose.yaml") == 1
+    outside = tmp_path / "other.yml"
+    outside.write_text('services:\n  web:\n    ports: ["8080:80"]\n')
+    result = run_cli("init", str(outside), cwd=top, env=ENV)
+    assert result.returncode == 2 and "is outside the repository top" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_an_existing_lease_is_named_after_write(tmp_path: Path) -> None:
+    top = repo_with(tmp_path, "ip-bound.yml")
+    assert run_cli("env", cwd=top, env=ENV).returncode == 0  # e.g. the git hook made it
+    result = run_cli("init", "--write", cwd=top, env=ENV)
+    assert result.returncode == 0
+    assert f"note: the lease of {top} was made with the old profile" in result.stderr
+    assert run_cli("release", str(top), cwd=top, env=ENV).returncode == 0
+    env = run_cli("env", "--format", "dotenv", cwd=top, env=ENV)
+    assert "CACHE_PORT=" in env.stdout

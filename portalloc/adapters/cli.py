@@ -577,6 +577,13 @@ def init(
     for note in notes:
         _err(f"note: {note}")
     changed = ", ".join(shown for _path, shown, _old, _new in plan.changes)
+    if write and plan.profile_changed:
+        # A lease keeps the profile it was made with: say which ones predate this one.
+        for session in _leases_of_worktrees(top):
+            _err(
+                f"note: the lease of {session} was made with the old profile; there, run: "
+                'portalloc release "$PWD" && eval "$(portalloc env)"'
+            )
     if not plan.changes:
         _err("nothing to change: no fixed host port or container_name left")
     elif write:
@@ -585,6 +592,33 @@ def init(
         _out(f'variables: {variables}\nnext: eval "$(portalloc env)" in each worktree\n')
     else:
         _err(f"dry run: would change {changed}; run `portalloc init --write` to apply")
+
+
+def _leases_of_worktrees(top: Path) -> list[str]:
+    """Sessions of active leases held by TOP or another worktree of its repository."""
+    import subprocess
+
+    trees = {str(top)}
+    try:
+        listing = subprocess.run(
+            ["git", "worktree", "list", "--porcelain"],
+            cwd=top,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout
+        trees |= {
+            line[len("worktree ") :]
+            for line in listing.splitlines()
+            if line.startswith("worktree ")
+        }
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return [a.session_id for a in cli_service().status() if a.session_id in trees]
+    except PortallocError:
+        return []
 
 
 hook_app = typer.Typer(
