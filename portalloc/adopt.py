@@ -24,17 +24,21 @@ from typing import Any
 
 from portalloc.compose import (
     NAME,
+    ComposeFile,
     Published,
-    TemplateError,
     fixed_range,
-    interpolate,
+    get,
+    load_yaml,
+    model,
     parse_short,
+    read_compose,
+    scalars,
+    services,
 )
 from portalloc.errors import AdoptError, printable
-from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable, has_unprintable
+from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable
 
 COMPOSE_PATTERNS = ("compose*.yml", "compose*.yaml", "docker-compose*.yml", "docker-compose*.yaml")
-MERGE_TAG = "tag:yaml.org,2002:merge"
 _REFERENCE = re.compile(r"\$\{?(" + NAME.pattern + ")")
 _VARIABLE = re.compile(
     r"\$(?:\{(" + NAME.pattern + r")(?::?-([0-9]{1,5}))?\}|(" + NAME.pattern + "))"
@@ -47,216 +51,11 @@ CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 # The container_name init writes: `${DB_CONTAINER_NAME:-db}`.
 _CONTAINER_VARIABLE = re.compile(r"\$\{(" + NAME.pattern + r"):?-([^}]*)\}")
 _ASSIGNMENT = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
-MAX_EXPANDED_NODES = 1_000_000
 DEFAULT_RANGE = 100
 DEFAULT_BASE = 10000
 DEFAULT_MAX_SESSIONS = 20
 PROFILE_NAME = "portalloc.toml"
 HEADER = "# Written by `portalloc init`: the host ports and container names of the compose files."
-
-
-# --- reading compose files -------------------------------------------------------
-
-
-@dataclass
-class ComposeFile:
-    path: Path  # as given or found (shown in messages and diffs)
-    shown: str  # the name in diffs: relative to the top when inside it
-    data: bytes
-    text: str
-    root: Any  # yaml.MappingNode
-
-
-def _load_yaml(path: Path, text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise AdoptError(path, line, f"not valid YAML: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise AdoptError(path, 1, f"not valid YAML: {exc}") from None
-
-
-def read_compose(path: Path, top: Path) -> ComposeFile:
-    import yaml
-
-    try:
-        shown = str(Path(os.path.normpath(path.absolute())).relative_to(top.absolute()))
-    except ValueError:
-        raise AdoptError(path, 0, f"is outside the repository top {top}") from None
-    where = Path(shown)  # messages name the file as the user knows it
-    if has_unprintable(shown):
-        raise AdoptError(where, 0, "has a control character in its name")
-    try:
-        if path.is_symlink():
-            raise AdoptError(where, 0, "is a symlink; name the file it points to")
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
-            raise AdoptError(where, 0, "not a regular file")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise AdoptError(where, 0, f"cannot be read: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise AdoptError(where, 1, "is not UTF-8 text") from None
-    try:
-        root = _load_yaml(where, text)
-        services = _get(root, "services") if isinstance(root, yaml.MappingNode) else None
-        if not isinstance(services, yaml.MappingNode):
-            line = root.start_mark.line + 1 if root is not None else 1
-            raise AdoptError(where, line, "not a compose file (no `services:` mapping)")
-        _check_document(where, root)
-    except RecursionError:
-        raise AdoptError(where, 0, "nested too deeply") from None
-    return ComposeFile(path, shown, data, text, root)
-
-
-def _scalars(node: Any, seen: set[int] | None = None) -> Iterator[Any]:
-    """Every value scalar under NODE (not mapping keys), each node once."""
-    import yaml
-
-    seen = set() if seen is None else seen
-    if id(node) in seen:
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.ScalarNode):
-        yield node
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            yield from _scalars(item, seen)
-    elif isinstance(node, yaml.MappingNode):
-        for _key, value in node.value:
-            yield from _scalars(value, seen)
-
-
-def _check_cycles(path: Path, node: Any, ancestors: set[int], done: set[int]) -> None:
-    """Refuse an alias to a node that contains it (`x: &a [*a]`): compose cannot read
-    it, and nothing can be compared. Each node is looked into once (shared aliases
-    would otherwise cost exponential time)."""
-    import yaml
-
-    if id(node) in ancestors:
-        raise AdoptError(path, node.start_mark.line + 1, "an alias refers to its own anchor")
-    if id(node) in done or isinstance(node, yaml.ScalarNode):
-        return
-    ancestors.add(id(node))
-    for child in node.value:
-        for part in child if isinstance(child, tuple) else (child,):
-            _check_cycles(path, part, ancestors, done)
-    ancestors.discard(id(node))
-    done.add(id(node))
-
-
-def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
-    """How many nodes NODE is with every alias expanded (memoised: linear time)."""
-    import yaml
-
-    if id(node) not in sizes:
-        if isinstance(node, yaml.ScalarNode):
-            sizes[id(node)] = 1
-        else:
-            parts = [p for c in node.value for p in (c if isinstance(c, tuple) else (c,))]
-            sizes[id(node)] = 1 + sum(_expanded_size(part, sizes) for part in parts)
-    return sizes[id(node)]
-
-
-def _check_document(path: Path, root: Any) -> None:
-    """Refuse what compose refuses: a `$` that is no valid interpolation, and a key
-    given twice in one mapping (PyYAML would keep the last one silently)."""
-    import yaml
-
-    _check_cycles(path, root, set(), set())
-    if _expanded_size(root, {}) > MAX_EXPANDED_NODES:
-        # Aliases of aliases: a few lines that expand to billions of values. Compose's
-        # YAML decoder refuses these as "excessive aliasing" too.
-        raise AdoptError(path, 0, "aliases expand to too many values")
-
-    for node in _scalars(root):
-        if "$" in node.value:
-            try:
-                interpolate(node.value, {}, required=False)
-            except TemplateError as exc:
-                raise AdoptError(path, node.start_mark.line + 1, str(exc)) from None
-    for mapping in _mappings(root, set()):
-        keys: set[str] = set()
-        for key, _value in mapping.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != MERGE_TAG:
-                if key.value in keys:
-                    raise AdoptError(path, key.start_mark.line + 1, f"key {key.value!r} twice")
-                keys.add(key.value)
-
-
-def _mappings(node: Any, seen: set[int]) -> Iterator[Any]:
-    import yaml
-
-    if id(node) in seen:
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        yield node
-        for _key, value in node.value:
-            yield from _mappings(value, seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            yield from _mappings(item, seen)
-
-
-def _get(node: Any, key: str) -> Any:
-    """The value of KEY in mapping NODE as compose sees it: an explicit key wins over
-    merged ones (`<<: *a`, `<<: [*a, *b]`, earlier sources first)."""
-    import yaml
-
-    if not isinstance(node, yaml.MappingNode):
-        return None
-    found = None
-    for key_node, value in node.value:
-        if key_node.tag != MERGE_TAG and key_node.value == key:
-            found = value
-    if found is not None:
-        return found
-    for key_node, value in node.value:
-        if key_node.tag == MERGE_TAG:
-            sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
-            for source in sources:
-                merged = _get(source, key)
-                if merged is not None:
-                    return merged
-    return None
-
-
-def _keys(node: Any) -> list[str]:
-    """The keys of mapping NODE as compose sees them, merged ones included, in order."""
-    import yaml
-
-    names: dict[str, None] = {}
-    for key_node, value in node.value:
-        if key_node.tag == MERGE_TAG:
-            sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
-            for source in sources:
-                if isinstance(source, yaml.MappingNode):
-                    names.update(dict.fromkeys(_keys(source)))
-        else:
-            names[str(key_node.value)] = None
-    return list(names)
-
-
-def model(node: Any, env: Mapping[str, str], *, required: bool = False) -> Any:
-    """The document under NODE as compose reads it with variables ENV: merge keys
-    applied, every value interpolated, every scalar as its text. A required variable
-    without a value reads as empty unless REQUIRED."""
-    import yaml
-
-    if isinstance(node, yaml.ScalarNode):
-        return interpolate(node.value, env, required=required)
-    if isinstance(node, yaml.SequenceNode):
-        return [model(item, env, required=required) for item in node.value]
-    if isinstance(node, yaml.MappingNode):
-        return {key: model(_get(node, key), env, required=required) for key in _keys(node)}
-    return None
 
 
 # --- what the files publish ------------------------------------------------------
@@ -346,16 +145,6 @@ def report(plan: Plan, profile_sets: set[str]) -> list[str]:
     return [f"{shown}:{line}: {text}" for shown, line, text in notes]
 
 
-def _services(compose: ComposeFile) -> Iterator[tuple[str, Any]]:
-    import yaml
-
-    services = _get(compose.root, "services")
-    for name in _keys(services):
-        service = _get(services, name)
-        if isinstance(service, yaml.MappingNode):
-            yield name, service
-
-
 def _variable_use(compose: ComposeFile, node: Any, name: str, spec: Published) -> Use | None:
     """A host port written as one variable (`${V:-N}`, `$V`) or as the range init
     writes (`${A:-N}-${B:-M}`): one the profile can take over."""
@@ -417,7 +206,7 @@ def _variable_use(compose: ComposeFile, node: Any, name: str, spec: Published) -
 def _port_uses(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Iterator[Use]:
     import yaml
 
-    ports = _get(service, "ports")
+    ports = get(service, "ports")
     if ports is None:
         return
     if not isinstance(ports, yaml.SequenceNode):
@@ -433,9 +222,9 @@ def _port_uses(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Ite
                 continue
             node: Any = entry
         elif isinstance(entry, yaml.MappingNode):
-            node = _get(entry, "published")
-            target = _get(entry, "target")
-            protocol = _get(entry, "protocol")
+            node = get(entry, "published")
+            target = get(entry, "target")
+            protocol = get(entry, "protocol")
             container = str(target.value) if isinstance(target, yaml.ScalarNode) else "?"
             spec = Published(
                 node.value if isinstance(node, yaml.ScalarNode) else "",
@@ -487,7 +276,7 @@ def _port_uses(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Ite
 def _container_use(plan: Plan, compose: ComposeFile, name: str, service: Any) -> Use | None:
     import yaml
 
-    node = _get(service, "container_name")
+    node = get(service, "container_name")
     if not isinstance(node, yaml.ScalarNode):
         return None
     if "$" in node.value:
@@ -628,9 +417,9 @@ def _passthrough(files: list[ComposeFile]) -> set[str]:
 
     names: set[str] = set()
     for compose in files:
-        for _name, service in _services(compose):
-            build = _get(service, "build")
-            for node in (_get(service, "environment"), _get(build, "args")):
+        for _name, service in services(compose):
+            build = get(service, "build")
+            for node in (get(service, "environment"), get(build, "args")):
                 if isinstance(node, yaml.SequenceNode):
                     names.update(
                         item.value
@@ -656,7 +445,7 @@ def _adoptable(plan_: Plan, uses: list[Use], passthrough: set[str]) -> list[Use]
     mentions: dict[str, int] = {}
     meanings: dict[str, set[tuple[Any, ...]]] = {}
     for compose in plan_.files:
-        for node in _scalars(compose.root):
+        for node in scalars(compose.root):
             for match in _REFERENCE.finditer(node.value):
                 references[match.group(1)] = references.get(match.group(1), 0) + 1
     for use in uses:
@@ -715,7 +504,7 @@ def _dotenv_names(directories: Iterable[Path]) -> set[str]:
 
 def _file_notes(plan_: Plan, compose: ComposeFile) -> None:
     """Notes for ports init cannot see from the files it was given."""
-    include = _get(compose.root, "include")
+    include = get(compose.root, "include")
     if include is not None:
         _note(
             plan_,
@@ -723,9 +512,9 @@ def _file_notes(plan_: Plan, compose: ComposeFile) -> None:
             include,
             "include: the included files are not rewritten; name them: portalloc init FILE...",
         )
-    for name, service in _services(compose):
-        extends = _get(service, "extends")
-        if _get(extends, "file") is not None:
+    for name, service in services(compose):
+        extends = get(service, "extends")
+        if get(extends, "file") is not None:
             _note(
                 plan_,
                 compose,
@@ -739,7 +528,7 @@ def _container_notes(plan_: Plan, renamed: dict[str, str]) -> None:
     """A `container:NAME` reference (network_mode, volumes_from, pid, ipc) to a
     container whose name now follows the lease."""
     for compose in plan_.files:
-        for node in _scalars(compose.root):
+        for node in scalars(compose.root):
             match = re.fullmatch(r"container:(.+)", node.value)
             if match and match.group(1) in renamed:
                 _note(
@@ -760,14 +549,14 @@ def plan(paths: Iterable[Path], top: Path) -> Plan:
     taken: set[str] = {"compose_project_name", *(n.upper() for n in passthrough)}
     taken |= _dotenv_names([top, *(compose.path.absolute().parent for compose in files)])
     for compose in files:
-        for node in _scalars(compose.root):
+        for node in scalars(compose.root):
             for match in _REFERENCE.finditer(node.value):
                 taken.add(match.group(1).upper())
     found: list[Use] = []
     seen: set[int] = set()
     for compose in files:
         _file_notes(result, compose)
-        for name, service in _services(compose):
+        for name, service in services(compose):
             container = _container_use(result, compose, name, service)
             for use in [*_port_uses(result, compose, name, service), container]:
                 if use is not None and id(use.node) not in seen:
@@ -866,7 +655,7 @@ def _edit(use: Use, replacement: str, edits: dict[int, dict[int, tuple[int, int,
 def _verify(compose: ComposeFile, text: str) -> None:
     """The rewritten text must parse and, with no variable set, mean what the original
     meant, value for value. Should it not, init stops and writes nothing."""
-    rewritten = _load_yaml(Path(compose.shown), text)
+    rewritten = load_yaml(Path(compose.shown), text)
     if model(rewritten, {}) != model(compose.root, {}):
         raise AdoptError(
             Path(compose.shown),

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from portalloc import adopt
-from portalloc.compose import TemplateError, fixed_range, interpolate, parse_short
+from portalloc.compose import TemplateError, fixed_range, interpolate, model, parse_short
 from portalloc.models import render_template
 from tests.helpers import run_cli
 
@@ -53,7 +53,7 @@ def case_dir(name: str, tmp_path: Path) -> tuple[Path, list[Path]]:
 
 
 def model_of(text: str, env: dict[str, str]) -> Any:
-    return adopt.model(yaml.compose(text, Loader=yaml.SafeLoader), env)
+    return model(yaml.compose(text, Loader=yaml.SafeLoader), env)
 
 
 def published(document: Any) -> list[tuple[str, int, str]]:
