@@ -523,6 +523,8 @@ class _IndexedLeases(Leases):
 
     def _touched(self) -> set[int]:
         """Positions in the file of the leases changed or gone since."""
+        if not (self._replaced or self._removed):
+            return set()
         positions = self._file.positions()
         return {positions[key] for key in (*self._replaced, *self._removed)}
 
