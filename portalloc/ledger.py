@@ -375,6 +375,9 @@ _INDEX_MAGIC = b"portalloc-index 1 python %d.%d marshal %d\n" % (
     marshal.version,
 )
 _DIGEST_SIZE = 32  # SHA-256
+# Below this many leases a full parse costs less than keeping an index (under 1 ms
+# either way): a server writing a small ledger hundreds of times a second keeps none.
+INDEX_MIN_LEASES = 64
 
 
 class _Index(NamedTuple):
@@ -1115,6 +1118,12 @@ class Ledger:
         """Vouch for PAYLOAD, just written, with its index (a cache: on any failure the
         next load parses the whole file)."""
         if self.index_path is None:
+            return
+        if len(index.ids) < INDEX_MIN_LEASES:
+            try:
+                os.unlink(self.index_path)  # one left from when the ledger was larger
+            except OSError:
+                pass
             return
         import hashlib
 

@@ -33,6 +33,27 @@ TAMPERED.append({"start": 10050, "ports": {"api": 10050}})
 pytestmark = pytest.mark.skipif(not hasattr(os, "geteuid"), reason="the index needs POSIX uids")
 
 
+@pytest.fixture(autouse=True)
+def index_small_ledgers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index is kept from INDEX_MIN_LEASES leases on; here from the first."""
+    monkeypatch.setattr(ledger_module, "INDEX_MIN_LEASES", 1)
+
+
+def test_a_ledger_gets_an_index_from_index_min_leases_on(
+    state_dir: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "INDEX_MIN_LEASES", 3)
+    index = state_dir / f"leases.json.index-{os.geteuid()}"
+    svc = service(state_dir, clock)
+    svc.allocate("a")
+    svc.allocate("b")
+    assert not index.exists()
+    svc.allocate("c")
+    assert index.stat().st_mode & 0o777 == 0o600
+    svc.release("c")
+    assert not index.exists()
+
+
 def service(state_dir: Path, clock: FakeClock, **settings: Any) -> PortAllocatorService:
     config = PortAllocatorConfig(state_dir=state_dir, skip_port_check=True, **settings)
     return PortAllocatorService(config, clock=clock, on_warning=lambda _message: None)
@@ -198,6 +219,8 @@ class IndexedVersusFull(RuleBasedStateMachine):
         # Few homes remembered: a grant forgets the oldest, as at 10,000 homes.
         self.history_limit = allocator.HISTORY_LIMIT
         allocator.HISTORY_LIMIT = 4
+        self.index_min_leases = ledger_module.INDEX_MIN_LEASES
+        ledger_module.INDEX_MIN_LEASES = 1
         self.clock = FakeClock()
         self.alive = set(PIDS)
         self.paths: set[str] = set()
@@ -298,6 +321,7 @@ class IndexedVersusFull(RuleBasedStateMachine):
         import shutil
 
         allocator.HISTORY_LIMIT = self.history_limit
+        ledger_module.INDEX_MIN_LEASES = self.index_min_leases
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -26,9 +26,7 @@ def test_new_state_dir_and_files_are_private(state_dir: Path) -> None:
     assert mode(state_dir) == 0o700
     assert mode(state_dir / "leases.json") == 0o600
     assert mode(state_dir / "leases.json.lock") == 0o600
-    index = f"leases.json.index-{os.geteuid()}"
-    assert mode(state_dir / index) == 0o600
-    assert sorted(p.name for p in state_dir.iterdir()) == ["leases.json", index, "leases.json.lock"]
+    assert sorted(p.name for p in state_dir.iterdir()) == ["leases.json", "leases.json.lock"]
 
 
 def test_group_shared_state_dir_keeps_group_access(state_dir: Path) -> None:
