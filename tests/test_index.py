@@ -387,3 +387,21 @@ def test_the_indexed_table_answers_as_a_plain_one(
         now = clock.now + timedelta(minutes=minutes)
         assert indexed.due(now) == plain.due(now)
         assert indexed.overlapping(10000, 10100) == plain.overlapping(10000, 10100)
+
+
+def test_a_long_lived_service_goes_on_from_what_it_saved(state_dir: Path, clock: FakeClock) -> None:
+    # mcp and serve keep the state they saved: over many writes it drifts from the
+    # file it was read from, and what they write must stay what a full parse reads.
+    svc = service(state_dir, clock, base=10000, range=4, max_sessions=200)
+    for step in range(150):
+        svc.allocate(f"s{step % 90}")
+        if step % 3 == 0:
+            svc.release(f"s{(step * 7) % 90}")
+        clock.advance(0.5)
+        fresh = Ledger(state_dir, 10, print, clock)
+        fresh.index_path = None
+        assert list(svc.ledger.load().leases.items()) == list(fresh.load().leases.items())
+    data = (state_dir / "leases.json").read_bytes()
+    document = json.loads(data)
+    del document["crc32"]
+    assert data == dump(document)
