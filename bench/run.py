@@ -1,7 +1,8 @@
 """portalloc's start-up, contention and ledger-size costs, each against a baseline run
 side by side (interleaved, medians) in the same run.
 
-    python bench/run.py [--reps 21] [--batch-reps 3] [--processes 200] [--leases 10000] [--json]
+    python bench/run.py [--reps 21] [--batch-reps 3] [--processes 200] [--leases 10000]
+                        [--only startup|contention|ledger] [--json]
 
 1. Start-up of the read path: `portalloc env S` and `portalloc get S rest` for a live
    lease, and `portalloc env` inside a worktree that has one, each vs `python -c pass`.
@@ -44,6 +45,7 @@ TARGET_CONTENTION = 1.5
 TARGET_LEDGER_ENV = 1.3
 TARGET_LEDGER_ALLOCATE = 1.5
 SESSION = "bench-session"
+SECTIONS = ("startup", "contention", "ledger")  # 1, 2 and 3 below
 PACKAGE = Path(__file__).resolve().parent.parent / "portalloc"
 
 # The contention floor: a process that imports what `portalloc allocate` imports
@@ -339,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--leases", type=int, default=10000, help="active leases for 3 (default 10000)"
     )
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS,
+        action="append",
+        help="run only this part (repeatable; default: all)",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     if min(args.reps, args.batch_reps, args.processes, args.leases) < 1:
@@ -361,9 +369,14 @@ def main(argv: list[str] | None = None) -> int:
             print(header, flush=True)
         # Bytecode as an installed package has it (PYTHONDONTWRITEBYTECODE may be set).
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(PACKAGE)], check=False)
-        rows = measure_startup(bench, args.reps)
-        rows += measure_contention(bench, args.batch_reps, args.processes)
-        rows += measure_ledger_size(bench, args.reps, args.leases)
+        only = set(args.only or SECTIONS)
+        rows: list[Row] = []
+        if "startup" in only:
+            rows += measure_startup(bench, args.reps)
+        if "contention" in only:
+            rows += measure_contention(bench, args.batch_reps, args.processes)
+        if "ledger" in only:
+            rows += measure_ledger_size(bench, args.reps, args.leases)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.perf_counter() - began

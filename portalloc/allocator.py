@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from itertools import chain
 from typing import Literal, NamedTuple
 
 from portalloc.config import PortAllocatorConfig
@@ -78,15 +78,16 @@ def reclaim(
 ) -> tuple[LedgerState, list[Reclaimed]]:
     """Drop leases whose anchor is gone: a dead owner, a vanished worktree, or, for
     leases with neither, an expired TTL. A live `run` using a lease keeps it."""
-    kept: dict[str, Lease] = {}
+    changes: dict[str, Lease | None] = {}
     gone: list[Reclaimed] = []
-    changed = False
-    for session_id, lease in state.leases.items():
+    # Only the leases that can be reclaimed at all: a ledger of ten thousand TTL leases
+    # that have not run out needs no look at each one.
+    for original in state.leases.due(now):
+        lease = original
         if lease.guests:
             guests = tuple(guest for guest in lease.guests if owner_alive(guest))
             if guests != lease.guests:
                 lease = lease._replace(guests=guests)
-                changed = True
         reason: ReclaimReason | None = None
         if lease.owner is not None:
             if not owner_alive(lease.owner):
@@ -99,21 +100,20 @@ def reclaim(
         elif lease.expired(now):
             reason = "expired"
         if reason is None or lease.guests:
-            kept[session_id] = lease
+            if lease is not original:
+                changes[lease.session_id] = lease
         else:
             gone.append(Reclaimed(lease, reason))
-            changed = True
-    if not changed:
+            changes[lease.session_id] = None
+    if not changes:
         return state, []
-    return state.with_leases(kept), gone
+    return state.with_leases(state.leases.updated(changes)), gone
 
 
 def release(state: LedgerState, session_id: str) -> tuple[LedgerState, bool]:
     if session_id not in state.leases:
         return state, False
-    leases = dict(state.leases)
-    del leases[session_id]
-    return state.with_leases(leases), True
+    return state.with_leases(state.leases.updated({session_id: None})), True
 
 
 def leave(
@@ -127,7 +127,7 @@ def leave(
     if user in lease.guests:
         guests = tuple(guest for guest in lease.guests if guest != user)
         lease = lease._replace(guests=guests)
-        state = state.with_leases({**state.leases, session_id: lease})
+        state = state.with_leases(state.leases.updated({session_id: lease}))
     if lease.owner == user and not any(owner_alive(guest) for guest in lease.guests):
         return release(state, session_id)
     return state, False
@@ -143,21 +143,6 @@ def compose_project_name(session_id: str, prefix: str, taken: set[str]) -> str:
         if name not in taken:
             return name
     raise AssertionError("two distinct session ids share a full SHA-256")  # pragma: no cover
-
-
-class _Occupancy:
-    """Port spans of active leases, for O(log n) overlap checks."""
-
-    def __init__(self, leases: list[Lease]) -> None:
-        spans = sorted((lease.start, lease.end) for lease in leases)
-        self._starts = [start for start, _ in spans]
-        self._ends = [end for _, end in spans]
-
-    def overlaps(self, start: int, end: int) -> bool:
-        # Spans never overlap each other, so the last one starting at or before `end`
-        # is the only one that can reach into [start, end].
-        index = bisect_right(self._starts, end) - 1
-        return index >= 0 and self._ends[index] >= start
 
 
 def grant(
@@ -179,8 +164,7 @@ def grant(
             f"{len(state.leases)} active leases reach max sessions ({config.max_sessions})"
         )
 
-    leases = list(state.leases.values())
-    occupancy = _Occupancy(leases)
+    leases = state.leases
     skipped: list[Skip] = []
 
     def busy_port(start: int, own: bool) -> Skip | None:
@@ -193,7 +177,7 @@ def grant(
         return None
 
     def usable(start: int) -> bool:
-        if occupancy.overlaps(start, start + config.range - 1):
+        if leases.occupied(start, start + config.range - 1):
             return False
         skip = busy_port(start, False)
         if skip is not None:
@@ -206,11 +190,9 @@ def grant(
     if home is not None and not _is_block(home, config):
         home = None  # made under other settings: the first block granted now is home
     if home is not None:
-        holder = next(
-            (lease for lease in leases if lease.overlaps(home, home + config.range - 1)), None
-        )
-        if holder is not None:
-            moved = Move(home, f"it is held by session {holder.session_id!r}")
+        holders = leases.overlapping(home, home + config.range - 1)
+        if holders:
+            moved = Move(home, f"it is held by session {holders[0].session_id!r}")
         else:
             skip = busy_port(home, True)
             if skip is None:
@@ -221,19 +203,19 @@ def grant(
         # Other sessions' homes last: a newcomer should not take a block someone
         # returns to tomorrow while a block nobody calls home is free.
         homes = set(state.homes.values())
-        candidates = [
-            config.base + index * config.range
-            for index in range(config.max_sessions)
-            if config.base + index * config.range != home
-        ]
-        for start in sorted(candidates, key=lambda start: start in homes):
+        blocks = range(config.base, config.span_end + 1, config.range)
+        candidates = chain(
+            (start for start in blocks if start not in homes),
+            (start for start in blocks if start in homes and start != home),
+        )
+        for start in candidates:
             if usable(start):
                 chosen = start
                 break
     if chosen is None:
         raise NoPortsAvailable(f"every block in {config.base}-{config.span_end} is taken or busy")
 
-    taken_names = {lease.compose_project_name for lease in leases}
+    taken_names = leases.compose_names()
     lease = new_lease(request, chosen, now, expires_at, taken_names)
     homes_after = dict(state.homes)
     homes_after.pop(request.session_id, None)
@@ -243,7 +225,7 @@ def grant(
         del homes_after[forgotten]
         if forgotten in files:
             files = {key: value for key, value in files.items() if key != forgotten}
-    new_state = LedgerState({**state.leases, request.session_id: lease}, homes_after, files)
+    new_state = LedgerState(leases.updated({request.session_id: lease}), homes_after, files)
     return Grant(new_state, lease, created=True, skipped=tuple(skipped), moved=moved)
 
 
@@ -272,7 +254,7 @@ def _refresh(
         if request.user in existing.guests:
             return Grant(state, existing, created=False)
         joined = existing._replace(guests=(*existing.guests, request.user))
-        leases = {**state.leases, request.session_id: joined}
+        leases = state.leases.updated({request.session_id: joined})
         return Grant(LedgerState(leases, state.homes, files), joined, created=False)
     owner = request.owner or existing.owner
     worktree = request.worktree or existing.worktree
@@ -293,7 +275,7 @@ def _refresh(
         owner=owner,
         worktree=worktree,
     )
-    leases = {**state.leases, request.session_id: refreshed}
+    leases = state.leases.updated({request.session_id: refreshed})
     return Grant(LedgerState(leases, state.homes, files), refreshed, created=False)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import string
+from bisect import bisect_right
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,6 +123,17 @@ class Lease(NamedTuple):
         return now >= self.expires_at
 
     @property
+    def anchored(self) -> bool:
+        """Whether something besides its TTL decides when it ends: an owner process, a
+        worktree, or `run` processes using it."""
+        return self.owner is not None or self.worktree is not None or bool(self.guests)
+
+    def due(self, now: datetime) -> bool:
+        """Whether a reclaim at NOW must look at it: its anchor may be gone, or its TTL
+        has run out."""
+        return self.anchored or self.expired(now)
+
+    @property
     def held_while(self) -> HeldWhile:
         """What keeps the lease: its owner process, its worktree, or only its TTL."""
         if self.owner is not None:
@@ -206,6 +219,96 @@ class PortAllocation:
 FileRecord = tuple[str, str]  # (kind, absolute path)
 
 
+class Leases(Mapping[str, Lease]):
+    """Active leases by session, in ledger order, with the questions the allocator asks
+    of all of them at once (spans, compose names, what a reclaim must look at).
+
+    Immutable: `updated` returns a new table. The ledger subclasses it to answer those
+    questions from an index of the file, parsing only the leases asked for.
+    """
+
+    __slots__ = ("_by_id", "_spans")
+
+    def __init__(self, leases: Mapping[str, Lease] | None = None) -> None:
+        self._by_id: dict[str, Lease] = {} if leases is None else dict(leases)
+        self._spans: tuple[list[int], list[int], list[str]] | None = None
+
+    # The Mapping protocol, delegated to the dict (C speed for status and tests).
+    def __getitem__(self, session_id: str) -> Lease:
+        return self._by_id[session_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._by_id
+
+    def keys(self) -> KeysView[str]:
+        return self._by_id.keys()
+
+    def values(self) -> ValuesView[Lease]:
+        return self._by_id.values()
+
+    def items(self) -> ItemsView[str, Lease]:
+        return self._by_id.items()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self.items())!r})"
+
+    def sorted_spans(self) -> tuple[list[int], list[int], list[str]]:
+        """Starts, ends and session ids of every lease, lowest start first."""
+        if self._spans is None:
+            spans = sorted((lease.start, lease.end, key) for key, lease in self._by_id.items())
+            self._spans = (
+                [start for start, _end, _key in spans],
+                [end for _start, end, _key in spans],
+                [key for _start, _end, key in spans],
+            )
+        return self._spans
+
+    def occupied(self, start: int, end: int) -> bool:
+        """Whether any lease's span meets START-END, in O(log n)."""
+        starts, ends, _keys = self.sorted_spans()
+        # Spans never overlap each other: only the last one starting at or before
+        # `end` can reach into [start, end].
+        index = bisect_right(starts, end) - 1
+        return index >= 0 and ends[index] >= start
+
+    def overlapping(self, start: int, end: int) -> list[Lease]:
+        """Leases whose span meets START-END, lowest start first, in O(log n + hits)."""
+        starts, ends, keys = self.sorted_spans()
+        # Those meeting [start, end] are the run ending with the last one that starts
+        # at or before `end` (spans never overlap each other).
+        index = bisect_right(starts, end) - 1
+        found: list[str] = []
+        while index >= 0 and ends[index] >= start:
+            found.append(keys[index])
+            index -= 1
+        return [self[key] for key in reversed(found)]
+
+    def compose_names(self) -> set[str]:
+        return {lease.compose_project_name for lease in self._by_id.values()}
+
+    def due(self, now: datetime) -> list[Lease]:
+        """The leases a reclaim at NOW must look at: each one whose anchor may be gone
+        (an owner, a worktree or guests) or whose TTL has run out. The others stay."""
+        return [lease for lease in self._by_id.values() if lease.due(now)]
+
+    def updated(self, changes: Mapping[str, Lease | None]) -> Leases:
+        """This table with CHANGES made: a lease replaced in place or added at the end,
+        None removing the session's lease."""
+        by_id = dict(self._by_id)
+        for key, lease in changes.items():
+            if lease is None:
+                by_id.pop(key, None)
+            else:
+                by_id[key] = lease
+        return Leases(by_id)
+
+
 class LedgerState:
     """Active leases by session, each session's home block, and the files written for it.
 
@@ -216,13 +319,13 @@ class LedgerState:
 
     def __init__(
         self,
-        leases: dict[str, Lease] | None = None,
+        leases: Mapping[str, Lease] | None = None,
         homes: dict[str, int] | None = None,
         files: dict[str, tuple[FileRecord, ...]] | None = None,
     ) -> None:
-        self.leases: dict[str, Lease] = {} if leases is None else leases
+        self.leases: Leases = leases if isinstance(leases, Leases) else Leases(leases)
         self.homes: dict[str, int] = {} if homes is None else homes
         self.files: dict[str, tuple[FileRecord, ...]] = {} if files is None else files
 
-    def with_leases(self, leases: dict[str, Lease]) -> LedgerState:
+    def with_leases(self, leases: Mapping[str, Lease]) -> LedgerState:
         return LedgerState(leases, self.homes, self.files)

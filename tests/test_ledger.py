@@ -12,6 +12,7 @@ import pytest
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.ledger import LEDGER_VERSION
+from portalloc.models import LedgerState
 from portalloc.service import PortAllocatorService
 from tests.helpers import run_cli
 
@@ -192,13 +193,14 @@ def test_a_long_lived_service_parses_the_ledger_again_only_when_it_changed(
     server, other = PortAllocatorService(config), PortAllocatorService(config)
     server.allocate("a")
     parses: list[object] = []
-    real = ledger_module.parse_document
+    real = ledger_module.Ledger._load
 
-    def counting(document: object) -> ledger_module.Parsed:
-        parses.append(document)
-        return real(document)
+    def counting(ledger: ledger_module.Ledger) -> LedgerState:
+        # Whether in full or through the index: the file is read again.
+        parses.append(ledger)
+        return real(ledger)
 
-    monkeypatch.setattr(ledger_module, "parse_document", counting)
+    monkeypatch.setattr(ledger_module.Ledger, "_load", counting)
     for _ in range(3):
         assert [a.session_id for a in server.status()] == ["a"]
     assert parses == []  # unchanged since its own save: nothing parsed again

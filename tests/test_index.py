@@ -1,0 +1,407 @@
+"""The ledger's index: a write parses only the leases it touches and copies the others
+as the bytes they were, yet decides and writes exactly what a full parse would."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule
+
+from portalloc import allocator
+from portalloc import ledger as ledger_module
+from portalloc.config import PortAllocatorConfig
+from portalloc.errors import PortallocError
+from portalloc.host import Host
+from portalloc.ledger import Ledger, atomic_write, dump, encode
+from portalloc.models import Lease, Leases, LedgerState, Owner
+from portalloc.service import PortAllocatorService
+from tests.helpers import FakeClock
+from tests.test_trust import HOSTILE_LEASES
+
+# As tests/test_trust.py has them, the overlap moved to where "good" sits here.
+TAMPERED = [hostile for hostile in HOSTILE_LEASES if hostile.get("start") != 20050]
+TAMPERED.append({"start": 10050, "ports": {"api": 10050}})
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "geteuid"), reason="the index needs POSIX uids")
+
+
+@pytest.fixture(autouse=True)
+def index_small_ledgers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index is kept from INDEX_MIN_LEASES leases on; here from the first."""
+    monkeypatch.setattr(ledger_module, "INDEX_MIN_LEASES", 1)
+
+
+def test_a_ledger_gets_an_index_from_index_min_leases_on(
+    state_dir: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "INDEX_MIN_LEASES", 3)
+    index = state_dir / f"leases.json.index-{os.geteuid()}"
+    svc = service(state_dir, clock)
+    svc.allocate("a")
+    svc.allocate("b")
+    assert not index.exists()
+    svc.allocate("c")
+    assert index.stat().st_mode & 0o777 == 0o600
+    svc.release("c")
+    assert not index.exists()
+
+
+def service(state_dir: Path, clock: FakeClock, **settings: Any) -> PortAllocatorService:
+    config = PortAllocatorConfig(state_dir=state_dir, skip_port_check=True, **settings)
+    return PortAllocatorService(config, clock=clock, on_warning=lambda _message: None)
+
+
+def lease_text(data: bytes, session_id: str) -> bytes:
+    """The exact bytes of SESSION_ID's lease in the ledger DATA."""
+    start = data.index(b'{"session_id":' + json.dumps(session_id).encode() + b",")
+    _raw, end = json.JSONDecoder().raw_decode(data[start:].decode())
+    return data[start : start + len(data[start:].decode()[:end].encode())]
+
+
+def full_parses(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """A list that grows by one each time a ledger is parsed in full."""
+    parses: list[object] = []
+    real = ledger_module.parse_document
+
+    def counting(document: object) -> ledger_module.Parsed:
+        parses.append(document)
+        return real(document)
+
+    monkeypatch.setattr(ledger_module, "parse_document", counting)
+    return parses
+
+
+def forge(path: Path, edit: dict[str, Any], session_id: str) -> None:
+    """Change SESSION_ID's lease and write the file back as save() would, CRC and all."""
+    document = json.loads(path.read_bytes())
+    del document["crc32"]
+    for raw in document["leases"]:
+        if raw["session_id"] == session_id:
+            raw.update(edit)
+    # As dump() does it, but carrying a lone surrogate too, as a forger can.
+    body = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    data = body.encode("utf-8", "surrogatepass")
+    atomic_write(path, data[:-1] + b',"crc32":"%08x"}' % zlib.crc32(data))
+
+
+def test_unchanged_leases_survive_a_write_byte_for_byte(
+    state_dir: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = service(state_dir, clock)
+    for session in ("a", "b", "c", "d"):
+        svc.allocate(session)
+    before = (state_dir / "leases.json").read_bytes()
+    kept = {session: lease_text(before, session) for session in ("a", "c", "d")}
+    parses = full_parses(monkeypatch)
+    other = service(state_dir, clock)  # another process: nothing cached
+    other.release("b")
+    other.allocate("e")
+    clock.advance(30)
+    service(state_dir, clock).allocate("c")  # refreshed: its expiry changes
+    after = (state_dir / "leases.json").read_bytes()
+    assert parses == []  # every write went through the index
+    assert lease_text(after, "a") == kept["a"] and lease_text(after, "d") == kept["d"]
+    assert lease_text(after, "c") != kept["c"]
+    # The whole file is what save() makes of the state: canonical JSON and its CRC.
+    document = json.loads(after)
+    del document["crc32"]
+    assert after == dump(document)
+    assert [raw["session_id"] for raw in document["leases"]] == ["a", "c", "d", "e"]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+@pytest.mark.parametrize("hostile", TAMPERED, ids=lambda h: next(iter(h)))
+def test_a_tampered_lease_in_an_otherwise_intact_file_is_caught(
+    state_dir: Path, clock: FakeClock, hostile: dict[str, Any], shared: bool
+) -> None:
+    if shared:
+        state_dir.mkdir(mode=0o700)
+        state_dir.chmod(0o2770)  # group-writable ledger: its index names it by SHA-256
+    svc = service(state_dir, clock)
+    for session in ("good", "victim"):
+        svc.allocate(session)
+    path = state_dir / "leases.json"
+    good = lease_text(path.read_bytes(), "good")
+    forge(path, hostile, "victim")
+    warnings: list[str] = []
+    config = PortAllocatorConfig(state_dir=state_dir, skip_port_check=True)
+    later = PortAllocatorService(config, clock=clock, on_warning=warnings.append)
+    assert later.allocate("new").session_id == "new"
+    assert "unusable lease" in warnings[0]
+    assert len(list(state_dir.glob("leases.json.corrupt-*"))) == 1
+    assert sorted(later.ledger.load().leases) == ["good", "new"]
+    assert lease_text(path.read_bytes(), "good") == good
+
+
+def test_a_file_edited_in_place_is_not_vouched_for(
+    state_dir: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = service(state_dir, clock)
+    svc.allocate("a")
+    path = state_dir / "leases.json"
+    data = path.read_bytes()
+    forged = data.replace(b'"API_PORT":"10003"', b'"API_PORT":"10002"')
+    assert len(forged) == len(data)
+    with path.open("r+b") as stream:  # same inode, same size: only the times differ
+        stream.write(forged)
+    parses = full_parses(monkeypatch)
+    service(state_dir, clock).allocate("b")
+    assert len(parses) == 1
+
+
+@pytest.mark.parametrize("how", ["group-writable", "symlink", "garbage", "other-ledger"])
+def test_an_index_that_cannot_be_believed_is_ignored(
+    state_dir: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    svc = service(state_dir, clock)
+    svc.allocate("a")
+    index = state_dir / f"leases.json.index-{os.geteuid()}"
+    if how == "group-writable":
+        index.chmod(0o620)
+    elif how == "symlink":
+        real = index.with_name("elsewhere")
+        index.rename(real)
+        index.symlink_to(real)
+    elif how == "garbage":
+        index.write_bytes(index.read_bytes()[:-7] + b"garbage")
+    else:  # the index of another ledger, the ledger unchanged
+        other = state_dir.parent / "other"
+        service(other, clock).allocate("x")
+        index.write_bytes((other / index.name).read_bytes())
+    parses = full_parses(monkeypatch)
+    assert service(state_dir, clock).allocate("b").block_start == 10100
+    assert len(parses) == 1
+    assert sorted(service(state_dir, clock).ledger.load().leases) == ["a", "b"]
+    assert (index.stat().st_mode & 0o777) == 0o600 and not index.is_symlink()
+
+
+def test_encode_in_pieces_is_dump(state_dir: Path, clock: FakeClock) -> None:
+    svc = service(state_dir, clock)
+    svc.allocate("a/é\"'$x")
+    svc.allocate("b", pid=os.getpid())
+    state = svc.ledger.load()
+    parts, _index = encode(state)
+    data = b"".join(parts)
+    document = json.loads(data)
+    body = data[: -len(',"crc32":"00000000"}')] + b"}"
+    assert document.pop("crc32") == f"{zlib.crc32(body):08x}"
+    assert data == dump(document)
+
+
+# --- the index path and the full path decide and write the same --------------------------
+
+SESSIONS = [f"s{i}" for i in range(6)]
+PIDS = [101, 102, 103]
+SETTINGS = [
+    {"base": 10000, "range": 4, "max_sessions": 8},
+    {"base": 10002, "range": 10, "max_sessions": 5},
+    {"base": 10000, "range": 4, "max_sessions": 12},
+]
+
+
+class IndexedVersusFull(RuleBasedStateMachine):
+    """Every operation on two ledgers, one written and read through its index, the
+    other parsed in full every time: same results, same bytes on disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.root = Path(tempfile.mkdtemp(prefix="portalloc-index-"))
+        # Few homes remembered: a grant forgets the oldest, as at 10,000 homes.
+        self.history_limit = allocator.HISTORY_LIMIT
+        allocator.HISTORY_LIMIT = 4
+        self.index_min_leases = ledger_module.INDEX_MIN_LEASES
+        ledger_module.INDEX_MIN_LEASES = 1
+        self.clock = FakeClock()
+        self.alive = set(PIDS)
+        self.paths: set[str] = set()
+        self.host = Host(
+            owner_of=lambda pid: Owner(pid, 1.0),
+            owner_alive=lambda owner: owner.pid in self.alive,
+            path_exists=lambda path: path in self.paths,
+        )
+
+    def services(self, settings: dict[str, int]) -> tuple[PortAllocatorService, ...]:
+        pair = []
+        for name in ("indexed", "full"):
+            config = PortAllocatorConfig(
+                state_dir=self.root / name,
+                skip_port_check=True,
+                base=settings["base"],
+                range=settings["range"],
+                max_sessions=settings["max_sessions"],
+            )
+            svc = PortAllocatorService(
+                config, host=self.host, clock=self.clock, on_warning=lambda _m: None
+            )
+            if name == "full":
+                svc.ledger.index_path = None
+            pair.append(svc)
+        return tuple(pair)
+
+    def same(self, settings: dict[str, int], call: Any) -> None:
+        outcomes = []
+        for svc in self.services(settings):
+            try:
+                outcomes.append(repr(call(svc)))
+            except PortallocError as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+        assert outcomes[0] == outcomes[1]
+        files = [(self.root / name / "leases.json") for name in ("indexed", "full")]
+        contents = [path.read_bytes() if path.exists() else None for path in files]
+        assert contents[0] == contents[1]
+
+    @rule(
+        session=st.sampled_from(SESSIONS),
+        settings=st.sampled_from(SETTINGS),
+        ttl=st.sampled_from([1, 2, 120]),
+        pid=st.none() | st.sampled_from(PIDS),
+        worktree=st.none() | st.sampled_from(["/w/1", "/w/2"]),
+    )
+    def allocate(
+        self,
+        session: str,
+        settings: dict[str, int],
+        ttl: int,
+        pid: int | None,
+        worktree: str | None,
+    ) -> None:
+        if worktree is not None:
+            self.paths.add(worktree)
+        self.same(
+            settings,
+            lambda svc: svc.allocate(session, ttl_minutes=ttl, pid=pid, worktree=worktree),
+        )
+
+    @rule(session=st.sampled_from(SESSIONS), pid=st.sampled_from(PIDS), keep=st.booleans())
+    def hold(self, session: str, pid: int, keep: bool) -> None:
+        self.same(SETTINGS[0], lambda svc: svc.hold(session, pid=pid, keep=keep))
+
+    @rule(session=st.sampled_from(SESSIONS), pid=st.sampled_from(PIDS))
+    def leave(self, session: str, pid: int) -> None:
+        self.same(SETTINGS[0], lambda svc: svc.leave(session, pid))
+
+    @rule(session=st.sampled_from(SESSIONS))
+    def release(self, session: str) -> None:
+        self.same(SETTINGS[0], lambda svc: svc.release(session))
+
+    @rule(seconds=st.sampled_from([1, 30, 59, 60, 61, 119, 7200]))
+    def advance(self, seconds: int) -> None:
+        self.clock.advance(seconds / 60)
+
+    @rule(pid=st.sampled_from(PIDS))
+    def kill(self, pid: int) -> None:
+        self.alive.discard(pid)
+
+    @rule(worktree=st.sampled_from(["/w/1", "/w/2"]))
+    def remove_worktree(self, worktree: str) -> None:
+        self.paths.discard(worktree)
+
+    @rule()
+    def status_and_prune(self) -> None:
+        self.same(SETTINGS[0], lambda svc: (svc.status(), svc.prune()))
+
+    @rule()
+    def rewritten_elsewhere(self) -> None:
+        # Another user's process writes the same bytes anew: the index no longer vouches.
+        path = self.root / "indexed" / "leases.json"
+        if path.exists():
+            atomic_write(path, path.read_bytes())
+
+    def teardown(self) -> None:
+        import shutil
+
+        allocator.HISTORY_LIMIT = self.history_limit
+        ledger_module.INDEX_MIN_LEASES = self.index_min_leases
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+IndexedVersusFull.TestCase.settings = settings(
+    max_examples=120, stateful_step_count=20, deadline=None
+)
+TestIndexedVersusFull = IndexedVersusFull.TestCase
+
+
+def test_the_index_is_what_a_state_dir_of_one_user_reads(state_dir: Path, clock: FakeClock) -> None:
+    svc = service(state_dir, clock)
+    svc.allocate("a")
+    state = Ledger(state_dir, 10, print, clock).load()
+    assert type(state.leases).__name__ == "_IndexedLeases"
+    assert isinstance(state, LedgerState) and list(state.leases) == ["a"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([*SESSIONS, "a", "b", "c"]),
+            st.none() | st.integers(0, 40),  # None: remove; else the block to move it to
+            st.sampled_from(["ttl", "owner", "worktree"]),
+        ),
+        max_size=12,
+    ),
+    minutes=st.integers(0, 300),
+)
+def test_the_indexed_table_answers_as_a_plain_one(
+    tmp_path_factory: pytest.TempPathFactory,
+    steps: list[tuple[str, int | None, str]],
+    minutes: int,
+) -> None:
+    state_dir = tmp_path_factory.mktemp("table")
+    clock = FakeClock()
+    svc = service(state_dir, clock, base=10000, range=4, max_sessions=50)
+    for session, ttl in (("a", 30), ("b", 90), ("c", 200)):
+        svc.allocate(session, ttl_minutes=ttl)
+    indexed = Ledger(state_dir, 10, print, clock).load().leases
+    assert type(indexed).__name__ == "_IndexedLeases"
+    plain = Leases(dict(indexed.items()))
+    template = plain["a"]
+    for session, block, anchor in steps:
+        change: dict[str, Lease | None] = {session: None}
+        if block is not None:
+            start = 10000 + 4 * block
+            holders = plain.overlapping(start, start + template.span - 1)
+            if any(lease.session_id != session for lease in holders):
+                continue  # spans never overlap
+            change[session] = template._replace(
+                session_id=session,
+                start=start,
+                ports=(("api", start),),
+                owner=Owner(7, None) if anchor == "owner" else None,
+                worktree="/w" if anchor == "worktree" else None,
+            )
+        indexed, plain = indexed.updated(change), plain.updated(change)
+        assert list(indexed.items()) == list(plain.items())
+        assert len(indexed) == len(plain) and all(key in indexed for key in plain)
+        assert indexed.sorted_spans() == plain.sorted_spans()
+        assert indexed.compose_names() == plain.compose_names()
+        now = clock.now + timedelta(minutes=minutes)
+        assert indexed.due(now) == plain.due(now)
+        assert indexed.overlapping(10000, 10100) == plain.overlapping(10000, 10100)
+
+
+def test_a_long_lived_service_goes_on_from_what_it_saved(state_dir: Path, clock: FakeClock) -> None:
+    # mcp and serve keep the state they saved: over many writes it drifts from the
+    # file it was read from, and what they write must stay what a full parse reads.
+    svc = service(state_dir, clock, base=10000, range=4, max_sessions=200)
+    for step in range(150):
+        svc.allocate(f"s{step % 90}")
+        if step % 3 == 0:
+            svc.release(f"s{(step * 7) % 90}")
+        clock.advance(0.5)
+        fresh = Ledger(state_dir, 10, print, clock)
+        fresh.index_path = None
+        assert list(svc.ledger.load().leases.items()) == list(fresh.load().leases.items())
+    data = (state_dir / "leases.json").read_bytes()
+    document = json.loads(data)
+    del document["crc32"]
+    assert data == dump(document)
