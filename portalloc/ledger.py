@@ -281,6 +281,18 @@ def validate(state: LedgerState) -> None:
         previous_end, previous_id = end, session_id
 
 
+def _loadable(state: LedgerState) -> bool:
+    """Whether every lease written since the file was read passes the load rules."""
+    leases = state.leases
+    fresh = leases._fresh() if isinstance(leases, _IndexedLeases) else leases.values()
+    try:
+        for lease in fresh:
+            _check_rules(lease)
+    except _Malformed:
+        return False
+    return True
+
+
 def _check_written(session_id: str, lease: Lease) -> None:
     if not 1 <= lease.start <= lease.end <= 65535:
         raise AssertionError(f"lease {session_id!r} spans {lease.start}-{lease.end}")
@@ -1078,7 +1090,10 @@ class Ledger:
         if self.index_path is None:
             return None
         try:
-            fd = os.open(self.index_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO planted in a shared state dir must not hang us
+            # while we hold the lock; fstat below refuses it.
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(self.index_path, flags)
         except OSError:
             return None
         try:
@@ -1181,7 +1196,16 @@ class Ledger:
         except OSError as exc:
             raise LedgerError(self.path, f"cannot write: {exc.strerror or exc}") from None
         self.dirty = False
-        self._write_index(payload, index)
+        if _loadable(state):
+            self._write_index(payload, index)
+        elif self.index_path is not None:
+            # A lease the load rules refuse (a worktree path with a control character)
+            # must not be vouched for: the next load reads lease by lease and leaves
+            # it out, as without an index.
+            try:
+                os.unlink(self.index_path)
+            except OSError:
+                pass
         key = self._file_key()
         # A long-lived process goes on from the state it saved, unless it has drifted
         # far from the file it was read from: then from the new file, through its index.

@@ -405,3 +405,31 @@ def test_a_long_lived_service_goes_on_from_what_it_saved(state_dir: Path, clock:
     document = json.loads(data)
     del document["crc32"]
     assert data == dump(document)
+
+
+def test_a_lease_the_load_rules_refuse_is_never_vouched_for(
+    state_dir: Path, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A worktree path with a control character passes the write but not the load:
+    no index may vouch for it, or every later operation would fail on it."""
+    index = state_dir / f"leases.json.index-{os.geteuid()}"
+    svc = service(state_dir, clock)
+    for number in range(3):
+        svc.allocate(f"s{number}")
+    assert index.exists()
+    odd = tmp_path / "wt\x01x"
+    odd.mkdir()
+    svc.allocate("odd", worktree=str(odd))
+    assert not index.exists()
+    later = service(state_dir, clock)  # a fresh process: the full parse leaves it out
+    assert later.allocate("next").session_id == "next"
+    assert {a.session_id for a in later.status()} >= {"s0", "s1", "s2", "next"}
+
+
+def test_a_fifo_in_place_of_the_index_does_not_hang(state_dir: Path, clock: FakeClock) -> None:
+    svc = service(state_dir, clock)
+    svc.allocate("a")
+    index = state_dir / f"leases.json.index-{os.geteuid()}"
+    index.unlink()
+    os.mkfifo(index, 0o600)
+    assert service(state_dir, clock).allocate("b").session_id == "b"
