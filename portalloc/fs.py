@@ -1,0 +1,206 @@
+"""The one guarded open and the one atomic write: every file portalloc reads or writes
+goes through here (a test lists the modules that open files and fails on any other).
+
+- Never blocks: opened with O_NONBLOCK, so a FIFO or a device planted where a file is
+  expected costs nothing, then refused unless fstat says it is a regular file.
+- State files (the ledger, its lock and index, the trust records) are opened with
+  O_NOFOLLOW: a symlink planted in a shared state dir is refused, never read through.
+- A write for a worktree names the directory it must stay inside (`within`): a
+  committed `.claude -> ~/.claude` link cannot carry it out of the worktree.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterable
+from itertools import count
+from pathlib import Path
+
+from portalloc.errors import UsageError
+
+Chunk = bytes | memoryview
+
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class UnsafeFile(UsageError):
+    """A path portalloc will not open: not a regular file, a symlink where none may be,
+    or outside the directory it must stay in. Exit 2, one line."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        from portalloc.errors import printable
+
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{printable(path)}: {reason}")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def open_regular(path: Path | str, *, follow: bool = True) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of PATH and its fstat, refused unless it is a regular file.
+
+    FileNotFoundError and other OSErrors propagate (callers decide what a missing file
+    means); a FIFO, device, directory or (with FOLLOW false) symlink raises UnsafeFile.
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS | (0 if follow else NOFOLLOW))
+    except OSError as exc:
+        # O_NOFOLLOW on a symlink: ELOOP (Linux, BSD) or EMLINK (FreeBSD).
+        if not follow and exc.errno in (40, 31, 62):
+            try:
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    raise UnsafeFile(path, "is a symlink; refusing to follow it") from None
+            except OSError:
+                pass
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(path, f"is {_kind(info.st_mode)}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def read_bytes(path: Path | str, *, follow: bool = True) -> bytes:
+    """PATH's bytes through the guarded open."""
+    data, _info = read_with_stat(path, follow=follow)
+    return data
+
+
+def read_with_stat(path: Path | str, *, follow: bool = True) -> tuple[bytes, os.stat_result]:
+    """PATH's bytes and the fstat of the file they were read from."""
+    fd, info = open_regular(path, follow=follow)
+    try:
+        with open(fd, "rb", closefd=False) as stream:
+            return stream.read(), info
+    finally:
+        os.close(fd)
+
+
+def read_text(path: Path | str, *, follow: bool = True) -> str:
+    """PATH as UTF-8 text, bytes decoded without newline translation."""
+    return read_bytes(path, follow=follow).decode("utf-8")
+
+
+def lstat_regular(path: Path | str) -> os.stat_result | None:
+    """PATH's lstat if it is a regular file, None if nothing is there; else UnsafeFile."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeFile(path, f"is {_kind(info.st_mode)}; refusing to replace it")
+    return info
+
+
+def check_within(path: Path | str, top: Path | str) -> None:
+    """Refuse PATH unless its directory, symlinks resolved, lies inside TOP (resolved):
+    a committed directory symlink must not carry a write out of the worktree."""
+    real_top = os.path.realpath(top)
+    parent = os.path.realpath(Path(path).absolute().parent)
+    if parent != real_top and not parent.startswith(real_top.rstrip(os.sep) + os.sep):
+        raise UnsafeFile(
+            path, f"lies outside {real_top} through a symlinked directory; refusing to write"
+        )
+
+
+def make_dirs(directory: Path, top: Path, mode: int = 0o755) -> list[Path]:
+    """Create DIRECTORY and its missing parents up to TOP, never through a symlink out of
+    TOP; return the directories made, outermost first (so an uninstall can remove them)."""
+    missing: list[Path] = []
+    current = directory
+    while not os.path.lexists(current) and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    check_within(current / "x", top)  # the nearest existing ancestor lies inside TOP
+    made: list[Path] = []
+    for path in reversed(missing):
+        path.mkdir(mode=mode)
+        made.append(path)
+    check_within(directory / "x", top)
+    return made
+
+
+_TMP_COUNTER = count()  # threads of one process (the HTTP server) never share a name
+
+
+def temp_name(path: Path) -> str:
+    """The name atomic_write gives its temp file next to PATH: unique per process,
+    thread and call, without `tempfile` (whose imports cost start-up time)."""
+    return f".{path.name}.{os.getpid()}.{next(_TMP_COUNTER)}.{time.monotonic_ns()}.tmp"
+
+
+def is_temp_name(name: str, path: Path) -> bool:
+    """Whether NAME is one temp_name(PATH) gives."""
+    prefix, suffix = f".{path.name}.", ".tmp"
+    if not (name.startswith(prefix) and name.endswith(suffix)):
+        return False
+    parts = name[len(prefix) : -len(suffix)].split(".")
+    return len(parts) == 3 and all(part.isdigit() for part in parts)
+
+
+def atomic_write(
+    path: Path,
+    data: bytes | Iterable[Chunk],
+    mode: int = 0o600,
+    *,
+    durable: bool = True,
+    within: Path | None = None,
+) -> None:
+    """Replace PATH with DATA so a crash leaves the old or the new file, never a torn one.
+
+    Only a regular file (or nothing) at PATH is replaced: a symlink, FIFO, device or
+    directory there raises UnsafeFile. WITHIN: the directory PATH must lie in, symlinks
+    resolved. Not DURABLE: without the fsyncs (a cache that is checked when read).
+    """
+    lstat_regular(path)
+    if within is not None:
+        check_within(path, within)
+    tmp: str | None = None
+    try:
+        tmp = str(path.parent / temp_name(path))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | NOFOLLOW, 0o600)
+        try:
+            if mode != 0o600:
+                os.fchmod(fd, mode)
+            for part in [data] if isinstance(data, bytes) else data:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+        if not durable:
+            return
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
