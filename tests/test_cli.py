@@ -257,6 +257,41 @@ def test_run_keep_and_missing_command() -> None:
     assert "command not found" in missing.stderr
 
 
+def test_run_leaves_the_commands_options_to_the_command_without_dashes() -> None:
+    # Everything after SESSION is COMMAND's, as with env, sudo and uv run.
+    echoed = run_cli("run", "tests", "echo", "--keep", "--ttl", "5")
+    assert (echoed.returncode, echoed.stdout, echoed.stderr) == (0, "--keep --ttl 5\n", "")
+    assert json.loads(run_cli("status", "--json").stdout) == []  # released, not kept
+    helped = run_cli("run", "tests", "ls", "--help", env={"LC_ALL": "C"})
+    assert helped.returncode == 0
+    assert helped.stdout.startswith("Usage: ls ") and "portalloc" not in helped.stdout
+    assert json.loads(run_cli("status", "--json").stdout) == []
+    # An option COMMAND alone would read, not portalloc: `-h` is not our help either.
+    short = run_cli("run", "tests", "sh", "-c", 'echo "$1"', "sh", "-h")
+    assert (short.returncode, short.stdout) == (0, "-h\n")
+
+
+def test_run_with_dashes_and_options_before_session() -> None:
+    dashed = run_cli("run", "tests", "--", "echo", "--keep", "--")
+    assert (dashed.returncode, dashed.stdout) == (0, "--keep --\n")
+    assert json.loads(run_cli("status", "--json").stdout) == []
+    kept = run_cli("run", "--keep", "--ttl", "5", "kept", "echo", "hi")
+    assert (kept.returncode, kept.stdout) == (0, "hi\n")
+    [lease] = json.loads(run_cli("status", "--json").stdout)
+    assert lease["session_id"] == "kept"
+    # `--` before SESSION ends portalloc's options: a session id may start with `-`.
+    odd = run_cli("run", "--", "-odd", "--", "echo", "x")
+    assert (odd.returncode, odd.stdout) == (0, "x\n")
+    # portalloc's own options are checked where they belong; a bare `--` is no command.
+    unknown = run_cli("run", "--bogus", "tests", "echo")
+    assert unknown.returncode == 2 and "--bogus" in unknown.stderr and unknown.stdout == ""
+    for argv in (("run", "tests"), ("run", "tests", "--")):
+        empty = run_cli(*argv)
+        assert empty.returncode == 2 and "COMMAND" in empty.stderr
+        assert empty.stderr.count("\n") == 1
+    assert [i["session_id"] for i in json.loads(run_cli("status", "--json").stdout)] == ["kept"]
+
+
 def test_run_forwards_sigterm_and_releases(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     child = (

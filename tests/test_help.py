@@ -32,7 +32,7 @@ def test_help_has_no_type_noise_and_ends_with_examples(command: str) -> None:
 
 def test_run_usage_line_and_format_choices() -> None:
     assert run_cli("run", "--help").stdout.startswith(
-        "Usage: portalloc run [OPTIONS] SESSION -- COMMAND [ARGS]...\n"
+        "Usage: portalloc run [OPTIONS] SESSION [--] COMMAND [ARGS]...\n"
     )
     env_help = run_cli("env", "--help").stdout
     assert "--format [sh|fish|dotenv|json]" in env_help

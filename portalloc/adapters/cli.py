@@ -366,11 +366,13 @@ def get(
 
 
 @app.command(
-    context_settings={"ignore_unknown_options": True},
+    # Options are parsed only up to SESSION: everything after it is COMMAND's own,
+    # `--help` and `--keep` included, with or without `--` (as env, sudo, uv run).
+    context_settings={"allow_interspersed_args": False},
     **_command(
-        "[OPTIONS] SESSION -- COMMAND [ARGS]...",
+        "[OPTIONS] SESSION [--] COMMAND [ARGS]...",
         """
-  portalloc run tests -- pytest -x
+  portalloc run tests pytest -x
   portalloc run --keep dev -- sh -c 'uvicorn app:app --port "$API_PORT"'
   portalloc run "$(git rev-parse --show-toplevel)" -- npm test
 """,
@@ -380,17 +382,28 @@ def run(
     session: SessionArg,
     command: Annotated[
         list[str],
-        typer.Argument(help="The command to run, after `--`.", metavar="COMMAND [ARGS]..."),
+        typer.Argument(
+            help="The command and its arguments: all after SESSION, options too.",
+            metavar="COMMAND [ARGS]...",
+        ),
     ],
     keep: Annotated[
         bool, typer.Option("--keep", help="Keep the lease after COMMAND ends.")
     ] = False,
     ttl: TtlOpt = None,
 ) -> None:
-    """Run COMMAND with SESSION's ports in its environment."""
+    """Run COMMAND with SESSION's ports in its environment.
+
+    portalloc's options go before SESSION; everything after SESSION is COMMAND's.
+    """
     from portalloc.adapters.runner import run_with_lease
 
+    # The parser stops at SESSION, so a `--` after it reaches us: it only separates.
+    if command[:1] == ["--"]:
+        command = command[1:]
     with _errors():
+        if not command:
+            raise UsageError("missing COMMAND after '--' (see 'portalloc run --help')")
         service = cli_service()
         code = run_with_lease(service, session, command, keep=keep, ttl_minutes=ttl, error=_err)
     raise typer.Exit(code)
