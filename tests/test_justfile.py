@@ -149,6 +149,37 @@ def test_two_worktrees_get_their_own_stable_ports(repo: Path, env: dict[str, str
     assert tree_b.is_dir()
 
 
+def test_worktree_remove_of_a_dirty_worktree_keeps_it_and_its_lease(
+    repo: Path, env: dict[str, str]
+) -> None:
+    ok(JUST, "worktree-new", "feat-a", cwd=repo, env=env)
+    tree = repo.parent / "my repo-feat-a"
+    before = leases(repo, env)[str(tree)]
+    (tree / "notes.txt").write_text("work in progress\n")  # untracked: git refuses
+    refused = run(JUST, "worktree-remove", "feat-a", cwd=repo, env=env)
+    assert refused.returncode != 0
+    assert "released" not in refused.stdout + refused.stderr
+    assert "its lease stays" in refused.stderr
+    # Nothing changed: the worktree, its manifest and its lease are as they were.
+    assert (tree / "notes.txt").exists() and (tree / ".worktree-ports.json").exists()
+    assert leases(repo, env)[str(tree)] == before
+    assert str(tree) in ok("git", "worktree", "list", cwd=repo, env=env)
+    # --force goes to git; then (and only then) the lease is released.
+    out = ok(JUST, "worktree-remove", "feat-a", "--force", cwd=repo, env=env)
+    assert "released its ports" in out
+    assert not tree.exists() and leases(repo, env) == {}
+
+
+def test_worktree_remove_of_a_worktree_already_gone(repo: Path, env: dict[str, str]) -> None:
+    ok(JUST, "worktree-new", "feat-a", cwd=repo, env=env)
+    tree = repo.parent / "my repo-feat-a"
+    shutil.rmtree(tree)
+    out = ok(JUST, "worktree-remove", "feat-a", cwd=repo, env=env)
+    assert "already gone" in out
+    assert leases(repo, env) == {}
+    assert str(tree) not in ok("git", "worktree", "list", cwd=repo, env=env)
+
+
 def test_worktree_new_checks_out_an_existing_branch(repo: Path, env: dict[str, str]) -> None:
     ok("git", "branch", "already-there", cwd=repo, env=env)
     ok(JUST, "worktree-new", "already-there", cwd=repo, env=env)
