@@ -3,14 +3,18 @@ goes through here (a test lists the modules that open files and fails on any oth
 
 - Never blocks: opened with O_NONBLOCK, so a FIFO or a device planted where a file is
   expected costs nothing, then refused unless fstat says it is a regular file.
+- Before the open, a stat: a device is never opened at all (opening some has effects).
 - State files (the ledger, its lock and index, the trust records) are opened with
   O_NOFOLLOW: a symlink planted in a shared state dir is refused, never read through.
+- Every refusal is UnsafeFile: a UsageError, exit 2, one line naming the path and
+  what is there.
 - A write for a worktree names the directory it must stay inside (`within`): a
   committed `.claude -> ~/.claude` link cannot carry it out of the worktree.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -30,11 +34,12 @@ class UnsafeFile(UsageError):
     """A path portalloc will not open: not a regular file, a symlink where none may be,
     or outside the directory it must stay in. Exit 2, one line."""
 
-    def __init__(self, path: Path | str, reason: str) -> None:
+    def __init__(self, path: Path | str, reason: str, kind: str = "") -> None:
         from portalloc.errors import printable
 
         self.path = str(path)
         self.reason = reason
+        self.kind = kind  # what is there: "a FIFO", "a symlink" ...; "" for other refusals
         super().__init__(f"{printable(path)}: {reason}")
 
 
@@ -52,27 +57,48 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _refuse(path: Path | str, info: os.stat_result) -> UnsafeFile:
+    kind = _kind(info.st_mode)
+    if stat.S_ISLNK(info.st_mode):
+        return UnsafeFile(path, "is a symlink; refusing to follow it", kind)
+    return UnsafeFile(path, f"is {kind}, not a regular file", kind)
+
+
+# What open() says about a symlink under O_NOFOLLOW (ELOOP; EMLINK on FreeBSD) or a
+# socket (ENXIO, EOPNOTSUPP): the stat that follows names what is there.
+_SPECIAL_ERRNOS = frozenset({errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EOPNOTSUPP})
+
+
 def open_regular(path: Path | str, *, follow: bool = True) -> tuple[int, os.stat_result]:
     """A read-only descriptor of PATH and its fstat, refused unless it is a regular file.
 
     FileNotFoundError and other OSErrors propagate (callers decide what a missing file
-    means); a FIFO, device, directory or (with FOLLOW false) symlink raises UnsafeFile.
+    means); a FIFO, device, directory, socket or (with FOLLOW false) symlink raises
+    UnsafeFile.
     """
+    look = os.stat if follow else os.lstat
+    try:
+        info = look(path)
+    except OSError:
+        pass  # the open below reports it
+    else:
+        if not stat.S_ISREG(info.st_mode):
+            raise _refuse(path, info)
     try:
         fd = os.open(path, _READ_FLAGS | (0 if follow else NOFOLLOW))
     except OSError as exc:
-        # O_NOFOLLOW on a symlink: ELOOP (Linux, BSD) or EMLINK (FreeBSD).
-        if not follow and exc.errno in (40, 31, 62):
+        if exc.errno in _SPECIAL_ERRNOS:
             try:
-                if stat.S_ISLNK(os.lstat(path).st_mode):
-                    raise UnsafeFile(path, "is a symlink; refusing to follow it") from None
+                info = look(path)
             except OSError:
-                pass
+                raise exc from None
+            if not stat.S_ISREG(info.st_mode):
+                raise _refuse(path, info) from None
         raise
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafeFile(path, f"is {_kind(info.st_mode)}, not a regular file")
+        if not stat.S_ISREG(info.st_mode):  # swapped in since the stat above
+            raise _refuse(path, info)
     except BaseException:
         os.close(fd)
         raise
@@ -100,14 +126,16 @@ def read_text(path: Path | str, *, follow: bool = True) -> str:
     return read_bytes(path, follow=follow).decode("utf-8")
 
 
-def lstat_regular(path: Path | str) -> os.stat_result | None:
-    """PATH's lstat if it is a regular file, None if nothing is there; else UnsafeFile."""
+def lstat_regular(path: Path | str, action: str = "replace it") -> os.stat_result | None:
+    """PATH's lstat if it is a regular file, None if nothing is there; else UnsafeFile
+    (`PATH: is a FIFO; refusing to ACTION`)."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return None
     if not stat.S_ISREG(info.st_mode):
-        raise UnsafeFile(path, f"is {_kind(info.st_mode)}; refusing to replace it")
+        kind = _kind(info.st_mode)
+        raise UnsafeFile(path, f"is {kind}; refusing to {action}", kind)
     return info
 
 
@@ -204,3 +232,27 @@ def atomic_write(
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def write_report(prefix: str, text: str) -> str:
+    """TEXT in a new private temp file (mode 0600, created exclusively, so nothing
+    planted under its name is written through); return its path."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".txt")
+    try:
+        view = memoryview(text.encode("utf-8", "backslashreplace"))
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    return path
+
+
+def silence(fd: int) -> None:
+    """Point descriptor FD (stdout gone away) at the null device."""
+    devnull = os.open(os.devnull, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
