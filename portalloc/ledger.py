@@ -14,12 +14,18 @@ from bisect import bisect_right
 from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from itertools import chain, compress, count, islice
+from itertools import chain, compress, islice
 from operator import eq
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 from portalloc.errors import InvalidSessionId, LedgerError, LockTimeout
+from portalloc.fs import Chunk, UnsafeFile, lstat_regular, read_bytes, read_with_stat
+
+# Re-exported until every module imports them from portalloc.fs.
+from portalloc.fs import atomic_write as atomic_write
+from portalloc.fs import is_temp_name as is_temp_name
+from portalloc.fs import temp_name as temp_name
 from portalloc.models import Lease, Leases, LedgerState, Owner, isoformat, parse_iso
 from portalloc.rules import (
     COMPOSE_NAME,
@@ -357,11 +363,12 @@ def read_lease(path: Path, session_id: str) -> Lease | None:
     a file every lease holds only the keys save() writes, the others being objects of
     integers and strings, and inside JSON strings every `"` is escaped: so
     `{"session_id":<id>,` starts that session's lease in the leases list and nothing
-    else. Anything else is left to the locked path, which checks the whole document.
+    else. Anything else is left to the locked path, which checks the whole document
+    (and refuses a ledger that is a symlink, a FIFO or a device).
     """
     try:
-        data = path.read_bytes()
-    except OSError:
+        data = read_bytes(path, follow=False)
+    except (OSError, UnsafeFile):
         return None
     if not _intact(data) or not data.startswith(_PREFIX.encode()):
         return None
@@ -744,7 +751,6 @@ class _Encoder:
 
 _HOMES = b'],"homes":'
 _FILES = b',"files":'
-Chunk = bytes | memoryview  # a piece of the file save() writes
 
 
 def _homes_text(homes: dict[str, int], written: _Written | None) -> bytes:
@@ -896,7 +902,13 @@ def _files_from_raw(raw: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...
 
 
 class Ledger:
-    """leases.json and its lock file in one state directory."""
+    """leases.json and its lock file in one state directory.
+
+    State files are never followed through a symlink, and never opened when they are
+    a FIFO, a device or a directory: the ledger or its lock as one of those is refused
+    with UnsafeFile (exit 2, one line) before anything is read or replaced; an index
+    as one of those is ignored (it is a cache).
+    """
 
     def __init__(
         self,
@@ -968,6 +980,9 @@ class Ledger:
         import filelock
 
         self._ensure_dir()
+        # filelock opens the lock file itself (O_NOFOLLOW | O_NONBLOCK from 4.x on) and
+        # would lock a FIFO planted there: look first, and refuse anything not a file.
+        lstat_regular(self.lock_path, "lock it")
         lock = self._lock()
         try:
             self._acquire(lock)
@@ -1011,7 +1026,7 @@ class Ledger:
 
     def _file_key(self) -> tuple[int, ...] | None:
         try:
-            st = self.path.stat()
+            st = os.lstat(self.path)  # a symlink has its own key; _load refuses it
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -1036,9 +1051,13 @@ class Ledger:
 
     def _load(self) -> LedgerState:
         try:
-            with self.path.open("rb") as stream:
-                info = os.fstat(stream.fileno())
-                data = stream.read()
+            data, info = read_with_stat(self.path, follow=False)
+        except UnsafeFile as exc:
+            if exc.kind != "a symlink":
+                raise
+            raise UnsafeFile(
+                self.path, f"{exc.reason} (set PORTALLOC_STATE_DIR to its target's directory)"
+            ) from None
         except FileNotFoundError:
             return LedgerState()
         except OSError as exc:
@@ -1068,7 +1087,7 @@ class Ledger:
             return self._quarantine(f"unusable content ({type(exc).__name__})")
         self.dirty = bool(dropped)
         if dropped:
-            target = self._copy_aside()
+            target = self._copy_aside(data)
             self._warn(
                 f"ledger {self.path}: left out {len(dropped)} unusable lease(s) "
                 f"({dropped[0]}); copied the file to {target}; the other leases carry on"
@@ -1094,26 +1113,14 @@ class Ledger:
         if self.index_path is None:
             return None
         try:
-            # O_NONBLOCK: a FIFO planted in a shared state dir must not hang us
-            # while we hold the lock; fstat below refuses it.
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-            fd = os.open(self.index_path, flags)
-        except OSError:
+            # A FIFO or symlink planted in a shared state dir: no index, never a hang.
+            blob, info = read_with_stat(self.index_path, follow=False)
+        except (OSError, UnsafeFile):
             return None
-        try:
-            info = os.fstat(fd)
-            # Written by this user and writable by nobody else: in a shared state dir
-            # another user could otherwise vouch for a ledger of theirs.
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-                return None
-            if info.st_mode & 0o077:
-                return None
-            with open(fd, "rb", closefd=False) as stream:
-                blob = stream.read()
-        except OSError:
+        # Written by this user and writable by nobody else: in a shared state dir
+        # another user could otherwise vouch for a ledger of theirs.
+        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
             return None
-        finally:
-            os.close(fd)
         import hashlib
 
         head = len(_INDEX_MAGIC)
@@ -1156,8 +1163,14 @@ class Ledger:
                     blob,
                 ]
             )
-            atomic_write(self.index_path, content, 0o600, durable=False)
-        except OSError:
+            try:
+                atomic_write(self.index_path, content, 0o600, durable=False)
+            except UnsafeFile:
+                # A symlink or FIFO at this user's index name: never written through,
+                # removed (a directory stays, and there is no index).
+                os.unlink(self.index_path)
+                atomic_write(self.index_path, content, 0o600, durable=False)
+        except (OSError, UnsafeFile):
             try:
                 os.unlink(self.index_path)
             except OSError:
@@ -1167,16 +1180,17 @@ class Ledger:
         stamp = self._clock().astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         counter = 1
-        while target.exists():
+        while os.path.lexists(target):  # a dangling symlink there is taken too
             target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{counter}")
             counter += 1
         return target
 
-    def _copy_aside(self) -> Path:
+    def _copy_aside(self, data: bytes) -> Path:
+        """Keep DATA, the file as read, beside it."""
         target = self._corrupt_name()
         try:
-            atomic_write(target, self.path.read_bytes(), self._file_mode())
-        except OSError as exc:
+            atomic_write(target, data, self._file_mode())
+        except (OSError, UnsafeFile) as exc:
             raise LedgerError(self.path, f"cannot copy unusable leases aside: {exc}") from None
         return target
 
@@ -1233,60 +1247,5 @@ class Ledger:
         for path in stale:
             try:
                 os.unlink(path)
-            except OSError:
-                pass
-
-
-_TMP_COUNTER = count()  # threads of one process (the HTTP server) never share a name
-
-
-def temp_name(path: Path) -> str:
-    """The name atomic_write gives its temp file next to PATH: unique per process,
-    thread and call, without `tempfile` (whose imports cost start-up time)."""
-    return f".{path.name}.{os.getpid()}.{next(_TMP_COUNTER)}.{time.monotonic_ns()}.tmp"
-
-
-def is_temp_name(name: str, path: Path) -> bool:
-    """Whether NAME is one temp_name(PATH) gives."""
-    prefix, suffix = f".{path.name}.", ".tmp"
-    if not (name.startswith(prefix) and name.endswith(suffix)):
-        return False
-    parts = name[len(prefix) : -len(suffix)].split(".")
-    return len(parts) == 3 and all(part.isdigit() for part in parts)
-
-
-def atomic_write(
-    path: Path, data: bytes | list[Chunk], mode: int = 0o600, *, durable: bool = True
-) -> None:
-    """Replace PATH with DATA so a crash leaves the old or the new file, never a torn one;
-    not DURABLE: without the fsyncs (a cache that is checked when read)."""
-    tmp: str | None = None
-    try:
-        tmp = str(path.parent / temp_name(path))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            if mode != 0o600:
-                os.fchmod(fd, mode)
-            for part in [data] if isinstance(data, bytes) else data:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        tmp = None
-        if not durable:
-            return
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
             except OSError:
                 pass
