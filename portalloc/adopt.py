@@ -36,6 +36,7 @@ from portalloc.compose import (
     services,
 )
 from portalloc.errors import AdoptError, printable
+from portalloc.fs import UnsafeFile, atomic_write, check_within, read_bytes, read_text
 from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable
 
 COMPOSE_PATTERNS = ("compose*.yml", "compose*.yaml", "docker-compose*.yml", "docker-compose*.yaml")
@@ -488,10 +489,8 @@ def _dotenv_names(directories: Iterable[Path]) -> set[str]:
     for directory in dict.fromkeys(directories):
         path = directory / ".env"
         try:
-            if not path.is_file():
-                continue
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
+            lines = read_bytes(path).decode("utf-8", "replace").splitlines()
+        except (OSError, UnsafeFile):  # none, or a FIFO or directory: no names
             continue
         inside = False
         for line in lines:
@@ -736,11 +735,11 @@ def profile_text(plan_: Plan, table: str, *, settings: bool = True) -> str:
     return "\n".join(head) + "\n\n" + profile_tables(plan_, table)
 
 
-def _table(path: Path) -> dict[str, Any] | None:
-    """The portalloc table of PATH as written, or None when it has none."""
+def _table(path: Path, text: str) -> dict[str, Any] | None:
+    """The portalloc table of PATH (whose content is TEXT), or None when it has none."""
     import tomllib
 
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    data = tomllib.loads(text)
     if path.name == "portalloc.toml":
         return data
     table = data.get("tool", {}).get("portalloc")
@@ -770,8 +769,12 @@ def add_profile(plan_: Plan) -> set[str]:
             plan_.profile_changed = True
         return wanted
     project = load_project_file(existing)  # a broken project file: exit 2 naming the key
-    data = existing.read_bytes()
-    table = _table(existing)
+    try:
+        data = read_bytes(existing)
+    except OSError as exc:
+        raise AdoptError(existing, 0, f"cannot be read: {exc.strerror or exc}") from None
+    text = data.decode("utf-8")
+    table = _table(existing, text)
     name = "tool.portalloc" if existing.name == "pyproject.toml" else ""
     if table is not None and ("ports" in table or "env" in table):
         have = dict(project.profile.env) if project.profile is not None else {}
@@ -800,7 +803,6 @@ def add_profile(plan_: Plan) -> set[str]:
                 "files publish that many ports; nothing written",
             )
         added = "".join(f"{k} = {v}\n" for k, v in settings) + profile_tables(plan_, name)
-    text = data.decode("utf-8")
     separator = "" if not text else "\n" if text.endswith("\n") else "\n\n"
     new = text + separator + added
     _check_profile(existing, new)
@@ -821,7 +823,7 @@ def _check_profile(path: Path, text: str) -> None:
     try:
         tomllib.loads(text)
         with tempfile.TemporaryDirectory() as scratch:
-            (Path(scratch) / path.name).write_text(text, encoding="utf-8")
+            atomic_write(Path(scratch) / path.name, text.encode(), 0o644, durable=False)
             PortAllocatorConfig.from_env({"PORTALLOC_STATE_DIR": scratch}, cwd=Path(scratch))
     except tomllib.TOMLDecodeError as exc:
         raise AdoptError(
@@ -842,11 +844,15 @@ def _check_profile(path: Path, text: str) -> None:
 
 def write(plan_: Plan) -> None:
     """Replace every changed file atomically; all or none. A file that changed since it
-    was read, or is not a regular file, stops everything before the first write."""
-    from portalloc.ledger import atomic_write
-
+    was read, is not a regular file, or lies outside the top through a symlinked
+    directory stops everything before the first write; a write that fails puts the
+    files written before it back as they were, and the error names the file that failed."""
     modes: list[int] = []
     for path, _shown, old, _new in plan_.changes:
+        try:
+            check_within(path, plan_.top)
+        except UnsafeFile as exc:
+            raise AdoptError(path, 0, f"{exc.reason}; nothing written") from None
         try:
             info = path.lstat()
         except FileNotFoundError:
@@ -859,24 +865,38 @@ def write(plan_: Plan) -> None:
         if not stat.S_ISREG(info.st_mode):
             kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a regular file"
             raise AdoptError(path, 0, f"refusing to replace it, it is {kind}; nothing written")
-        if old is None or path.read_bytes() != old:
+        try:
+            current = read_bytes(path, follow=False)
+        except (OSError, UnsafeFile):
+            current = None
+        if old is None or current != old:
             raise AdoptError(path, 0, "changed while init ran; nothing written")
         modes.append(stat.S_IMODE(info.st_mode))
-    done: list[tuple[Path, bytes | None]] = []
-    try:
-        for (path, _shown, old, new), mode in zip(plan_.changes, modes, strict=True):
-            atomic_write(path, new, mode)
-            done.append((path, old))
-    except OSError as exc:
-        for path, old in reversed(done):
-            try:
-                if old is None:
-                    os.unlink(path)
-                else:
-                    atomic_write(path, old, stat.S_IMODE(path.stat().st_mode))
-            except OSError:
-                pass
-        raise AdoptError(path, 0, f"cannot be written: {exc.strerror}; nothing changed") from None
+    done: list[tuple[Path, bytes | None, int]] = []
+    for (path, _shown, old, new), mode in zip(plan_.changes, modes, strict=True):
+        try:
+            atomic_write(path, new, mode, within=plan_.top)
+        except (OSError, UnsafeFile) as exc:
+            reason = exc.reason if isinstance(exc, UnsafeFile) else exc.strerror or str(exc)
+            stuck = _put_back(done, plan_.top)
+            outcome = f"could not put back {', '.join(stuck)}" if stuck else "nothing changed"
+            # PATH, the file that failed: not one of those put back before this line.
+            raise AdoptError(path, 0, f"cannot be written: {reason}; {outcome}") from None
+        done.append((path, old, mode))
+
+
+def _put_back(done: list[tuple[Path, bytes | None, int]], top: Path) -> list[str]:
+    """Undo the writes in DONE, last first; return the files that could not be."""
+    stuck: list[str] = []
+    for path, old, mode in reversed(done):
+        try:
+            if old is None:
+                os.unlink(path)
+            else:
+                atomic_write(path, old, mode, within=top)
+        except (OSError, UnsafeFile):
+            stuck.append(printable(path))
+    return stuck
 
 
 # --- reports on other files ------------------------------------------------------
@@ -905,8 +925,8 @@ def hard_coded(plan_: Plan) -> list[str]:
     package = plan_.top / "package.json"
     if package.is_file():
         try:
-            scripts = json.loads(package.read_text(encoding="utf-8")).get("scripts", {})
-        except (OSError, ValueError, AttributeError, RecursionError):
+            scripts = json.loads(read_bytes(package)).get("scripts", {})
+        except (OSError, UnsafeFile, ValueError, AttributeError, RecursionError):
             scripts = {}
         if isinstance(scripts, dict):
             for name, command in scripts.items():
@@ -921,8 +941,8 @@ def hard_coded(plan_: Plan) -> list[str]:
         if not path.is_file() or path.is_symlink():
             continue
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
+            lines = read_text(path, follow=False).splitlines()
+        except (OSError, UnsafeFile, UnicodeDecodeError):
             continue
         inside = False
         for number, line in enumerate(lines, 1):

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from portalloc.errors import AdoptError
+from portalloc.fs import UnsafeFile, read_bytes
 from portalloc.rules import has_unprintable
 
 NAME = re.compile(r"[_A-Za-z][_A-Za-z0-9]*")
@@ -211,11 +211,11 @@ def read_compose(path: Path, top: Path) -> ComposeFile:
     if has_unprintable(shown):
         raise AdoptError(where, 0, "has a control character in its name")
     try:
-        if path.is_symlink():
-            raise AdoptError(where, 0, "is a symlink; name the file it points to")
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
-            raise AdoptError(where, 0, "not a regular file")
-        data = path.read_bytes()
+        data = read_bytes(path, follow=False)  # never blocks on a FIFO
+    except UnsafeFile as exc:
+        if exc.kind == "a symlink":
+            raise AdoptError(where, 0, "is a symlink; name the file it points to") from None
+        raise AdoptError(where, 0, f"not a regular file ({exc.kind})") from None
     except OSError as exc:
         raise AdoptError(where, 0, f"cannot be read: {exc.strerror or exc}") from None
     try:
