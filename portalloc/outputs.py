@@ -1,17 +1,33 @@
 """Files portalloc writes for users (the manifest, the managed .env block), refused where
-writing would be unsafe, and left untouched when nothing in them would change."""
+writing would be unsafe, and left untouched when nothing in them would change.
+
+portalloc replaces only what is its own:
+
+- A manifest (`--write FILE`, profile `manifest`) replaces an existing file only when
+  that file is a portalloc manifest: at most MANIFEST_MAX_BYTES, a JSON object whose
+  `session_id`, `compose_project_name`, `created_at` and `expires_at` are strings and
+  which has at least one integer `<name>_port` (the allocation object every portalloc
+  version wrote). Anything else is refused with exit 2 and left as it is.
+- An env file's managed block names the session it was written for, on a comment line
+  inside it (`# session sha256:<32 hex of the session id's SHA-256>`; dotenv readers skip
+  comments). A ports-moved refresh from a ledger record rewrites only a block that names
+  the same session; an explicit `env --env-file` takes another session's block over,
+  and says so on stderr.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from portalloc.errors import PortallocError, UsageError
-from portalloc.ledger import atomic_write
+from portalloc import fs
+from portalloc.errors import PortallocError, UsageError, printable
 
 if TYPE_CHECKING:
     from portalloc.models import PortAllocation
@@ -21,6 +37,11 @@ MANIFEST = "manifest"
 ENV_FILE = "env_file"
 BLOCK_BEGIN = "# >>> portalloc >>>"
 BLOCK_END = "# <<< portalloc <<<"
+OWNER_PREFIX = "# session sha256:"
+_OWNER_LINE = re.compile(r"# session sha256:([0-9a-f]{32})")
+MANIFEST_MAX_BYTES = 1 << 20
+MANIFEST_STRINGS = ("session_id", "compose_project_name", "created_at", "expires_at")
+NOT_A_MANIFEST = "not a portalloc manifest; remove it or choose another path"
 
 
 def manifest_path(target: Path) -> Path:
@@ -43,6 +64,30 @@ def check_writable(path: Path, option: str, state_dir: Path) -> None:
     ledger = (state_dir / "leases.json").absolute()
     if path.parent.resolve() == ledger.parent.resolve() and path.name.startswith(ledger.name):
         raise UsageError(f"{option} {path}: refusing to overwrite portalloc's ledger")
+    if option == "--write" and info is not None:
+        # Checked before anything is leased, and again when the manifest is written.
+        try:
+            data = fs.read_bytes(path, follow=False) if info.st_size <= MANIFEST_MAX_BYTES else b""
+        except OSError as exc:
+            raise UsageError(f"{option} {printable(path)}: {exc.strerror or exc}") from None
+        if parse_manifest(data) is None:
+            raise UsageError(f"{option} {printable(path)}: {NOT_A_MANIFEST}")
+
+
+def parse_manifest(data: bytes) -> dict[str, Any] | None:
+    """DATA as a portalloc manifest (the allocation object), or None if it is not one."""
+    if len(data) > MANIFEST_MAX_BYTES:
+        return None
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if type(value) is not dict:
+        return None
+    if not all(type(value.get(key)) is str for key in MANIFEST_STRINGS):
+        return None
+    ports = [k for k, v in value.items() if k.endswith("_port") and type(v) is int]
+    return value if ports else None
 
 
 def file_in_worktree(tree: Path, relative: str, key: str) -> Path:
@@ -62,14 +107,18 @@ def manifest_bytes(allocation: PortAllocation) -> bytes:
 
 
 def write_manifest(path: Path, allocation: PortAllocation) -> None:
-    """Write the allocation as JSON to PATH atomically, leaving an identical file alone."""
+    """Write the allocation as JSON to PATH atomically, leaving an identical file alone.
+    An existing file is replaced only when it is a portalloc manifest (UsageError)."""
     data = manifest_bytes(allocation)
     try:
-        if path.read_bytes() == data:
-            return
-    except OSError:
-        pass
-    atomic_write(path, data, mode=0o644)
+        current: bytes | None = fs.read_bytes(path, follow=False)
+    except FileNotFoundError:
+        current = None
+    if current == data:
+        return
+    if current is not None and parse_manifest(current) is None:
+        raise UsageError(f"--write {printable(path)}: {NOT_A_MANIFEST}")
+    fs.atomic_write(path, data, mode=0o644)
 
 
 def block_spans(lines: list[str], begin: str = BLOCK_BEGIN, end: str = BLOCK_END) -> list[range]:
@@ -87,6 +136,37 @@ def block_spans(lines: list[str], begin: str = BLOCK_BEGIN, end: str = BLOCK_END
             spans.append(range(opened, index + 1))
             opened = None
     return spans
+
+
+def owner_line(session_id: str) -> str:
+    """The comment line that marks a managed block as SESSION_ID's (no newline)."""
+    digest = hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return OWNER_PREFIX + digest[:32]
+
+
+def block_owner(text: str) -> str | None:
+    """The owner line of TEXT's (first) managed block; "" for a block without one (an
+    older portalloc's); None when TEXT holds no block."""
+    lines = text.splitlines()
+    spans = block_spans(lines)
+    if not spans:
+        return None
+    for index in spans[0]:
+        line = lines[index].rstrip("\r\n")
+        if _OWNER_LINE.fullmatch(line):
+            return line
+    return ""
+
+
+def _block_value(text: str, name: str) -> str | None:
+    """NAME's value as written inside TEXT's first managed block (None if absent)."""
+    lines = text.splitlines()
+    spans = block_spans(lines)
+    for index in spans[0] if spans else ():
+        key, sep, value = lines[index].partition("=")
+        if sep and key.strip() == name:
+            return value.strip().strip("'\"")
+    return None
 
 
 def merge_block(existing: str | None, block: str) -> str:
@@ -117,32 +197,52 @@ def keys_outside(text: str) -> set[str]:
     return keys
 
 
-def write_env_file(path: Path, env: dict[str, str], warn: Callable[[str], None]) -> bool:
-    """Merge the dotenv block for ENV into PATH; True if the file was written.
+def write_env_file(
+    path: Path,
+    env: dict[str, str],
+    warn: Callable[[str], None],
+    *,
+    session_id: str,
+    take_over: bool = True,
+) -> bool:
+    """Merge the dotenv block for ENV, marked as SESSION_ID's, into PATH; True if the
+    file was written.
 
-    A repeat with the same values leaves the file byte-identical and untouched (its
-    mtime too), so tools watching it (docker compose, Vite, direnv) see no change.
+    A block that names another session is taken over only with TAKE_OVER (an explicit
+    `--env-file`; WARN says so), else left as it is. A repeat with the same values
+    leaves the file byte-identical and untouched (its mtime too), so tools watching it
+    (docker compose, Vite, direnv) see no change.
     """
     from portalloc.render import render_dotenv
 
     try:
         # Bytes, decoded without newline translation: a CRLF line stays CRLF.
-        existing: str | None = path.read_bytes().decode("utf-8")
-        mode = stat.S_IMODE(path.stat().st_mode)
+        data, info = fs.read_with_stat(path, follow=False)
+        existing: str | None = data.decode("utf-8")
+        mode = stat.S_IMODE(info.st_mode)
     except FileNotFoundError:
         existing, mode = None, 0o644
     except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text; refusing to rewrite it") from None
+        raise UsageError(f"{printable(path)} is not UTF-8 text; refusing to rewrite it") from None
+    mine = owner_line(session_id)
+    owner = block_owner(existing or "")
+    if owner and owner != mine:
+        if not take_over:
+            return False
+        warn(
+            f"{printable(path)}: portalloc's block there was written for another session; "
+            f"it now holds {printable(session_id)}'s ports"
+        )
     clash = sorted(keys_outside(existing or "") & set(env))
     if clash:
         warn(
-            f"{path} also sets {', '.join(clash)} outside portalloc's block; "
+            f"{printable(path)} also sets {', '.join(clash)} outside portalloc's block; "
             "whichever a tool reads last wins"
         )
-    merged = merge_block(existing, render_dotenv(env))
+    merged = merge_block(existing, f"{mine}\n{render_dotenv(env)}")
     if merged == existing:
         return False
-    atomic_write(path, merged.encode("utf-8"), mode=mode)
+    fs.atomic_write(path, merged.encode("utf-8"), mode=mode)
     return True
 
 
@@ -150,24 +250,41 @@ def refresh(kind: str, path: str, allocation: PortAllocation) -> bool:
     """Rewrite a file recorded for the allocation's session after its ports moved.
 
     The record comes from the ledger, which other users may write in a shared state
-    dir: only a regular file of ours that already is this session's file is touched.
+    dir: only a regular file of ours that already is this session's file is touched: a
+    manifest of this session, or an env file whose block was last written for it. A
+    block of another session is never taken over from here.
     """
     target = Path(path)
     if kind not in (MANIFEST, ENV_FILE) or not target.is_absolute():
         return False
     try:
-        info = target.lstat()
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        data, info = fs.read_with_stat(target, follow=False)
+        if info.st_uid != os.getuid():
             return False
         if kind == ENV_FILE:
-            # Only a file that already holds portalloc's block is portalloc's to rewrite.
-            if not block_spans(target.read_bytes().decode("utf-8").splitlines()):
+            text = data.decode("utf-8")
+            owner = block_owner(text)
+            if owner is None:
+                return False  # no block: not portalloc's to write into
+            # A block an older portalloc wrote names no session: it is this session's
+            # when it holds this session's compose project name (a hash of its id).
+            if owner != owner_line(allocation.session_id) and not (
+                owner == ""
+                and _block_value(text, "COMPOSE_PROJECT_NAME") == allocation.compose_project_name
+            ):
                 return False
-            return write_env_file(target, allocation.env, lambda _message: None) or True
-        current = json.loads(target.read_bytes())
+            write_env_file(
+                target,
+                allocation.env,
+                lambda _message: None,
+                session_id=allocation.session_id,
+                take_over=False,
+            )
+            return True
+        current = parse_manifest(data)
     except (OSError, ValueError, RecursionError, PortallocError):
         return False
-    if type(current) is not dict or current.get("session_id") != allocation.session_id:
+    if current is None or current.get("session_id") != allocation.session_id:
         return False
     try:
         write_manifest(target, allocation)

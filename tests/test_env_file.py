@@ -149,7 +149,7 @@ def test_moved_ports_rewrite_the_env_file(tmp_path: Path, state_dir: Path) -> No
     first = svc.allocate("s", env_file=target)
     from portalloc.outputs import write_env_file
 
-    write_env_file(target, first.env, lambda _m: None)
+    write_env_file(target, first.env, lambda _m: None, session_id="s")
     target.write_text("MINE=1\n" + target.read_text())
     svc.release("s")
     busy.add(10003)

@@ -321,7 +321,9 @@ def env(
             _write_manifest(manifest, allocation)
         if dotenv is not None:
             try:
-                outputs.write_env_file(dotenv, allocation.env, _warn)
+                outputs.write_env_file(
+                    dotenv, allocation.env, _warn, session_id=allocation.session_id
+                )
             except OSError as exc:
                 raise PortallocError(f"--env-file {dotenv}: {exc.strerror or exc}") from None
     _out(text)
