@@ -3,18 +3,33 @@
 Each edit merges into the tool's file between marker lines, is idempotent, and is
 removed by `uninstall` without touching anything else; another tool's hook is never
 overwritten or disabled. The installed commands never fail the tool's operation.
+
+Files are read and written through `portalloc.fs` only, and never through a symlinked
+directory out of the worktree (a committed `.claude -> ~/.claude`): exit 2, one line.
+The git hook goes where git looks for it; that may lie outside the worktree, in git's
+own directory or at a `core.hooksPath` of the repository's config, which no commit can
+set. A hooks path inside the worktree (a relative `core.hooksPath`) is held to it.
+
+What install created is written down in what it adds, so uninstall needs no state and
+removes only that: a file portalloc made carries `# portalloc created: file` (plus how
+many directories it made above it) inside its block, or, in JSON, at the end of
+portalloc's hook command (a shell comment; also naming the `hooks` / `SessionStart`
+containers it made). Uninstall deletes a file only when it carries that mark and holds
+nothing else of anyone's, then the directories it made while they are empty; a file or
+directory without the mark existed before, and stays.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from portalloc.errors import UsageError
-from portalloc.ledger import atomic_write
+from portalloc import fs
+from portalloc.errors import UsageError, printable
 
 BEGIN = "# >>> portalloc >>>"
 END = "# <<< portalloc <<<"
@@ -50,55 +65,192 @@ eval "$(portalloc env)"
 
 
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    if not repo.is_dir():
+        raise UsageError(f"{printable(repo)}: no such directory")
     try:
         return subprocess.run(
             ["git", *args], cwd=repo, capture_output=True, text=True, timeout=30, check=False
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        raise UsageError(f"cannot run git in {repo}: {exc}") from None
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise UsageError(f"cannot run git in {printable(repo)}: {reason}") from None
 
 
 def repo_top(repo: Path) -> Path:
     """The top of the worktree holding REPO."""
     result = _git(repo, "rev-parse", "--show-toplevel")
     if result.returncode != 0:
-        raise UsageError(f"{repo} is not inside a git repository")
+        raise UsageError(f"{printable(repo)} is not inside a git repository")
     return Path(result.stdout.strip())
+
+
+class Target(NamedTuple):
+    """A file portalloc edits, and the directories that bound the edit."""
+
+    path: Path
+    # Writes stay inside this directory, symlinks resolved; None: a place git names
+    # from its own config or directory (no commit can plant a link there).
+    within: Path | None
+    # Directories install made are removed on uninstall up to, never including, this.
+    floor: Path
+
+
+def in_worktree(repo: Path, relative: str) -> Target:
+    """RELATIVE in REPO's worktree, refused (exit 2) if a symlinked directory on the way
+    leads out of it."""
+    top = repo_top(repo)
+    target = Target(top / relative, top, top)
+    fs.check_within(target.path, top)
+    return target
+
+
+# A file portalloc made says so inside its block (or at the end of its JSON command).
+CREATED = "portalloc created:"
+_CREATED_WORDS = re.compile(r"(\d+) director(?:y|ies)")
+
+
+class Created(NamedTuple):
+    """What install made for a file: the file itself, directories above it, and (JSON)
+    containers inside it."""
+
+    file: bool = False
+    dirs: int = 0
+    keys: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.file or bool(self.dirs) or bool(self.keys)
+
+    def words(self) -> str:
+        parts = ["file"] if self.file else []
+        if self.dirs:
+            parts.append(f"{self.dirs} director{'y' if self.dirs == 1 else 'ies'}")
+        return f"{CREATED} " + ", ".join([*parts, *self.keys])
+
+    @classmethod
+    def parse(cls, text: str) -> Created:
+        """The mark in TEXT (a marker line or a command); Created() if there is none."""
+        _before, found, rest = text.partition(CREATED)
+        if not found:
+            return cls()
+        file, dirs, keys = False, 0, []
+        for word in rest.strip().split(", "):
+            match = _CREATED_WORDS.fullmatch(word)
+            if word == "file":
+                file = True
+            elif match:
+                dirs = min(int(match.group(1)), 64)
+            elif word in ("hooks", "SessionStart"):
+                keys.append(word)
+        return cls(file, dirs, tuple(keys))
+
+
+def _block_created(text: str) -> Created:
+    """The created mark inside portalloc's blocks in TEXT."""
+    from portalloc.outputs import block_spans
+
+    lines = text.splitlines()
+    for span in block_spans(lines, BEGIN, END):
+        for index in span:
+            line = lines[index].rstrip("\r\n")
+            if line.startswith(f"# {CREATED}"):
+                return Created.parse(line)
+    return Created()
+
+
+def _marked(block: str, created: Created) -> str:
+    """BLOCK (starting with BEGIN) with CREATED's marker line right after BEGIN."""
+    if not created:
+        return block
+    return block.replace(f"{BEGIN}\n", f"{BEGIN}\n# {created.words()}\n", 1)
+
+
+def _existing(target: Target) -> tuple[str | None, int | None]:
+    """TARGET's text and mode, (None, None) when there is no file: never through a
+    symlink, a FIFO or out of the worktree."""
+    if target.within is not None:
+        fs.check_within(target.path, target.within)
+    info = _check_regular(target.path)
+    if info is None:
+        return None, None
+    return _read(target.path), stat.S_IMODE(info.st_mode)
+
+
+def _make_parent(target: Target) -> int:
+    """Create TARGET's missing directories; return how many were made."""
+    directory = target.path.parent
+    if target.within is not None:
+        return len(fs.make_dirs(directory, target.within))
+    made = 0
+    missing = []
+    while not os.path.lexists(directory) and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o755)
+        made += 1
+    return made
+
+
+def _write(target: Target, text: str, mode: int) -> None:
+    fs.atomic_write(target.path, text.encode("utf-8"), mode=mode, within=target.within)
+
+
+def _delete(target: Target, created: Created) -> None:
+    """Remove TARGET's file, then the directories install made above it while they are
+    empty; never the floor or anything outside it."""
+    target.path.unlink()
+    floor = Path(os.path.normpath(target.floor))
+    for directory in list(target.path.parents)[: created.dirs]:
+        path = Path(os.path.normpath(directory))
+        if floor not in path.parents:
+            break
+        try:
+            path.rmdir()
+        except OSError:
+            break  # not empty (something of the user's), or gone
+
+
+def _kept_created(existing: str | None, dirs: int) -> Created:
+    """The mark for a file about to be written: the one already in it, or, for a file
+    that is not there yet, "created" with the DIRS made for it."""
+    if existing is None:
+        return Created(file=True, dirs=dirs)
+    return _block_created(existing)
 
 
 def install_direnv(repo: Path) -> Path:
     """Add portalloc's lines to the worktree's .envrc (then `direnv allow` it)."""
-    envrc = repo_top(repo) / ".envrc"
-    _check_regular(envrc)
-    existing = _read(envrc) if envrc.exists() else ""
-    text = without(existing)
-    text += ("" if not text or text.endswith("\n") else "\n") + DIRENV_BLOCK
+    target = in_worktree(repo, ".envrc")
+    existing, mode = _existing(target)
+    created = _kept_created(existing, 0)
+    text = without(existing or "")
+    text += ("" if not text or text.endswith("\n") else "\n") + _marked(DIRENV_BLOCK, created)
     if text != existing:
-        mode = stat.S_IMODE(envrc.stat().st_mode) if envrc.exists() else 0o644
-        atomic_write(envrc, text.encode("utf-8"), mode=mode)
-    return envrc
+        _write(target, text, 0o644 if mode is None else mode)
+    return target.path
 
 
 def uninstall_direnv(repo: Path) -> Path | None:
-    """Take portalloc's lines out of the worktree's .envrc; remove a file left empty."""
-    return _remove_block(repo_top(repo) / ".envrc", leftover=("",))
+    """Take portalloc's lines out of the worktree's .envrc; remove a file install made
+    when nothing else is left in it."""
+    return _remove_block(in_worktree(repo, ".envrc"), leftover=("",))
 
 
-def _remove_block(path: Path, leftover: tuple[str, ...]) -> Path | None:
-    """Take portalloc's block out of PATH; delete the file when what is left is one of
-    LEFTOVER (stripped). Return PATH if anything changed."""
-    if not path.exists():
+def _remove_block(target: Target, leftover: tuple[str, ...]) -> Path | None:
+    """Take portalloc's block out of TARGET; delete the file when install made it and
+    what is left is one of LEFTOVER (stripped). Return its path if anything changed."""
+    existing, mode = _existing(target)
+    if existing is None or mode is None:
         return None
-    _check_regular(path)
-    existing = _read(path)
     text = without(existing)
     if text == existing:
         return None
-    if text.strip() in leftover:
-        path.unlink()
+    created = _block_created(existing)
+    if created.file and text.strip() in leftover:
+        _delete(target, created)
     else:
-        atomic_write(path, text.encode("utf-8"), mode=stat.S_IMODE(path.stat().st_mode))
-    return path
+        _write(target, text, mode)
+    return target.path
 
 
 def git_hooks_dir(repo: Path) -> Path:
@@ -123,8 +275,35 @@ def git_hooks_dir(repo: Path) -> Path:
         )
     result = _git(repo, "rev-parse", "--path-format=absolute", "--git-path", "hooks")
     if result.returncode != 0:
-        raise UsageError(f"{repo} is not inside a git repository")
+        raise UsageError(f"{printable(repo)} is not inside a git repository")
     return Path(result.stdout.strip())
+
+
+def git_hook(repo: Path) -> Target:
+    """REPO's post-checkout hook and where writing it may go.
+
+    In git's own directory (the default `.git/hooks`, shared by linked worktrees) or at
+    an absolute `core.hooksPath` of the repository's config, git's word is taken: no
+    commit can plant a link there, and the config is the user's. A relative
+    `core.hooksPath` (`.githooks`, `.husky/_`) names a directory in the worktree, which
+    a commit may have made a link: the hook must stay inside the worktree.
+    """
+    hooks = git_hooks_dir(repo)
+    configured = _git(repo, "config", "--get", "core.hooksPath")
+    value = configured.stdout.rstrip("\n") if configured.returncode == 0 else ""
+    shown = _git(repo, "rev-parse", "--show-toplevel")  # none in a bare repository
+    relative = value and not (value.startswith("~") or Path(value).is_absolute())
+    if relative and shown.returncode == 0:
+        top = Path(shown.stdout.strip())
+        # Not the path git reports: it has resolved the links this check is about.
+        hook = Path(os.path.normpath(top / value)) / "post-checkout"
+        fs.check_within(hook, top)
+        return Target(hook, top, top)
+    if value:
+        return Target(hooks / "post-checkout", None, hooks.parent)
+    common = _git(repo, "rev-parse", "--path-format=absolute", "--git-common-dir")
+    floor = Path(common.stdout.strip()) if common.returncode == 0 else hooks.parent
+    return Target(hooks / "post-checkout", None, floor)
 
 
 def _shell_of(text: str) -> str | None:
@@ -170,40 +349,38 @@ def without(text: str) -> str:
 def _read(path: Path) -> str:
     """PATH's text exactly: bytes decoded without newline translation (CRLF stays CRLF)."""
     try:
-        return path.read_bytes().decode("utf-8")
+        return fs.read_bytes(path, follow=False).decode("utf-8")
     except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text; refusing to edit it") from None
+        raise UsageError(f"{printable(path)} is not UTF-8 text; refusing to edit it") from None
 
 
 def install_git(repo: Path) -> Path:
     """Add portalloc's block to REPO's post-checkout hook; return the hook's path."""
-    hooks = git_hooks_dir(repo)
-    hook = hooks / "post-checkout"
-    _check_regular(hook)
-    existing = _read(hook) if hook.exists() else None
-    text = merged(existing, GIT_BLOCK)
+    target = git_hook(repo)
+    existing, mode = _existing(target)
+    if existing is None:
+        dirs = _make_parent(target)
+        text = merged(None, _marked(GIT_BLOCK, Created(file=True, dirs=dirs)))
+        _write(target, text, 0o755)
+        return target.path
+    text = merged(existing, _marked(GIT_BLOCK, _block_created(existing)))
     if text != existing:
-        hooks.mkdir(parents=True, exist_ok=True)
-        mode = stat.S_IMODE(hook.stat().st_mode) if existing is not None else 0o755
-        atomic_write(hook, text.encode("utf-8"), mode=mode | 0o111)
-    return hook
+        _write(target, text, (0o755 if mode is None else mode) | 0o111)
+    return target.path
 
 
 def uninstall_git(repo: Path) -> Path | None:
-    """Take portalloc's block out of REPO's post-checkout hook; remove a hook it leaves
-    empty. Return the hook's path if anything changed."""
-    return _remove_block(git_hooks_dir(repo) / "post-checkout", leftover=("", "#!/bin/sh"))
+    """Take portalloc's block out of REPO's post-checkout hook; remove a hook install
+    made when nothing else is left in it. Return the hook's path if anything changed."""
+    return _remove_block(git_hook(repo), leftover=("", "#!/bin/sh"))
 
 
-def _check_regular(path: Path) -> None:
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"{path}: refusing to edit it, it is not a regular file")
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"{path}: not writable")
+def _check_regular(path: Path) -> os.stat_result | None:
+    """PATH's lstat, None if nothing is there; refused unless a writable regular file."""
+    info = fs.lstat_regular(path)
+    if info is not None and not os.access(path, os.W_OK):
+        raise UsageError(f"{printable(path)}: not writable")
+    return info
 
 
 # JSON has no comments: the command's trailing shell comment marks it as portalloc's.
@@ -225,72 +402,96 @@ JSON_HOOKS = {
 }
 
 
-def _json_settings(repo: Path, relative: str) -> tuple[Path, dict[str, object]]:
+def _json_settings(repo: Path, relative: str) -> tuple[Target, dict[str, object] | None, int]:
+    """TOOL's settings file, its settings (None: no file) and its mode."""
     import json
 
-    path = repo_top(repo) / relative
-    _check_regular(path)
-    if not path.exists():
-        return path, {}
+    target = in_worktree(repo, relative)
+    text, mode = _existing(target)
+    if text is None or mode is None:
+        return target, None, 0o644
     try:
-        settings = json.loads(_read(path))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise UsageError(f"{path} is not valid JSON; refusing to edit it") from None
+        settings = json.loads(text)
+    except (ValueError, RecursionError):
+        raise UsageError(
+            f"{printable(target.path)} is not valid JSON; refusing to edit it"
+        ) from None
     if not isinstance(settings, dict):
-        raise UsageError(f"{path}: the settings are not a JSON object; refusing to edit them")
-    return path, settings
+        raise UsageError(
+            f"{printable(target.path)}: the settings are not a JSON object; refusing to edit them"
+        )
+    return target, settings, mode
 
 
-def _write_json(path: Path, settings: dict[str, object]) -> None:
+def _write_json(target: Target, settings: dict[str, object], mode: int) -> None:
     import json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
     try:
         # allow_nan=False: a 1e400 read as inf must not come back as invalid JSON.
-        data = (json.dumps(settings, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+        data = json.dumps(settings, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        data.encode("utf-8")
     except (ValueError, UnicodeEncodeError):
         raise UsageError(
-            f"{path} holds values JSON cannot write back; refusing to edit it"
+            f"{printable(target.path)} holds values JSON cannot write back; refusing to edit it"
         ) from None
-    atomic_write(path, data, mode=mode)
+    _write(target, data, mode)
 
 
 def _ours(entry: object) -> bool:
     return isinstance(entry, dict) and CLAUDE_MARK in str(entry.get("command", ""))
 
 
-def install_json(repo: Path, tool: str) -> Path:
-    """Add a SessionStart hook to TOOL's settings.json (Claude Code, Gemini CLI); other
-    settings and hooks are kept as they are."""
-    relative, command = JSON_HOOKS[tool]
-    path, settings = _json_settings(repo, relative)
-    hooks = settings.setdefault("hooks", {})
-    if not isinstance(hooks, dict):
-        raise UsageError(f"{path}: 'hooks' is not an object; refusing to edit it")
-    groups = hooks.setdefault("SessionStart", [])
-    if not isinstance(groups, list):
-        raise UsageError(f"{path}: 'hooks.SessionStart' is not a list; refusing to edit it")
-    present = any(
-        _ours(entry)
+def _our_entries(groups: list[Any]) -> list[dict[str, Any]]:
+    return [
+        entry
         for group in groups
         if isinstance(group, dict) and isinstance(group.get("hooks"), list)
         for entry in group["hooks"]
-    )
-    if not present:
-        groups.append({"hooks": [{"type": "command", "command": command}]})
-        _write_json(path, settings)
-    return path
+        if _ours(entry)
+    ]
+
+
+def install_json(repo: Path, tool: str) -> Path:
+    """Add a SessionStart hook to TOOL's settings.json (Claude Code, Gemini CLI); other
+    settings and hooks are kept as they are. What it had to create (the file, its
+    directory, the `hooks` object, the `SessionStart` list) the command's comment says."""
+    relative, command = JSON_HOOKS[tool]
+    target, found, mode = _json_settings(repo, relative)
+    settings: dict[str, object] = {} if found is None else found
+    keys = tuple(key for key, there in (("hooks", "hooks" in settings),) if not there)
+    hooks = settings.setdefault("hooks", {})
+    if not isinstance(hooks, dict):
+        raise UsageError(f"{printable(target.path)}: 'hooks' is not an object; refusing to edit it")
+    if "SessionStart" not in hooks:
+        keys += ("SessionStart",)
+    groups = hooks.setdefault("SessionStart", [])
+    if not isinstance(groups, list):
+        raise UsageError(
+            f"{printable(target.path)}: 'hooks.SessionStart' is not a list; refusing to edit it"
+        )
+    if _our_entries(groups):
+        return target.path
+    dirs = _make_parent(target) if found is None else 0
+    created = Created(file=found is None, dirs=dirs, keys=keys)
+    if created:
+        command = f"{command}; {created.words()}"
+    groups.append({"hooks": [{"type": "command", "command": command}]})
+    _write_json(target, settings, mode)
+    return target.path
 
 
 def uninstall_json(repo: Path, tool: str) -> Path | None:
-    """Take portalloc's SessionStart hook out of TOOL's settings.json, and any container
-    that leaves empty; remove a file left as `{}`."""
-    path, settings = _json_settings(repo, JSON_HOOKS[tool][0])
-    hooks = settings.get("hooks")
+    """Take portalloc's SessionStart hook out of TOOL's settings.json, and the
+    containers, file and directories its install created, when they are left empty."""
+    target, settings, mode = _json_settings(repo, JSON_HOOKS[tool][0])
+    hooks = None if settings is None else settings.get("hooks")
     groups = hooks.get("SessionStart") if isinstance(hooks, dict) else None
-    if not isinstance(hooks, dict) or not isinstance(groups, list):
+    if settings is None or not isinstance(hooks, dict) or not isinstance(groups, list):
         return None
+    ours = _our_entries(groups)
+    if not ours:
+        return None
+    created = Created.parse(str(ours[0].get("command", "")))
     kept = []
     for group in groups:
         if isinstance(group, dict) and isinstance(group.get("hooks"), list):
@@ -300,19 +501,17 @@ def uninstall_json(repo: Path, tool: str) -> Path | None:
                     continue
                 group = {**group, "hooks": entries}
         kept.append(group)
-    if kept == groups:
-        return None
-    if kept:
+    if kept or "SessionStart" not in created.keys:
         hooks["SessionStart"] = kept
     else:
         del hooks["SessionStart"]
-        if not hooks:
+        if not hooks and "hooks" in created.keys:
             del settings["hooks"]
-    if settings:
-        _write_json(path, settings)
+    if settings or not created.file:
+        _write_json(target, settings, mode)
     else:
-        path.unlink()
-    return path
+        _delete(target, created)
+    return target.path
 
 
 class TomlHook(NamedTuple):
@@ -379,26 +578,28 @@ def _toml_parse(path: Path, text: str) -> dict[str, Any]:
         raise UsageError(f"{path} is not valid TOML ({exc}); refusing to edit it") from None
 
 
-def _toml_block(tool: str, spec: TomlHook, new_file: bool) -> tuple[str, str]:
-    """(block to put at the top of the file, block to append at its end)."""
+def _toml_block(tool: str, spec: TomlHook, new_file: bool, created: Created) -> tuple[str, str]:
+    """(block to put at the top of the file, block to append at its end); the first
+    of them carries the CREATED mark."""
     lines = [f"{k} = {_toml_string(v)}" for k, v in spec.keys.items()]
     if tool == "codex":
         top = [spec.preamble] if new_file else []
         tables = [f"[{t}]\nscript = {_toml_string(v)}" for t, v in CODEX_TABLES.items()]
         end = "\n".join(tables)
-        return (f"{BEGIN}\n" + "\n".join(top) + f"\n{END}\n") if top else "", (
-            f"{BEGIN}\n{end}\n{END}\n"
+        return (
+            _marked(f"{BEGIN}\n" + "\n".join(top) + f"\n{END}\n", created) if top else "",
+            _marked(f"{BEGIN}\n{end}\n{END}\n", Created() if top else created),
         )
     if spec.table is None:
-        return f"{BEGIN}\n" + "\n".join(lines) + f"\n{END}\n", ""
-    return "", f"{BEGIN}\n[{spec.table}]\n" + "\n".join(lines) + f"\n{END}\n"
+        return _marked(f"{BEGIN}\n" + "\n".join(lines) + f"\n{END}\n", created), ""
+    return "", _marked(f"{BEGIN}\n[{spec.table}]\n" + "\n".join(lines) + f"\n{END}\n", created)
 
 
 def install_toml(repo: Path, tool: str) -> Path:
     """Add portalloc's keys to TOOL's TOML file: merged, marked, verified by parsing."""
     spec = TOML_HOOKS[tool]
-    top_dir = repo_top(repo)
-    path = top_dir / spec.file
+    target = in_worktree(repo, spec.file)
+    path, top_dir = target.path, target.floor
     if tool == "conductor" and (top_dir / "conductor.json").exists():
         # Conductor ignores conductor.json once .conductor/settings.toml exists: making
         # that file would switch the user's scripts off.
@@ -406,8 +607,8 @@ def install_toml(repo: Path, tool: str) -> Path:
             f"{top_dir / 'conductor.json'} exists, and Conductor stops reading it once "
             f"{spec.file} exists; move its scripts there first"
         )
-    _check_regular(path)
-    existing = _read(path) if path.exists() else ""
+    found, mode = _existing(target)
+    existing = found or ""
     base = without(existing)
     before = _toml_parse(path, base)
     ours = (
@@ -420,7 +621,10 @@ def install_toml(repo: Path, tool: str) -> Path:
             f"tool's hook; add its command there yourself"
         )
     new_file = not base.strip()
-    top, end = _toml_block(tool, spec, new_file=new_file)
+    # A file that is not there yet is made with its directories; the count is known
+    # only once they are made, after every check: the block is built again then.
+    created = _kept_created(found, 0)
+    top, end = _toml_block(tool, spec, new_file=new_file, created=created)
     text = top + base
     if end:
         text += ("" if not text or text.endswith("\n") else "\n") + end
@@ -432,10 +636,12 @@ def install_toml(repo: Path, tool: str) -> Path:
         tool, after, new_file
     ) != _theirs(tool, before, new_file):
         raise UsageError(f"{path}: cannot add portalloc's keys without changing others")
+    if found is None:
+        created = Created(file=True, dirs=_make_parent(target))
+        top, end = _toml_block(tool, spec, new_file=new_file, created=created)
+        text = top + end
     if text != existing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
-        atomic_write(path, text.encode("utf-8"), mode=mode)
+        _write(target, text, 0o644 if mode is None else mode)
     return path
 
 
@@ -443,10 +649,10 @@ def uninstall_toml(repo: Path, tool: str) -> Path | None:
     """Take portalloc's lines out of TOOL's TOML file; remove a file left empty. Refused
     when that would change how any key of the user's reads."""
     spec = TOML_HOOKS[tool]
-    path = repo_top(repo) / spec.file
-    if path.exists():
-        _check_regular(path)
-        existing = _read(path)
+    target = in_worktree(repo, spec.file)
+    path = target.path
+    existing, _mode = _existing(target)
+    if existing is not None:
         remaining = without(existing)
         kept = _toml_parse(path, remaining)
         if _theirs(tool, kept, True) != _theirs(tool, _toml_parse(path, existing), True):
@@ -454,7 +660,7 @@ def uninstall_toml(repo: Path, tool: str) -> Path | None:
                 f"{path}: keys of yours follow portalloc's block inside its table; "
                 "taking the block out would move them: edit the file by hand"
             )
-    return _remove_block(path, leftover=("", spec.preamble))
+    return _remove_block(target, leftover=("",))
 
 
 def _theirs(tool: str, data: dict[str, Any], drop_version: bool) -> dict[str, Any]:

@@ -202,6 +202,8 @@ def test_claude_hook_in_a_fresh_file_and_a_broken_one(tmp_path: Path) -> None:
     assert list(json.loads(settings.read_text())) == ["hooks"]
     assert run_cli("hook", "uninstall", "--for", "claude", cwd=repo).returncode == 0
     assert not settings.exists()  # it held nothing but portalloc's hook
+    assert not settings.parent.exists()  # and install made its directory
+    settings.parent.mkdir()
     settings.write_text("{not json")
     broken = run_cli("hook", "install", "--for", "claude", cwd=repo)
     assert broken.returncode == 2 and "not valid JSON" in broken.stderr
@@ -252,7 +254,7 @@ def test_toml_tools_merge_verify_and_uninstall_byte_for_byte(tmp_path: Path, too
         assert run_cli("hook", "install", "--for", tool, cwd=repo).returncode == 0
         assert "portalloc env" in tomllib.loads(path.read_text())["scripts"]["setup"]
         assert run_cli("hook", "uninstall", "--for", tool, cwd=repo).returncode == 0
-        assert not path.exists()
+        assert path.read_text() == ""  # it was there before install: it stays
         return
     assert installed.returncode == 0, installed.stderr
     assert run_cli("hook", "install", "--for", tool, cwd=repo).returncode == 0  # idempotent
