@@ -166,7 +166,7 @@ class PortAllocatorConfig:
             except FileNotFoundError:
                 pass  # the current directory was deleted: no project file to find
             if found is not None:
-                project: ProjectFile = load_project_file(found)
+                project: ProjectFile = load_project_file(found, lambda: trust_dir_for(env))
                 values, sources = dict(project.values), dict(project.sources)
                 if project.profile is not None:
                     values["profile"] = project.profile
@@ -208,6 +208,26 @@ class PortAllocatorConfig:
                 raise ConfigError(ENV_SKIP_PORT_CHECK, raw_skip, "must be 1 or 0")
 
         return cls(**values, sources=sources)
+
+
+def state_dir_for(env: Mapping[str, str]) -> Path:
+    """The state dir the environment names (PORTALLOC_STATE_DIR), else the default."""
+    raw = env.get(ENV_STATE_DIR)
+    if raw is not None and raw.strip():
+        return _expand_dir(raw)
+    return default_state_dir()
+
+
+def trust_dir_for(env: Mapping[str, str]) -> Path | None:
+    """Where this user's trust records live: under the state dir when it is private,
+    else under the user's own default state dir (never in a shared one)."""
+    from portalloc.trust import trust_dir
+
+    state = state_dir_for(env)
+    raw = env.get(ENV_STATE_DIR)
+    if raw is not None and raw.strip():
+        return trust_dir(state, None) or trust_dir(default_state_dir(), None)
+    return trust_dir(state, None)
 
 
 def _expand_dir(raw: str) -> Path:

@@ -79,6 +79,17 @@ class UsageError(PortallocError):
     code = "usage"
 
 
+class LeaseRefused(UsageError):
+    """A lease the ledger would refuse to load (the rules in rules.lease_problem) is never
+    written: it would be dropped at the next load and its ports handed out again."""
+
+    code = "invalid_lease"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"refusing to write a lease the ledger would not load: {reason}")
+
+
 class AdoptError(PortallocError):
     """`portalloc init` cannot adopt a file: not YAML, not compose, a bad template."""
 

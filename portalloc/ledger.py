@@ -19,7 +19,7 @@ from operator import eq
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
-from portalloc.errors import InvalidSessionId, LedgerError, LockTimeout
+from portalloc.errors import InvalidSessionId, LeaseRefused, LedgerError, LockTimeout
 from portalloc.fs import Chunk, UnsafeFile, lstat_regular, read_bytes, read_with_stat
 
 # Re-exported until every module imports them from portalloc.fs.
@@ -28,12 +28,8 @@ from portalloc.fs import is_temp_name as is_temp_name
 from portalloc.fs import temp_name as temp_name
 from portalloc.models import Lease, Leases, LedgerState, Owner, isoformat, parse_iso
 from portalloc.rules import (
-    COMPOSE_NAME,
-    MAX_PID,
-    MAX_TTL_MINUTES,
-    SHELL_NAME,
-    forbidden_variable,
     has_unprintable,
+    lease_problem,
     validate_session_id,
 )
 
@@ -243,33 +239,11 @@ def lease_from_raw(raw: object) -> Lease:
 
 
 def _check_rules(lease: Lease) -> None:
-    """The rules every lease from the file must meet before anything of it is printed:
-    in a shared state dir, other users can write this file."""
-    try:
-        validate_session_id(lease.session_id)
-    except InvalidSessionId as exc:
-        raise _Malformed(exc.message) from None
-    if not 1 <= lease.ttl_minutes <= MAX_TTL_MINUTES or not 1 <= lease.span <= 65535:
-        raise _Malformed(f"lease {lease.session_id!r} has an absurd TTL or span")
-    if not 1 <= lease.start <= lease.end <= 65535:
-        raise _Malformed(f"lease {lease.session_id!r} spans {lease.start}-{lease.end}")
-    for name, port in lease.ports:
-        if not SHELL_NAME.fullmatch(name) or not lease.start <= port <= lease.end:
-            raise _Malformed(f"lease {lease.session_id!r} has a bad port {name!r}")
-    # Control characters and lone surrogates (what undecodable bytes become, which no
-    # UTF-8 write can carry: one would make every later save fail) in no string.
-    for name, value in lease.env:
-        if not SHELL_NAME.fullmatch(name) or forbidden_variable(name) or has_unprintable(value):
-            raise _Malformed(f"lease {lease.session_id!r} sets variable {name!r}")
-    if not COMPOSE_NAME.fullmatch(lease.compose_project_name):
-        raise _Malformed(f"lease {lease.session_id!r} has a bad compose project name")
-    if lease.worktree is not None and (not lease.worktree or has_unprintable(lease.worktree)):
-        raise _Malformed(f"lease {lease.session_id!r} has a bad worktree path")
-    for owner in (lease.owner, *lease.guests):
-        if owner is not None and not (
-            1 <= owner.pid <= MAX_PID and (owner.started is None or 0 <= owner.started < 2**40)
-        ):
-            raise _Malformed(f"lease {lease.session_id!r} has an impossible PID")
+    """The lease rules (rules.lease_problem), before anything of a lease from the file is
+    printed: in a shared state dir, other users can write this file."""
+    problem = lease_problem(lease)
+    if problem is not None:
+        raise _Malformed(problem)
 
 
 def validate(state: LedgerState) -> None:
@@ -287,20 +261,18 @@ def validate(state: LedgerState) -> None:
         previous_end, previous_id = end, session_id
 
 
-def _loadable(state: LedgerState, known: Mapping[int, tuple[Lease, Any]]) -> bool:
-    """Whether every lease made since the file was read passes the load rules. Leases
-    read from the file (KNOWN, by identity) passed them then: only the others are
-    checked, so a write costs the same at ten thousand leases."""
+def refuse_unloadable(state: LedgerState, known: Mapping[int, tuple[Lease, Any]]) -> None:
+    """Raise LeaseRefused for a lease made since the file was read that the load rules
+    would refuse. Leases read from the file (KNOWN, by identity) passed them then: only
+    the others are checked, so a write costs the same at ten thousand leases."""
     leases = state.leases
     fresh = leases._fresh() if isinstance(leases, _IndexedLeases) else leases.values()
-    try:
-        for lease in fresh:
-            loaded = known.get(id(lease))
-            if loaded is None or loaded[0] is not lease:
-                _check_rules(lease)
-    except _Malformed:
-        return False
-    return True
+    for lease in fresh:
+        loaded = known.get(id(lease))
+        if loaded is None or loaded[0] is not lease:
+            problem = lease_problem(lease)
+            if problem is not None:
+                raise LeaseRefused(problem)
 
 
 def _check_written(session_id: str, lease: Lease) -> None:
@@ -1205,6 +1177,7 @@ class Ledger:
 
     def save(self, state: LedgerState) -> None:
         """Validate, then write atomically and durably. Call only while holding the lock."""
+        refuse_unloadable(state, self._known)
         validate(state)
         payload, index = encode(state, self._known)
         self._remove_stale_temps()
@@ -1214,16 +1187,7 @@ class Ledger:
         except OSError as exc:
             raise LedgerError(self.path, f"cannot write: {exc.strerror or exc}") from None
         self.dirty = False
-        if _loadable(state, self._known):
-            self._write_index(payload, index)
-        elif self.index_path is not None:
-            # A lease the load rules refuse (a worktree path with a control character)
-            # must not be vouched for: the next load reads lease by lease and leaves
-            # it out, as without an index.
-            try:
-                os.unlink(self.index_path)
-            except OSError:
-                pass
+        self._write_index(payload, index)
         key = self._file_key()
         # A long-lived process goes on from the state it saved, unless it has drifted
         # far from the file it was read from: then from the new file, through its index.

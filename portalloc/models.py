@@ -65,6 +65,8 @@ class Profile(NamedTuple):
     # Files `portalloc env` keeps current for a worktree, relative to its top.
     env_file: str | None = None
     manifest: str | None = None
+    # How many [env] entries of an untrusted project file wait for `portalloc trust`.
+    waiting: int = 0
 
     @property
     def span_needed(self) -> int:

@@ -3,15 +3,24 @@ typed value: settings with the key each came from, and the profile it describes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from portalloc.errors import ProfileError
+from portalloc.fs import read_bytes
 from portalloc.models import DEFAULT_PROFILE, Profile, template_fields
-from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable, has_unprintable
+from portalloc.rules import (
+    COMPOSE_NAME,
+    COMPOSE_PROJECT_VARIABLE,
+    CONTAINER_VARIABLE,
+    PORT_VARIABLE,
+    SHELL_NAME,
+    forbidden_variable,
+    has_unprintable,
+)
 
-PROJECT_FILES = ("portalloc.toml", "pyproject.toml")
 SETTINGS = ("base", "range", "ttl_minutes", "max_sessions")
 FILE_KEYS = ("env_file", "manifest")
 
@@ -34,6 +43,31 @@ class ProjectFile(NamedTuple):
     values: Mapping[str, int]  # base, range, ttl_minutes, max_sessions as written
     sources: Mapping[str, str]  # setting -> "<path>: <key>", for error messages
     profile: Profile | None  # None: the file names no ports, env or compose_prefix
+    # [env] entries set in full only once the user trusts the file: (variable, template)
+    waiting: tuple[tuple[str, str], ...] = ()
+    trusted: bool = False  # the user trusted this content (`portalloc trust`)
+    data: bytes = b""  # the file as read: what trust records are keyed by
+
+
+# The [env] shapes an untrusted file may set, safe by construction: a variable named
+# `*_PORT` holding one port field renders a number; COMPOSE_PROJECT_NAME holds the
+# validated project name; `*_CONTAINER_NAME` holds the project name, `-`, and a literal
+# container name (the lines `portalloc init` writes, so a teammate's fresh clone keeps
+# container names disjoint). None of them can carry a command, a path or a URL.
+_PORT_TEMPLATE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*_port)\}")
+_CONTAINER_TEMPLATE = re.compile(r"\{compose_project_name\}-[a-zA-Z0-9_.-]{1,200}")
+
+
+def safe_entry(variable: str, template: str, fields: set[str]) -> bool:
+    """Whether VARIABLE = TEMPLATE is a shape an untrusted project file may set."""
+    if PORT_VARIABLE.fullmatch(variable):
+        match = _PORT_TEMPLATE.fullmatch(template)
+        return match is not None and match.group(1) in fields
+    if variable == COMPOSE_PROJECT_VARIABLE:
+        return template == "{compose_project_name}"
+    if CONTAINER_VARIABLE.fullmatch(variable):
+        return _CONTAINER_TEMPLATE.fullmatch(template) is not None
+    return False
 
 
 def find_project_file(start: Path) -> Path | None:
@@ -54,31 +88,49 @@ def find_project_file(start: Path) -> Path | None:
 
 
 def _has_tool_table(pyproject: Path) -> bool:
+    from portalloc.errors import PortallocError
+
     try:
-        text = pyproject.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        data = read_bytes(pyproject)
+    except (OSError, PortallocError):
         return False
     # Cheap pre-check before paying for a TOML parse on the hot path.
-    return "tool.portalloc" in text
+    return b"tool.portalloc" in data
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path) -> tuple[dict[str, Any], bytes]:
     import tomllib
 
+    from portalloc.errors import PortallocError
+
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        raw = read_bytes(path)
+        return tomllib.loads(raw.decode("utf-8")), raw
     except OSError as exc:
         raise ProfileError(path, "(file)", f"cannot be read: {exc.strerror}") from None
+    except PortallocError as exc:  # a FIFO, a device: fs refuses it without blocking
+        raise ProfileError(path, "(file)", f"cannot be read: {exc.message}") from None
     except UnicodeDecodeError:
         raise ProfileError(path, "(file)", "is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(path, "(file)", f"is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ProfileError(path, "(file)", "is nested too deeply") from None
 
 
-def load_project_file(path: Path) -> ProjectFile:
-    """The settings and profile PATH sets; raise ProfileError naming the key at fault."""
-    data = _read_toml(path)
+def load_project_file(
+    path: Path,
+    trust_dir: Callable[[], Path | None] | None = None,
+    *,
+    trust_all: bool = False,
+) -> ProjectFile:
+    """The settings and profile PATH sets; raise ProfileError naming the key at fault.
+
+    The [env] entries that are not safe by construction apply only when the file's
+    content is trusted (a record in TRUST_DIR, asked only when such entries exist) or
+    TRUST_ALL; until then they wait, and ProjectFile.waiting names them.
+    """
+    data, raw = _read_toml(path)
     if path.name == "pyproject.toml":
         tool = data.get("tool", {})
         if not isinstance(tool, dict):
@@ -152,6 +204,8 @@ def load_project_file(path: Path) -> ProjectFile:
         custom = True
 
     profile_fields = Profile(ports=ports, env=()).allowed_fields()
+    waiting: tuple[tuple[str, str], ...] = ()
+    trusted = False
     if "env" in table:
         raw_env = table["env"]
         if not isinstance(raw_env, dict) or not raw_env:
@@ -161,13 +215,6 @@ def load_project_file(path: Path) -> ProjectFile:
             key = f"{prefix}env.{variable}"
             if not SHELL_NAME.fullmatch(variable):
                 raise ProfileError(path, key, "is not a valid shell variable name")
-            if forbidden_variable(variable):
-                raise ProfileError(
-                    path,
-                    key,
-                    "changes how shells, loaders or interpreters behave; a project file "
-                    "may not set it",
-                )
             if not isinstance(template, str):
                 raise ProfileError(path, key, "template must be a string")
             if has_unprintable(template):
@@ -187,6 +234,25 @@ def load_project_file(path: Path) -> ProjectFile:
                 # hostile project file would plant one: every variable carries a field.
                 raise ProfileError(path, key, f"template must use a field ({allowed})")
             parsed_env.append((variable, template))
+        fields = profile_fields - {"session_id"}
+        unsafe = [entry for entry in parsed_env if not safe_entry(*entry, fields)]
+        if unsafe:
+            from portalloc import trust
+
+            trusted = trust_all or trust.is_trusted(trust_dir() if trust_dir else None, raw)
+            if trusted:
+                for variable, _template in unsafe:
+                    if forbidden_variable(variable):
+                        # The second wall: refused even from a file the user trusted.
+                        raise ProfileError(
+                            path,
+                            f"{prefix}env.{variable}",
+                            "changes how shells, loaders or interpreters behave; a "
+                            "project file may not set it, trusted or not",
+                        )
+            else:
+                waiting = tuple(unsafe)
+                parsed_env = [entry for entry in parsed_env if entry not in unsafe]
         env = tuple(parsed_env)
         custom = True
     elif "ports" in table:
@@ -215,5 +281,6 @@ def load_project_file(path: Path) -> ProjectFile:
             source=path,
             env_file=files.get("env_file"),
             manifest=files.get("manifest"),
+            waiting=len(waiting),
         )
-    return ProjectFile(values, sources, profile)
+    return ProjectFile(values, sources, profile, waiting, trusted, raw)

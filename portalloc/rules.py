@@ -6,8 +6,12 @@ from __future__ import annotations
 import re
 import unicodedata
 from functools import cache
+from typing import TYPE_CHECKING
 
 from portalloc.errors import InvalidSessionId
+
+if TYPE_CHECKING:
+    from portalloc.models import Lease
 
 MAX_SESSION_ID_LENGTH = 4096
 
@@ -61,6 +65,9 @@ FORBIDDEN_VARIABLES = frozenset(
         "HGEDITOR", "HGPLAIN", "GOFLAGS", "GOPATH", "GOROOT", "GOPROXY", "GOBIN", "GOENV",
         "GOTOOLCHAIN", "GOCACHE", "GOMODCACHE", "GOPRIVATE", "GONOSUMDB", "GONOPROXY",
         "GOSUMDB", "GOINSECURE", "GOWORK", "GOEXPERIMENT", "GODEBUG", "GOOS", "GOARCH",
+        # found passing this list in review (it is the second wall, behind trust)
+        "TAR_OPTIONS", "PSQLRC", "LESSEDIT", "IRBRC", "SCREENRC", "IPYTHONDIR", "STTY",
+        "RIPGREP_CONFIG_PATH", "CCACHE_PREFIX", "PROMPT_EOL_MARK", "PIP_INDEX_URL",
     }
 )  # fmt: skip
 FORBIDDEN_PREFIXES = (
@@ -74,10 +81,29 @@ FORBIDDEN_PREFIXES = (
     "HEX_", "AWS_", "AZURE_", "GOOGLE_", "GCLOUD_", "CLOUDSDK_", "KUBE", "HELM_",
     "TF_", "VAULT_", "OPENSSL_", "SSL_", "NIX_", "GUIX_", "FLATPAK_", "SNAP_",
     "PORTALLOC_", "PORT_ALLOC_", "CLAUDE_", "CODEX_", "GEMINI_", "ANTHROPIC_", "OPENAI_",
+    "HIST", "PROMPT", "SYSTEMD_", "GH_", "FZF_", "JUPYTER_", "PYTEST_", "RSYNC_", "CCACHE_",
+    "TAR_", "LESS", "SCREEN", "TMUX", "EMACS", "VIM", "NVIM",
+)  # fmt: skip
+# Endings that name a program to start, options a tool splices into its command line,
+# or a start-up file: TAR_OPTIONS, GH_PAGER, FZF_DEFAULT_COMMAND, PSQLRC...
+FORBIDDEN_SUFFIXES = (
+    "_PAGER", "_EDITOR", "_OPTIONS", "_OPTS", "_ADDOPTS", "_COMMAND", "_CMD", "_PROG",
+    "_PROGRAM", "_SHELL", "_HOOK", "_PROXY", "_PRELOAD", "RC",
 )  # fmt: skip
 # Compose reads these from the shell: COMPOSE_FILE or COMPOSE_PROFILES could point a
 # stack at a file of the attacker's. Only the project name is portalloc's to set.
 COMPOSE_ALLOWED = frozenset({"COMPOSE_PROJECT_NAME"})
+
+
+# Shapes whose value cannot carry a command, a path or a URL, whatever the variable's
+# name: a port number, a compose project name, a container name. A variable of such a
+# shape is safe by construction, so `NODE_PORT` or `SSH_PORT` (a port named `node` or
+# `ssh`) is allowed although its prefix is refused for any other value.
+PORT_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*_PORT")
+CONTAINER_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*_CONTAINER_NAME")
+CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+PORT_VALUE = re.compile(r"[0-9]{1,5}")
+COMPOSE_PROJECT_VARIABLE = "COMPOSE_PROJECT_NAME"
 
 
 # Unicode category Cc (control characters) and Cs (lone surrogates), searched in C:
@@ -94,8 +120,32 @@ def forbidden_variable(name: str) -> bool:
     return (
         upper in FORBIDDEN_VARIABLES
         or upper.startswith(FORBIDDEN_PREFIXES)
-        or upper.endswith("_PROXY")
+        or upper.endswith(FORBIDDEN_SUFFIXES)
     )
+
+
+def safe_value(name: str, value: str) -> bool:
+    """Whether NAME=VALUE is a port number, compose project or container name: a shape no
+    shell, loader or tool can turn into a command, whatever NAME is."""
+    if PORT_VARIABLE.fullmatch(name):
+        return PORT_VALUE.fullmatch(value) is not None
+    if name == COMPOSE_PROJECT_VARIABLE:
+        return COMPOSE_NAME.fullmatch(value) is not None
+    if CONTAINER_VARIABLE.fullmatch(name):
+        return CONTAINER_NAME.fullmatch(value) is not None and len(value) <= 255
+    return False
+
+
+def variable_problem(name: str, value: str) -> str | None:
+    """Why a lease may not set NAME=VALUE, or None: the one rule for every variable a lease
+    carries, applied when a lease is made and again when it is loaded."""
+    if not SHELL_NAME.fullmatch(name):
+        return "is not a valid shell variable name"
+    if has_unprintable(value):
+        return "holds a control character"
+    if forbidden_variable(name) and not safe_value(name, value):
+        return "changes how shells, loaders, interpreters or tools behave"
+    return None
 
 
 def validate_session_id(session_id: object) -> str:
@@ -126,3 +176,37 @@ def validate_session_id(session_id: object) -> str:
 def has_unprintable(text: str) -> bool:
     """Whether TEXT holds a control character or a lone surrogate."""
     return UNPRINTABLE.search(text) is not None
+
+
+def lease_problem(lease: Lease) -> str | None:
+    """Why a lease breaks the rules, or None: the one set of lease rules, checked before
+    a lease is written and again when it is loaded, so a lease portalloc writes is a
+    lease it loads (a refused one would be dropped and its ports handed out again)."""
+    try:
+        validate_session_id(lease.session_id)
+    except InvalidSessionId as exc:
+        return exc.message
+    who = f"lease {lease.session_id!r}"
+    if not 1 <= lease.ttl_minutes <= MAX_TTL_MINUTES or not 1 <= lease.span <= 65535:
+        return f"{who} has an absurd TTL or span"
+    if not 1 <= lease.start <= lease.end <= 65535:
+        return f"{who} spans {lease.start}-{lease.end}"
+    for name, port in lease.ports:
+        if not SHELL_NAME.fullmatch(name) or not lease.start <= port <= lease.end:
+            return f"{who} has a bad port {name!r}"
+    # Control characters and lone surrogates (what undecodable bytes become, which no
+    # UTF-8 write can carry: one would make every later save fail) in no string.
+    for name, value in lease.env:
+        problem = variable_problem(name, value)
+        if problem is not None:
+            return f"{who} sets variable {name!r}, which {problem}"
+    if not COMPOSE_NAME.fullmatch(lease.compose_project_name):
+        return f"{who} has a bad compose project name"
+    if lease.worktree is not None and (not lease.worktree or has_unprintable(lease.worktree)):
+        return f"{who} has a bad worktree path"
+    for owner in (lease.owner, *lease.guests):
+        if owner is not None and not (
+            1 <= owner.pid <= MAX_PID and (owner.started is None or 0 <= owner.started < 2**40)
+        ):
+            return f"{who} has an impossible PID"
+    return None

@@ -58,7 +58,9 @@ def run_process(
 
 # Commands whose every effect shows in stdout, stderr, the exit code and the ledger:
 # tests run them in-process through main(argv), which is ~100x cheaper than a process.
-IN_PROCESS = frozenset({"allocate", "release", "status", "env", "get", "prune", "why", "init"})
+IN_PROCESS = frozenset(
+    {"allocate", "release", "status", "env", "get", "prune", "why", "init", "trust", "untrust"}
+)
 
 
 def run_cli(
@@ -128,3 +130,10 @@ def inner_pytest(
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def trust(path: Path) -> None:
+    """The user trusts the project file at PATH (`portalloc trust PATH`): its [env] table
+    then applies in full. Tests of what a trusted file does call this first."""
+    result = invoke("trust", str(path))
+    assert result.returncode == 0, result.stderr

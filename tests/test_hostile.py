@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from portalloc.adapters.cli import app
-from tests.helpers import HAVE_FISH
+from tests.helpers import HAVE_FISH, trust
 
 MARK = "/tmp/portalloc-hostile-marker"
 
@@ -195,6 +195,7 @@ def test_hostile_template_values_are_inert(tmp_path: Path, monkeypatch: pytest.M
     for index, template in enumerate(HOSTILE_TEMPLATES):
         lines.append(f"V{index} = {json.dumps(template)}")
     (project / "portalloc.toml").write_text("\n".join(lines) + "\n")
+    trust(project / "portalloc.toml")
     monkeypatch.chdir(project)
     expected = [t.replace("{api_port}", "10000") for t in HOSTILE_TEMPLATES]
 

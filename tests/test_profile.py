@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, trust
 
 PYPROJECT = """\
 [project]
@@ -38,6 +38,7 @@ def env_json(cwd: Path, *args: str, env: dict[str, str] | None = None) -> dict[s
 
 def test_pyproject_profile_found_walking_up(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text(PYPROJECT)
+    trust(tmp_path / "pyproject.toml")
     (tmp_path / "src" / "pkg").mkdir(parents=True)
     values = env_json(tmp_path / "src" / "pkg", "s")
     assert list(values) == ["WEB_PORT", "API_PORT", "VITE_API_URL"]
@@ -65,6 +66,7 @@ def test_portalloc_toml_top_level_keys_and_default_env(tmp_path: Path) -> None:
 
 def test_portalloc_toml_wins_over_pyproject(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text(PYPROJECT)
+    trust(tmp_path / "pyproject.toml")
     (tmp_path / "portalloc.toml").write_text("base = 30000\n")
     values = env_json(tmp_path, "s")
     assert values["AGENT_COORDINATOR_DB_PORT"] == "30000"
@@ -90,6 +92,7 @@ def test_lease_keeps_the_profile_it_was_made_with(tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
     (project / "portalloc.toml").write_text('[ports]\nweb = 0\n[env]\nWEB = "{web_port}"\n')
+    trust(project / "portalloc.toml")
     run_cli("allocate", "s", cwd=project)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -143,6 +146,7 @@ def test_template_values_are_inert_under_eval(tmp_path: Path) -> None:
     (tmp_path / "portalloc.toml").write_text(
         f"[env]\nX = '$(touch {marker}) `touch {marker}` {{session_id}}'\n"
     )
+    trust(tmp_path / "portalloc.toml")
     session = f"'; touch {marker}; echo '"
     script = (
         f'eval "$({shlex.quote(sys.executable)} -m portalloc env {shlex.quote(session)})"; '

@@ -95,15 +95,21 @@ def test_project_file_names_and_bounds_are_refused(tmp_path: Path, toml: str) ->
      "COMPOSE_FILE", "CC", "MAKEFLAGS"],
 )  # fmt: skip
 def test_project_file_may_not_set_interpreter_variables(tmp_path: Path, variable: str) -> None:
-    (tmp_path / "pyproject.toml").write_text(
-        f'[tool.portalloc.env]\n{variable} = "/tmp/evil:{{api_port}}"\n'
-    )
-    result = run_cli("env", "s", cwd=tmp_path)
-    one_line_exit_2(result)
-    assert f"tool.portalloc.env.{variable}" in result.stderr and "may not set" in result.stderr
+    project = tmp_path / "pyproject.toml"
+    project.write_text(f'[tool.portalloc.env]\n{variable} = "/tmp/evil:{{api_port}}"\n')
+    # Untrusted, the entry waits: nothing of it is printed, one line says so.
+    result = run_cli("env", "s", "--format", "json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {}
+    assert "1 env entry waits until you trust this file" in result.stderr
+    # Trusting it is refused by the second wall: the name is on the list.
+    refused = run_cli("trust", str(project), cwd=tmp_path)
+    one_line_exit_2(refused)
+    assert f"tool.portalloc.env.{variable}" in refused.stderr and "may not set" in refused.stderr
     if variable in ("PATH", "VIMINIT"):
         # ... and `run` never hands it to a child either.
-        one_line_exit_2(run_cli("run", "s", "--", "true", cwd=tmp_path))
+        child = run_cli("run", "s", "--", "env", cwd=tmp_path)
+        assert child.returncode == 0 and "/tmp/evil" not in child.stdout
 
 
 def test_pyproject_whose_tool_is_not_a_table(tmp_path: Path) -> None:

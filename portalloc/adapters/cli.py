@@ -63,6 +63,8 @@ def _command(usage: str, examples: str) -> dict[str, Any]:
     return {"cls": Command, "epilog": "\b\nExamples:\n" + examples.strip("\n")}
 
 
+MAX_WAIT_SECONDS = 86_400  # `check --wait`: a day; `inf` would wait forever
+MAX_COLUMNS = 500  # `status` lays out at most this wide, whatever COLUMNS says
 MANIFEST_NAME = ".worktree-ports.json"  # outputs.MANIFEST_NAME, without importing it here
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 TtlOpt = Annotated[
@@ -170,7 +172,7 @@ def allocate(
 ) -> None:
     """Allocate a block for SESSION, or refresh its lease."""
     with _errors(json_output):
-        allocation = cli_service().allocate(session, ttl_minutes=ttl, pid=pid)
+        allocation = cli_service(prints_env=True).allocate(session, ttl_minutes=ttl, pid=pid)
     if json_output:
         _print_json(allocate_body(allocation))
     else:
@@ -220,6 +222,8 @@ def status(json_output: JsonOpt = False) -> None:
     from portalloc.adapters.views import status_view
 
     console = Console(highlight=False)
+    if console.width > MAX_COLUMNS:
+        console = Console(highlight=False, width=MAX_COLUMNS)
     console.print(
         status_view(allocations, service.config.max_sessions, service.ledger.path, console.width)
     )
@@ -291,7 +295,7 @@ def env(
             tree = Path(_session_or_worktree(None))
         if session is None:
             session = str(tree)
-        service = cli_service()
+        service = cli_service(prints_env=True)
         from portalloc import outputs
 
         profile = service.config.profile
@@ -406,7 +410,7 @@ def run(
     with _errors():
         if not command:
             raise UsageError("missing COMMAND after '--' (see 'portalloc run --help')")
-        service = cli_service()
+        service = cli_service(prints_env=True)
         code = run_with_lease(service, session, command, keep=keep, ttl_minutes=ttl, error=_err)
     raise typer.Exit(code)
 
@@ -471,7 +475,11 @@ def check(
     wait: Annotated[
         float | None,
         typer.Option(
-            "--wait", help="Wait up to SECONDS until every port listens.", min=0, metavar="SECONDS"
+            "--wait",
+            help="Wait up to SECONDS (at most a day) until every port listens.",
+            min=0,
+            max=MAX_WAIT_SECONDS,
+            metavar="SECONDS",
         ),
     ] = None,
     port_names: Annotated[
@@ -587,6 +595,8 @@ def init(
         notes = adopt.report(plan, profile_sets) + adopt.hard_coded(plan)
         if write:
             adopt.write(plan)
+            if plan.profile_changed:
+                _trust_written(top)
         else:
             _out(plan.diff())
     for note in notes:
@@ -607,6 +617,22 @@ def init(
         _out(f'variables: {variables}\nnext: eval "$(portalloc env)" in each worktree\n')
     else:
         _err(f"dry run: would change {changed}; run `portalloc init --write` to apply")
+
+
+def _trust_written(top: Path) -> None:
+    """`init --write` trusts the profile it wrote: every [env] entry in it is init's."""
+    from portalloc import trust as trusting
+    from portalloc.config import trust_dir_for
+    from portalloc.profile import find_project_file
+
+    found = find_project_file(top)
+    if found is None:
+        return
+    try:
+        _lines, data = trusting.review(found)
+        trusting.record(trust_dir_for(os.environ), data, found)
+    except PortallocError as exc:
+        _warn(f"{found}: not trusted ({exc.message})")
 
 
 def _leases_of_worktrees(top: Path) -> list[str]:
@@ -634,6 +660,83 @@ def _leases_of_worktrees(top: Path) -> list[str]:
         return [a.session_id for a in cli_service().status() if a.session_id in trees]
     except PortallocError:
         return []
+
+
+@app.command(
+    **_command(
+        "[OPTIONS] [PATH]",
+        """
+  portalloc trust --show                  # what this repository's project file would set
+  portalloc trust                         # apply its [env] in full, in every worktree
+  portalloc trust ../shop/portalloc.toml
+""",
+    )
+)
+def trust(
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The project file, or a directory to look in (default: the current one).",
+            metavar="[PATH]",
+            show_default=False,
+        ),
+    ] = None,
+    show: Annotated[
+        bool, typer.Option("--show", help="Only print what the file would set.")
+    ] = False,
+) -> None:
+    """Trust a project file's [env] table: until then only port variables apply."""
+    from portalloc import trust as trusting
+    from portalloc.config import trust_dir_for
+
+    with _errors():
+        found = trusting.project_file_at(path or Path.cwd())
+        lines, data = trusting.review(found)
+        _out(f"{found} (sha256 {trusting.digest(data)[:16]}) sets:\n")
+        _out("".join(f"  {line}\n" for line in lines))
+        if show:
+            state = (
+                "trusted" if trusting.is_trusted(trust_dir_for(os.environ), data) else "not trusted"
+            )
+            _out(f"{state}; apply it with: portalloc trust {found}\n")
+            return
+        record = trusting.record(trust_dir_for(os.environ), data, found)
+    _out(f"trusted: this content applies in full wherever it is found (record {record})\n")
+
+
+@app.command(
+    **_command(
+        "[OPTIONS] [PATH]",
+        """
+  portalloc untrust
+  portalloc untrust ../shop/portalloc.toml
+""",
+    )
+)
+def untrust(
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The project file, or a directory to look in (default: the current one).",
+            metavar="[PATH]",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Forget that a project file was trusted: only port variables apply again."""
+    from portalloc import trust as trusting
+    from portalloc.config import trust_dir_for
+    from portalloc.errors import PortallocError
+    from portalloc.fs import read_bytes
+
+    with _errors():
+        found = trusting.project_file_at(path or Path.cwd())
+        try:
+            data: bytes | None = read_bytes(found)
+        except (OSError, PortallocError):
+            data = None
+        removed = trusting.forget(trust_dir_for(os.environ), data, found)
+    _out(f"untrusted {found}\n" if removed else f"{found} was not trusted\n")
 
 
 hook_app = typer.Typer(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,9 @@ from portalloc.errors import (
     NoPortsAvailable,
     PortallocError,
     UsageError,
+    printable,
 )
+from portalloc.fs import UnsafeFile, read_bytes, silence
 
 if TYPE_CHECKING:
     from portalloc.config import PortAllocatorConfig
@@ -27,6 +28,7 @@ DEFAULT_HTTP_PORT = 7878
 # (`exit_code`). Anything not listed is 503: locked past the timeout, an unusable
 # ledger, settings gone bad since start-up; nothing the client sent would change it.
 HTTP_STATUS: dict[type[PortallocError], int] = {
+    UnsafeFile: 503,  # a UsageError (exit 2), but a FIFO or symlinked ledger is the host's
     NoPortsAvailable: 409,
     InvalidSessionId: 422,
     UsageError: 400,
@@ -78,8 +80,8 @@ def worktree_top(start: Path) -> Path:
 def warn_ephemeral_overlap(config: PortAllocatorConfig) -> None:
     """Warn when the configured span overlaps the kernel's ephemeral port range (Linux)."""
     try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
+        low, high = map(int, read_bytes("/proc/sys/net/ipv4/ip_local_port_range").split())
+    except (OSError, UnsafeFile, ValueError):
         return
     if config.base <= high and low <= config.span_end:
         warn(
@@ -142,21 +144,39 @@ def unexpected(exc: Exception) -> int:
 
 def _silence_stdout() -> None:
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        silence(sys.stdout.fileno())
     except (OSError, ValueError):
         pass
 
 
-def cli_service() -> PortAllocatorService:
+def cli_service(*, prints_env: bool = False) -> PortAllocatorService:
     """The service a command line uses: settings from the environment (and project
-    file), the ephemeral-range warning, warnings on stderr."""
+    file), the ephemeral-range warning, warnings on stderr; for a command that hands
+    out variables (PRINTS_ENV), the line saying which of the file's wait for trust."""
     from portalloc.config import PortAllocatorConfig
     from portalloc.service import PortAllocatorService
 
     config = PortAllocatorConfig.from_env()
     warn_ephemeral_overlap(config)
+    if prints_env:
+        warn_untrusted(config)
     return PortAllocatorService(config, on_warning=warn)
+
+
+def warn_untrusted(config: PortAllocatorConfig) -> None:
+    """One line when the project file has [env] entries that wait for `portalloc trust`."""
+    profile = config.profile
+    if profile.waiting and profile.source is not None:
+        from shlex import quote
+
+        where = quote(str(profile.source))
+        count = profile.waiting
+        say(
+            f"{printable(profile.source)}: {count} env "
+            f"{'entry waits' if count == 1 else 'entries wait'} until you trust this file "
+            f"(only port variables apply); review: portalloc trust --show {where}; "
+            f"apply: portalloc trust {where}"
+        )
 
 
 def fail(error: PortallocError, json_output: bool) -> int:

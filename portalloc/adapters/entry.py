@@ -79,6 +79,8 @@ def serve(read: Read) -> str | None:
     session, worktree = read.session, None
     if session is None and (config.profile.env_file or config.profile.manifest):
         return None  # the profile's files are to be kept current: the full CLI does that
+    if read.command == "env" and config.profile.waiting:
+        return None  # entries wait for trust: the full CLI says so
     if session is None:
         worktree = str(worktree_top(Path.cwd()))
         session = worktree
@@ -120,7 +122,7 @@ def allocate(session: str, json_output: bool) -> int:
 
     try:
         try:
-            allocation = cli_service().allocate(session)
+            allocation = cli_service(prints_env=True).allocate(session)
         except PortallocError as exc:
             return fail(exc, json_output)
         sys.stdout.write(
@@ -154,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
                     return unexpected(exc)
                 return 0
+        # Ctrl-C while the full CLI is imported (Typer, rich: the slow part of start-up)
+        # is Ctrl-C too, not a traceback.
+        from portalloc.adapters.cli import main as full
     except KeyboardInterrupt:
         return 130  # as the full CLI: no traceback for Ctrl-C
-    from portalloc.adapters.cli import main as full
-
     return full(args)
