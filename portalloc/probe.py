@@ -8,6 +8,8 @@ import os
 from functools import cache
 from pathlib import Path
 
+from portalloc.fs import UnsafeFile, read_text
+
 # `socket` is imported inside the functions: `portalloc env` for an existing lease
 # never probes, and start-up time is the budget that matters there.
 
@@ -83,8 +85,8 @@ def lock_holders(path: Path) -> list[int]:
     """PIDs holding a flock on PATH, from /proc/locks (Linux); [] where the OS does not tell."""
     try:
         st = path.stat()
-        table = Path("/proc/locks").read_text()
-    except OSError:
+        table = read_text("/proc/locks")
+    except (OSError, UnsafeFile, UnicodeDecodeError):
         return []
     wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     exact: list[int] = []

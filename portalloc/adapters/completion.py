@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from portalloc.config import PortAllocatorConfig
+from portalloc.fs import read_bytes
 
 # What a completion may offer: zsh and fish evaluate the candidates as code, so an id
 # with quotes, `$`, backticks or the like from a shared ledger is left out.
@@ -15,10 +16,11 @@ _OFFERABLE = re.compile(r"[\w@%+=:,./~ -]+")
 
 def _leases() -> tuple[PortAllocatorConfig | None, list[dict[str, Any]]]:
     # The ledger is only ever replaced whole, so reading it without the lock sees
-    # one complete version. Any trouble means no suggestions, never an error.
+    # one complete version. Any trouble means no suggestions, never an error (nor a
+    # hang: a FIFO or symlink at the ledger's name is refused unread).
     try:
         config = PortAllocatorConfig.from_env()
-        document = json.loads(config.ledger_path.read_bytes())
+        document = json.loads(read_bytes(config.ledger_path, follow=False))
     except Exception:
         return None, []
     leases = document.get("leases") if isinstance(document, dict) else None

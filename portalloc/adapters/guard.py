@@ -14,15 +14,13 @@ def debugging() -> bool:
 
 def report(exc: BaseException) -> str:
     """Write EXC's traceback to a private temp file; return the one-line message."""
-    import tempfile
     import traceback
+
+    from portalloc.fs import write_report
 
     where = "nowhere (cannot write a temp file)"
     try:
-        fd, path = tempfile.mkstemp(prefix="portalloc-crash-", suffix=".txt")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            traceback.print_exception(exc, file=handle)
-        where = path
+        where = write_report("portalloc-crash-", "".join(traceback.format_exception(exc)))
     except OSError:
         pass
     kind = type(exc).__name__
