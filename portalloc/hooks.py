@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 from portalloc import fs
 from portalloc.errors import UsageError, printable
+from portalloc.fs import read_bytes
 
 BEGIN = "# >>> portalloc >>>"
 END = "# <<< portalloc <<<"
@@ -66,7 +67,7 @@ eval "$(portalloc env)"
 
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     if not repo.is_dir():
-        raise UsageError(f"{printable(repo)}: no such directory")
+        raise UsageError(f"{printable(repo)}: not a directory")
     try:
         return subprocess.run(
             ["git", *args], cwd=repo, capture_output=True, text=True, timeout=30, check=False
@@ -349,7 +350,7 @@ def without(text: str) -> str:
 def _read(path: Path) -> str:
     """PATH's text exactly: bytes decoded without newline translation (CRLF stays CRLF)."""
     try:
-        return fs.read_bytes(path, follow=False).decode("utf-8")
+        return read_bytes(path, follow=False).decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{printable(path)} is not UTF-8 text; refusing to edit it") from None
 

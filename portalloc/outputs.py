@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from portalloc import fs
 from portalloc.errors import PortallocError, UsageError, printable
+from portalloc.fs import read_bytes
 
 if TYPE_CHECKING:
     from portalloc.models import PortAllocation
@@ -67,7 +68,7 @@ def check_writable(path: Path, option: str, state_dir: Path) -> None:
     if option == "--write" and info is not None:
         # Checked before anything is leased, and again when the manifest is written.
         try:
-            data = fs.read_bytes(path, follow=False) if info.st_size <= MANIFEST_MAX_BYTES else b""
+            data = read_bytes(path, follow=False) if info.st_size <= MANIFEST_MAX_BYTES else b""
         except OSError as exc:
             raise UsageError(f"{option} {printable(path)}: {exc.strerror or exc}") from None
         if parse_manifest(data) is None:
@@ -111,7 +112,7 @@ def write_manifest(path: Path, allocation: PortAllocation) -> None:
     An existing file is replaced only when it is a portalloc manifest (UsageError)."""
     data = manifest_bytes(allocation)
     try:
-        current: bytes | None = fs.read_bytes(path, follow=False)
+        current: bytes | None = read_bytes(path, follow=False)
     except FileNotFoundError:
         current = None
     if current == data:
