@@ -144,7 +144,7 @@ def review(path: Path) -> tuple[list[str], bytes]:
     """What PATH sets once trusted, a line each, and the content it was read as; raises
     ProfileError for anything refused even when trusted."""
     from portalloc.models import DEFAULT_PROFILE
-    from portalloc.profile import load_project_file
+    from portalloc.profile import load_project_file, safe_entry
 
     project = load_project_file(path, trust_all=True)
     lines = [f"{key} = {value}" for key, value in project.values.items()]
@@ -156,5 +156,10 @@ def review(path: Path) -> tuple[list[str], bytes]:
             value = getattr(profile, key)
             if value:
                 lines.append(f"{key} = {value}")
-    lines.extend(f"{variable}={template}" for variable, template in profile.env)
+    fields = {f"{name}_port" for name, _offset in profile.ports} | {"compose_project_name"}
+    lines.extend(
+        f"{variable}={template}"
+        + ("" if safe_entry(variable, template, fields) else "   (only once trusted)")
+        for variable, template in profile.env
+    )
     return lines, project.data

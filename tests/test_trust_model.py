@@ -69,7 +69,8 @@ def test_trust_shows_records_and_a_changed_file_is_untrusted_again(
     )
     shown = invoke("trust", "--show", cwd=tmp_path)
     assert shown.returncode == 0
-    assert "URL=http://x:{web_port}" in shown.stdout and "not trusted" in shown.stdout
+    assert "  URL=http://x:{web_port}   (only once trusted)\n" in shown.stdout
+    assert "  WEB_PORT={web_port}\n" in shown.stdout and "not trusted" in shown.stdout
     assert not (state_dir / "trusted").exists()  # --show records nothing
 
     assert invoke("trust", cwd=tmp_path).returncode == 0
@@ -83,7 +84,7 @@ def test_trust_shows_records_and_a_changed_file_is_untrusted_again(
     project.write_text(project.read_text() + "# edited\n")
     assert env_json(tmp_path, "t") == {"WEB_PORT": "10100"}
     assert invoke("trust", "--show", cwd=tmp_path).stdout.endswith(
-        f"not trusted; apply it with: portalloc trust {project}\n"
+        f"not trusted: only port variables apply; trust it: portalloc trust {project}\n"
     )
     # untrust forgets every record made for the path.
     project.write_text(project.read_text().removesuffix("# edited\n"))
@@ -147,10 +148,7 @@ def test_init_write_trusts_the_profile_it_writes(tmp_path: Path) -> None:
     )
     assert invoke("init", "--write", cwd=tmp_path).returncode == 0
     shown = invoke("trust", "--show", cwd=tmp_path)
-    assert shown.stdout.rstrip("\n").endswith(
-        f"trusted; apply it with: portalloc trust {tmp_path / 'portalloc.toml'}"
-    )
-    assert "not trusted" not in shown.stdout
+    assert shown.stdout.endswith("trusted: it applies in full\n")
     values = env_json(tmp_path)
     assert values == {
         "WEB_PORT": "10000",

@@ -695,10 +695,10 @@ def trust(
         _out(f"{found} (sha256 {trusting.digest(data)[:16]}) sets:\n")
         _out("".join(f"  {line}\n" for line in lines))
         if show:
-            state = (
-                "trusted" if trusting.is_trusted(trust_dir_for(os.environ), data) else "not trusted"
-            )
-            _out(f"{state}; apply it with: portalloc trust {found}\n")
+            if trusting.is_trusted(trust_dir_for(os.environ), data):
+                _out("trusted: it applies in full\n")
+            else:
+                _out(f"not trusted: only port variables apply; trust it: portalloc trust {found}\n")
             return
         record = trusting.record(trust_dir_for(os.environ), data, found)
     _out(f"trusted: this content applies in full wherever it is found (record {record})\n")
