@@ -291,6 +291,8 @@ def env(
             tree = worktree.resolve()
             if not tree.is_dir():
                 raise UsageError(f"--worktree {worktree}: not a directory")
+            # A directory inside a worktree means that worktree, as `env` run there does.
+            tree = worktree_top(tree)
         elif session is None:
             tree = Path(_session_or_worktree(None))
         if session is None:
