@@ -160,8 +160,8 @@ def grant(
         return _refresh(state, existing, request, expires_at, files)
 
     if len(state.leases) >= config.max_sessions:
-        raise NoPortsAvailable(
-            f"{len(state.leases)} active leases reach max sessions ({config.max_sessions})"
+        raise NoPortsAvailable.limit_reached(
+            len(state.leases), config.max_sessions, config.sources.get("max_sessions")
         )
 
     leases = state.leases
@@ -213,7 +213,9 @@ def grant(
                 chosen = start
                 break
     if chosen is None:
-        raise NoPortsAvailable(f"every block in {config.base}-{config.span_end} is taken or busy")
+        raise NoPortsAvailable.all_taken(
+            config.base, config.span_end, config.sources.get("max_sessions")
+        )
 
     taken_names = leases.compose_names()
     lease = new_lease(request, chosen, now, expires_at, taken_names)

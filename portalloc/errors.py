@@ -110,9 +110,35 @@ class NoPortsAvailable(PortallocError):
     exit_code = 3
     code = "no_ports_available"
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, hint: str = "") -> None:
         self.reason = reason
-        super().__init__(f"no ports available: {reason}")
+        self.hint = hint
+        super().__init__(f"no ports available: {reason}" + (f"; {hint}" if hint else ""))
+
+    @classmethod
+    def limit_reached(cls, active: int, limit: int, source: str | None) -> NoPortsAvailable:
+        """ACTIVE leases reach max_sessions (LIMIT), set by SOURCE (a config source)."""
+        leases = "1 active lease reaches" if active == 1 else f"{active} active leases reach"
+        return cls(f"{leases} max_sessions ({limit})", _more_sessions(source))
+
+    @classmethod
+    def all_taken(cls, base: int, end: int, source: str | None) -> NoPortsAvailable:
+        """Every block of BASE-END is leased or has a busy port."""
+        return cls(f"every block in {base}-{end} is taken or busy", _more_sessions(source))
+
+
+def _more_sessions(source: str | None) -> str:
+    """What to change for more sessions: the setting that holds max_sessions (SOURCE is
+    "PORT_ALLOC_MAX_SESSIONS" or "<project file>: <key>"), or a lease to release.
+    `portalloc prune` would not help: every allocation reclaims dead leases first."""
+    if source is None:
+        setting = "PORT_ALLOC_MAX_SESSIONS (or max_sessions in the project file)"
+    elif ": " in source:
+        path, key = source.rsplit(": ", 1)
+        setting = f"{key} in {path}"
+    else:
+        setting = source
+    return f"raise {setting}, or release a lease (`portalloc status` lists them)"
 
 
 class LeaseNotFound(PortallocError):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from portalloc.errors import NoPortsAvailable
 from tests.helpers import run_cli
 
 DEFAULT_VARS = [
@@ -42,7 +43,8 @@ def test_allocate_json_shape_and_idempotence() -> None:
 def test_allocate_human_output() -> None:
     result = run_cli("allocate", "w")
     assert result.returncode == 0
-    assert "db=10000" in result.stdout and "api=10003" in result.stdout
+    # Ports as `status` writes them: name, space, port.
+    assert "  ports    db 10000  rest 10001  realtime 10002  api 10003\n" in result.stdout
 
 
 def test_release_json_and_idempotent() -> None:
@@ -164,9 +166,28 @@ def test_exhaustion_exit_3_and_json_body() -> None:
     full = run_cli("allocate", "b", "--json", env=env)
     assert full.returncode == 3
     assert json.loads(full.stdout) == {"success": False, "error": "no_ports_available"}
-    assert full.stderr.startswith("portalloc: no ports available")
+    # One line: what is full, and what the user can change about it.
+    assert full.stderr == (
+        "portalloc: no ports available: 1 active lease reaches max_sessions (1); raise "
+        "PORT_ALLOC_MAX_SESSIONS, or release a lease (`portalloc status` lists them)\n"
+    )
     plain = run_cli("env", "b", env=env)
     assert plain.returncode == 3 and plain.stdout == ""
+
+
+def test_exhaustion_names_the_setting_that_holds_max_sessions(tmp_path: Path) -> None:
+    (tmp_path / "portalloc.toml").write_text("max_sessions = 1\n")
+    assert run_cli("allocate", "a", "--ttl", "5", cwd=tmp_path).returncode == 0
+    full = run_cli("allocate", "b", cwd=tmp_path)
+    assert full.returncode == 3
+    assert full.stderr == (
+        "portalloc: no ports available: 1 active lease reaches max_sessions (1); raise "
+        f"max_sessions in {tmp_path / 'portalloc.toml'}, or release a lease "
+        "(`portalloc status` lists them)\n"
+    )
+    unset = NoPortsAvailable.limit_reached(3, 3, None).message
+    assert unset.startswith("no ports available: 3 active leases reach max_sessions (3); ")
+    assert "PORT_ALLOC_MAX_SESSIONS (or max_sessions in the project file)" in unset
 
 
 @pytest.mark.parametrize(

@@ -110,8 +110,8 @@ def json_text(data: Any) -> str:
 
 
 def summary(allocation: PortAllocation) -> str:
-    """`allocate` without --json."""
-    ports = "  ".join(f"{name}={port}" for name, port in allocation.ports.items())
+    """`allocate` without --json; ports written as `status` writes them (`db 10000`)."""
+    ports = "  ".join(f"{name} {port}" for name, port in allocation.ports.items())
     return (
         f"{allocation.session_id}\n"
         f"  ports    {ports}\n"
