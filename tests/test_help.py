@@ -5,28 +5,106 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 
+from portalloc import hooks
+from portalloc.adapters import cli
 from portalloc.adapters.views import shorten_left
-from tests.helpers import needs_fish, run_cli
+from tests.helpers import invoke, needs_fish, run_cli
 
-COMMANDS = ["allocate", "release", "status", "env", "get", "run", "prune", "check", "why"]
 LONG_SESSION = "/home/someone/src/projects/shop-backend-feature-with-a-long-branch-name"
+HELP_SNAPSHOT = Path(__file__).parent / "data" / "help.txt"
+# Typer's type labels: `<str>`, `<int range>`, `<list[Path]>`, `<path>`, `<float>`...
+TYPE_NOISE = re.compile(r"<(?:str|int|float|bool|path|list|tuple|choice|datetime|uuid)\b[^>]*>")
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_help_has_no_type_noise_and_ends_with_examples(command: str) -> None:
-    text = run_cli(command, "--help").stdout
-    assert "<bool>" not in text and "{" not in text.split("\n")[0]
-    assert "Examples:\n" in text
-    examples = text.split("Examples:\n", 1)[1]
-    assert f"portalloc {command}" in examples or (
-        command == "status" and "portalloc status" in examples
+def _command_paths(command: Any = None, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and group of the CLI, `()` for portalloc itself: read from the app,
+    so a command added later is covered without naming it here."""
+    command = typer.main.get_command(cli.app) if command is None else command
+    paths = [path]
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        paths += _command_paths(sub, (*path, name))
+    return paths
+
+
+COMMAND_PATHS = _command_paths()
+
+
+def _help(*path: str) -> str:
+    result = invoke(*path, "--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_every_command_is_covered() -> None:
+    names = {" ".join(path) for path in COMMAND_PATHS}
+    assert {"allocate", "why", "init", "trust", "untrust", "mcp", "serve"} <= names
+    assert {"hook", "hook install", "hook uninstall"} <= names
+
+
+@pytest.mark.parametrize("path", COMMAND_PATHS, ids=lambda path: " ".join(path) or "portalloc")
+def test_help_has_no_type_noise_and_ends_with_examples(path: tuple[str, ...]) -> None:
+    text = _help(*path)
+    where = " ".join(("portalloc", *path))
+    assert text.startswith(f"Usage: {where} "), text  # the usage line first, no blank lines
+    assert not TYPE_NOISE.search(text), TYPE_NOISE.findall(text)
+    assert "{" not in text.split("\n")[0]
+    if path and path != ("hook",):
+        examples = text.split("Examples:\n", 1)[1]
+        assert f"{where} " in examples or f"{where}\n" in examples, examples
+    else:
+        assert "\nCommands:\n" in text
+    # An argument is listed as its metavar alone, as the usage line writes it.
+    arguments = text.split("Arguments:\n", 1)[1].split("\n\n", 1)[0] if "Arguments:" in text else ""
+    for row in re.findall(r"^  (\S.*?)(?:  |$)", arguments, re.M):
+        assert row in text.split("\n")[0], (row, text)
+
+
+def test_help_snapshots() -> None:
+    """`portalloc … --help` at 80 columns for every command, as committed in
+    tests/data/help.txt. After a deliberate change to a help text, rewrite the file
+    with PORTALLOC_WRITE_HELP_SNAPSHOT=1 and review its diff."""
+    shown = "".join(
+        f"$ {' '.join(('portalloc', *path))} --help\n{_help(*path)}\n" for path in COMMAND_PATHS
+    )
+    if os.environ.get("PORTALLOC_WRITE_HELP_SNAPSHOT"):
+        HELP_SNAPSHOT.write_text(shown)
+    assert shown == HELP_SNAPSHOT.read_text()
+
+
+def test_hook_help_lists_the_tools_hooks_supports() -> None:
+    assert cli.HOOK_TOOLS == hooks.TOOLS
+    for action, verb in (("install", "Wire"), ("uninstall", "Unwire")):
+        text = " ".join(_help("hook", action).split())
+        assert f"--for TOOL {verb} this tool: {', '.join(hooks.TOOLS)} (repeatable;" in text
+    group = _help("hook")
+    # Each subcommand's summary whole, not cut with "...".
+    assert "install    Give every new worktree its ports, with no command typed.\n" in group
+    assert "..." not in group.split("Commands:", 1)[1]
+
+
+def test_a_group_alone_prints_its_help_like_portalloc_alone() -> None:
+    for path in ((), ("hook",)):
+        alone = run_cli(*path, process=True)
+        assert alone.returncode == 2
+        assert alone.stderr == ""
+        assert alone.stdout.startswith(f"Usage: {' '.join(('portalloc', *path))} [OPTIONS]")
+
+
+def test_a_missing_option_value_points_at_its_command_help() -> None:
+    result = run_cli("hook", "install", "--for", process=True)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "portalloc: Option '--for' requires an argument. (see 'portalloc hook install --help')\n"
     )
 
 
@@ -120,6 +198,15 @@ def test_bash_completion_offers_sessions_keys_and_formats(
     assert _bash_complete("portalloc env --format ") == ["sh", "fish", "dotenv", "json"]
     assert "x$(touch /tmp/pwn)" not in _bash_complete("portalloc release ")
     assert not Path("/tmp/pwn").exists()
+
+
+@pytest.mark.skipif(shutil.which("portalloc") is None, reason="needs the console script")
+def test_bash_completion_offers_the_hook_tools_not_files() -> None:
+    assert _bash_complete("portalloc hook install --for ") == list(hooks.TOOLS)
+    assert _bash_complete("portalloc hook install --for c") == ["claude", "codex", "conductor"]
+    assert _bash_complete("portalloc hook install --for git --for d") == ["direnv"]
+    assert _bash_complete("portalloc hook uninstall --for wo") == ["worktrunk"]
+    assert _bash_complete("portalloc hook install --for READ") == []  # no README.md
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")

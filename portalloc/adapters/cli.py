@@ -59,6 +59,25 @@ def _command(usage: str, examples: str) -> dict[str, Any]:
         def collect_usage_pieces(self, ctx: Any) -> list[str]:
             return [usage] if usage else []
 
+        def format_options(self, ctx: Any, formatter: Any) -> None:
+            # Typer lists an argument as its metavar and its type (`SESSION <str>`,
+            # `PORT <int range>`, `COMMAND [ARGS]... <list[str]>`); the metavar and the
+            # help say what to pass, so the rows name the metavar alone.
+            arguments: list[tuple[str, str]] = []
+            options: list[tuple[str, str]] = []
+            for param in self.get_params(ctx):
+                record = param.get_help_record(ctx)
+                if record is None:
+                    continue
+                if param.param_type_name == "argument":
+                    arguments.append((param.metavar or (param.name or "").upper(), record[1]))
+                else:
+                    options.append(record)
+            for title, rows in (("Arguments", arguments), ("Options", options)):
+                if rows:
+                    with formatter.section(title):
+                        formatter.write_dl(rows)
+
     # "\b" keeps click from re-wrapping the example lines into one paragraph.
     return {"cls": Command, "epilog": "\b\nExamples:\n" + examples.strip("\n")}
 
@@ -741,16 +760,38 @@ def untrust(
     _out(f"untrusted {found}\n" if removed else f"{found} was not trusted\n")
 
 
+# hooks.TOOLS, without importing hooks here (tests/test_help.py holds them equal).
+HOOK_TOOLS = ("git", "direnv", "claude", "gemini", "codex", "conductor", "worktrunk", "mise")
 hook_app = typer.Typer(
-    help="Wire portalloc into the tools that create worktrees: git, direnv, claude, gemini, "
-    "codex, conductor, worktrunk, mise.",
+    help=f"Wire portalloc into the tools that create worktrees: {', '.join(HOOK_TOOLS)}.",
+    short_help="Wire portalloc into git, direnv and the tools that make worktrees.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
 app.add_typer(hook_app, name="hook")
-ToolOpt = Annotated[
+
+
+def _complete_tool(incomplete: str) -> list[str]:
+    return [tool for tool in HOOK_TOOLS if tool.startswith(incomplete)]
+
+
+InstallToolOpt = Annotated[
     list[str] | None,
-    typer.Option("--for", help="The tool to wire (repeatable; default git).", metavar="TOOL"),
+    typer.Option(
+        "--for",
+        help=f"Wire this tool: {', '.join(HOOK_TOOLS)} (repeatable; default git).",
+        metavar="TOOL",
+        autocompletion=_complete_tool,
+    ),
+]
+UninstallToolOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--for",
+        help=f"Unwire this tool: {', '.join(HOOK_TOOLS)} (repeatable; default git).",
+        metavar="TOOL",
+        autocompletion=_complete_tool,
+    ),
 ]
 RepoOpt = Annotated[
     Path | None,
@@ -770,6 +811,7 @@ def _tools(tools: list[str] | None) -> list[str]:
 
 @hook_app.command(
     "install",
+    short_help="Give every new worktree its ports, with no command typed.",
     **_command(
         "[OPTIONS]",
         """
@@ -779,7 +821,7 @@ def _tools(tools: list[str] | None) -> list[str]:
 """,
     ),
 )
-def hook_install(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
+def hook_install(tools: InstallToolOpt = None, repo: RepoOpt = None) -> None:
     """Install portalloc's hook: a new worktree gets its ports with no command typed."""
     from portalloc import hooks
 
@@ -814,7 +856,7 @@ def hook_install(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
 """,
     ),
 )
-def hook_uninstall(tools: ToolOpt = None, repo: RepoOpt = None) -> None:
+def hook_uninstall(tools: UninstallToolOpt = None, repo: RepoOpt = None) -> None:
     """Remove portalloc's part of the hooks, and nothing else."""
     from portalloc import hooks
 
@@ -846,7 +888,7 @@ def _import_adapter(module: str, extra: str, packages: tuple[str, ...]) -> Any:
 
 @app.command(
     **_command(
-        "",
+        "[OPTIONS]",
         """
   claude mcp add portalloc -- portalloc mcp
 """,
@@ -917,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as exc:
         # Typer's public base of its usage errors. One line instead of click's usage
         # block: bad input is reported like any other expected failure.
-        return _usage_error(exc)
+        return _usage_error(exc, args)
     except typer.Abort:
         _err("aborted")
         return 130
@@ -928,12 +970,32 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
-def _usage_error(exc: typer.TyperException) -> int:
+def _usage_error(exc: typer.TyperException, args: list[str]) -> int:
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        # `portalloc hook` alone: its help on stdout and the usage-error code, as for
+        # `portalloc` alone. (Typer does not export the class; its own help checks the
+        # name the same way.)
+        _out(ctx.get_help() + "\n")
+        return 2
     format_message = getattr(exc, "format_message", None)
     message = format_message() if callable(format_message) else str(exc)
-    ctx = getattr(exc, "ctx", None)
-    where = getattr(ctx, "command_path", None) or "portalloc"
+    where = getattr(ctx, "command_path", None) or _command_path(args)
     if message:
         _err(f"{message} (see '{where} --help')")
     code = getattr(exc, "exit_code", 2)
     return code if isinstance(code, int) else 2
+
+
+def _command_path(args: list[str]) -> str:
+    """`portalloc hook install` for ARGS naming that command: where an error without a
+    context (a missing option value) sends the user for help."""
+    command: Any = typer.main.get_command(_app_for(args))
+    path = ["portalloc"]
+    for arg in args:
+        commands = getattr(command, "commands", None)
+        if not isinstance(commands, dict) or arg not in commands:
+            break
+        command = commands[arg]
+        path.append(arg)
+    return " ".join(path)
