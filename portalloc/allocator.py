@@ -9,7 +9,7 @@ from typing import Literal, NamedTuple
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable
-from portalloc.models import FileRecord, Lease, LedgerState, Owner, render_template
+from portalloc.models import FileRecord, Lease, LedgerState, Owner, Profile, render_template
 
 # Home blocks remembered for sessions; the least recently granted forgotten first.
 HISTORY_LIMIT = 10_000
@@ -43,6 +43,17 @@ class Move(NamedTuple):
 
     home: int
     reason: str
+    end: int | None = None  # the old block's last port, when not home + range - 1
+
+
+class Follow(NamedTuple):
+    """A lease re-derived from the request's profile, in its own block: what changed, and
+    why the new profile no longer fits that block, if it does not (then it moves)."""
+
+    changes: str
+    lease: Lease
+    misfit: str = ""
+    stays: str = ""  # why a misfit lease stays where it is, as it was
 
 
 class Grant(NamedTuple):
@@ -51,6 +62,8 @@ class Grant(NamedTuple):
     created: bool
     skipped: tuple[Skip, ...] = ()
     moved: Move | None = None
+    # The profile changed since the lease was made: it follows it (in place, or moved).
+    follow: Follow | None = None
 
 
 class Request(NamedTuple):
@@ -151,14 +164,49 @@ def grant(
     now: datetime,
     port_check: PortCheck | None,
 ) -> Grant:
-    """Return the session's lease (TTL refreshed) or a new one; raise NoPortsAvailable."""
+    """Return the session's lease (TTL refreshed, following its profile) or a new one;
+    raise NoPortsAvailable."""
     config = request.config
     expires_at = now + timedelta(minutes=config.ttl_minutes)
     files = _merge_files(state.files, request)
     existing = state.leases.get(request.session_id)
-    if existing is not None:
-        return _refresh(state, existing, request, expires_at, files)
+    if existing is None:
+        return _place(state, request, now, expires_at, files, port_check)
+    follow = follow_profile(state, existing, request, port_check)
+    if follow is None or not follow.misfit:
+        return _refresh(state, existing, request, expires_at, files, follow)
+    if request.user is not None:
+        # `run` uses the lease while it runs: it never moves it under its owner's feet.
+        follow = follow._replace(stays="a `run` never moves the lease it joins")
+        return _refresh(state, existing, request, expires_at, files, follow)
+    # The new profile no longer fits the block: the lease moves, as when a foreign
+    # process holds its home, and keeps what it is (owner, anchor, compose project).
+    rest = state.with_leases(state.leases.updated({request.session_id: None}))
+    try:
+        moved = _place(rest, request, now, expires_at, files, port_check, follow.lease)
+    except NoPortsAvailable:
+        follow = follow._replace(stays="no other block is free")
+        return _refresh(state, existing, request, expires_at, files, follow)
+    reason = follow.misfit
+    if follow.changes:
+        reason = f"its profile changed ({follow.changes}) and {reason}"
+    if moved.lease.start == existing.start:  # pragma: no cover (a misfit block is not granted)
+        return moved._replace(follow=follow)
+    return moved._replace(follow=follow, moved=Move(existing.start, reason, existing.end))
 
+
+def _place(
+    state: LedgerState,
+    request: Request,
+    now: datetime,
+    expires_at: datetime,
+    files: dict[str, tuple[FileRecord, ...]],
+    port_check: PortCheck | None,
+    previous: Lease | None = None,
+) -> Grant:
+    """A new block for the session (its home when it can), or PREVIOUS (its lease
+    re-derived from a profile that no longer fits its block) moved to one."""
+    config = request.config
     if len(state.leases) >= config.max_sessions:
         raise NoPortsAvailable.limit_reached(
             len(state.leases), config.max_sessions, config.sources.get("max_sessions")
@@ -217,8 +265,19 @@ def grant(
             config.base, config.span_end, config.sources.get("max_sessions")
         )
 
-    taken_names = leases.compose_names()
-    lease = new_lease(request, chosen, now, expires_at, taken_names)
+    if previous is None:
+        lease = new_lease(request, chosen, now, expires_at, leases.compose_names())
+    else:
+        ports = _ports(config.profile, chosen)
+        lease = previous._replace(
+            start=chosen,
+            ports=ports,
+            env=_env(config.profile, ports, previous.compose_project_name, request.session_id),
+            expires_at=expires_at,
+            ttl_minutes=config.ttl_minutes,
+            owner=request.owner or previous.owner,
+            worktree=request.worktree or previous.worktree,
+        )
     homes_after = dict(state.homes)
     homes_after.pop(request.session_id, None)
     homes_after[request.session_id] = chosen if home is None else home
@@ -228,7 +287,7 @@ def grant(
         if forgotten in files:
             files = {key: value for key, value in files.items() if key != forgotten}
     new_state = LedgerState(leases.updated({request.session_id: lease}), homes_after, files)
-    return Grant(new_state, lease, created=True, skipped=tuple(skipped), moved=moved)
+    return Grant(new_state, lease, created=previous is None, skipped=tuple(skipped), moved=moved)
 
 
 def _merge_files(
@@ -248,20 +307,27 @@ def _refresh(
     request: Request,
     expires_at: datetime,
     files: dict[str, tuple[FileRecord, ...]],
+    follow: Follow | None = None,
 ) -> Grant:
     config = request.config
+    # The lease as its profile makes it now, in its own block; else as it is.
+    current = existing if follow is None or follow.misfit else follow.lease
     if request.user is not None:
         # Used as it is: `run` joins the lease (its TTL, owner and anchor untouched);
         # it never takes it over.
-        if request.user in existing.guests:
-            return Grant(state, existing, created=False)
-        joined = existing._replace(guests=(*existing.guests, request.user))
+        if request.user in current.guests:
+            if current is existing:
+                return Grant(state, existing, created=False, follow=follow)
+            joined = current
+        else:
+            joined = current._replace(guests=(*current.guests, request.user))
         leases = state.leases.updated({request.session_id: joined})
-        return Grant(LedgerState(leases, state.homes, files), joined, created=False)
+        return Grant(LedgerState(leases, state.homes, files), joined, created=False, follow=follow)
     owner = request.owner or existing.owner
     worktree = request.worktree or existing.worktree
     if (
-        abs(expires_at - existing.expires_at) < refresh_granularity(config.ttl_minutes)
+        current is existing
+        and abs(expires_at - existing.expires_at) < refresh_granularity(config.ttl_minutes)
         and config.ttl_minutes == existing.ttl_minutes
         and owner == existing.owner
         and worktree == existing.worktree
@@ -269,16 +335,107 @@ def _refresh(
         # Refreshed a moment ago: leave the leases alone. `eval "$(portalloc env)"`
         # in a prompt hook or direnv then reads without rewriting the file.
         if files is state.files:
-            return Grant(state, existing, created=False)
-        return Grant(LedgerState(state.leases, state.homes, files), existing, created=False)
-    refreshed = existing._replace(
+            return Grant(state, existing, created=False, follow=follow)
+        state = LedgerState(state.leases, state.homes, files)
+        return Grant(state, existing, created=False, follow=follow)
+    refreshed = current._replace(
         expires_at=expires_at,
         ttl_minutes=config.ttl_minutes,
         owner=owner,
         worktree=worktree,
     )
     leases = state.leases.updated({request.session_id: refreshed})
-    return Grant(LedgerState(leases, state.homes, files), refreshed, created=False)
+    return Grant(LedgerState(leases, state.homes, files), refreshed, created=False, follow=follow)
+
+
+def follow_profile(
+    state: LedgerState, existing: Lease, request: Request, port_check: PortCheck | None
+) -> Follow | None:
+    """EXISTING re-derived from the request's profile and settings in its own block, or
+    None when that is what it already is (the common case: no hash, no write).
+
+    The compose project name stays while the prefix stays. The result says why it no
+    longer fits the block, if so: the settings have no block at its start, the grown
+    block meets another lease, or a port it did not have is busy (PORT_CHECK)."""
+    config = request.config
+    profile = config.profile
+    start = existing.start
+    ports = _ports(profile, start)
+    name = existing.compose_project_name
+    prefix = profile.compose_prefix
+    # `<prefix>-<hex>`: the part after the prefix never holds a '-'.
+    if not name.startswith(prefix + "-") or "-" in name[len(prefix) + 1 :]:
+        taken = state.leases.compose_names() - {name}
+        name = compose_project_name(existing.session_id, prefix, taken)
+    env = _env(profile, ports, name, existing.session_id)
+    same = (
+        ports == existing.ports
+        and env == existing.env
+        and name == existing.compose_project_name
+        and config.range == existing.span
+    )
+    in_geometry = _is_block(start, config)
+    if same and in_geometry:
+        return None
+    lease = existing._replace(span=config.range, ports=ports, env=env, compose_project_name=name)
+    changes = "" if same else _changes(existing, lease)
+    if not in_geometry:
+        return Follow(
+            changes,
+            lease,
+            f"base {config.base}, range {config.range} and max sessions "
+            f"{config.max_sessions} have no block at {start}",
+        )
+    if lease.end > existing.end:
+        for other in state.leases.overlapping(existing.end + 1, lease.end):
+            if other.session_id != existing.session_id:
+                return Follow(
+                    changes,
+                    lease,
+                    f"its block grown to {start}-{lease.end} meets session {other.session_id!r}",
+                )
+    if port_check is not None:
+        had = {port for _name, port in existing.ports}
+        for port_name, port in ports:
+            if port not in had:
+                holder = port_check(port, True)
+                if holder is not None:
+                    return Follow(changes, lease, Skip(start, port, port_name, holder).reason)
+    return Follow(changes, lease)
+
+
+def _changes(old: Lease, new: Lease) -> str:
+    """What re-deriving OLD changed, in a few words: `added cache 10004, CACHE_PORT`."""
+    old_ports, new_ports = dict(old.ports), dict(new.ports)
+    old_env, new_env = dict(old.env), dict(new.env)
+    groups = {
+        "added": [f"{name} {port}" for name, port in new_ports.items() if name not in old_ports]
+        + [variable for variable in new_env if variable not in old_env],
+        "removed": [name for name in old_ports if name not in new_ports]
+        + [variable for variable in old_env if variable not in new_env],
+        "moved": [
+            f"{name} {old_ports[name]}->{port}"
+            for name, port in new_ports.items()
+            if name in old_ports and old_ports[name] != port
+        ],
+        "changed": [
+            variable
+            for variable, value in new_env.items()
+            if variable in old_env and old_env[variable] != value
+        ],
+    }
+    parts = [f"{verb} {_some(names)}" for verb, names in groups.items() if names]
+    if new.compose_project_name != old.compose_project_name:
+        parts.append(f"compose project {new.compose_project_name}")
+    if new.span != old.span:
+        parts.append(f"range {old.span}->{new.span}")
+    return "; ".join(parts) or "reordered ports or variables"
+
+
+def _some(names: list[str], limit: int = 4) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
 def refresh_granularity(ttl_minutes: int) -> timedelta:
@@ -298,12 +455,9 @@ def new_lease(
 ) -> Lease:
     config = request.config
     profile = config.profile
-    ports = tuple((name, start + offset) for name, offset in profile.ports)
+    ports = _ports(profile, start)
     compose_name = compose_project_name(request.session_id, profile.compose_prefix, taken_names)
-    fields = {f"{name}_port": str(port) for name, port in ports}
-    fields["compose_project_name"] = compose_name
-    fields["session_id"] = request.session_id
-    env = tuple((name, render_template(template, fields)) for name, template in profile.env)
+    env = _env(profile, ports, compose_name, request.session_id)
     return Lease(
         session_id=request.session_id,
         start=start,
@@ -318,3 +472,16 @@ def new_lease(
         worktree=request.worktree,
         guests=(request.user,) if request.user is not None and request.keep else (),
     )
+
+
+def _ports(profile: Profile, start: int) -> tuple[tuple[str, int], ...]:
+    return tuple((name, start + offset) for name, offset in profile.ports)
+
+
+def _env(
+    profile: Profile, ports: tuple[tuple[str, int], ...], compose_name: str, session_id: str
+) -> tuple[tuple[str, str], ...]:
+    fields = {f"{name}_port": str(port) for name, port in ports}
+    fields["compose_project_name"] = compose_name
+    fields["session_id"] = session_id
+    return tuple((name, render_template(template, fields)) for name, template in profile.env)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from portalloc import allocator, outputs, probe
-from portalloc.allocator import Grant, PortCheck, Reclaimed, Request
+from portalloc.allocator import Follow, Grant, PortCheck, Reclaimed, Request
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import LeaseNotFound, UsageError
 from portalloc.host import Host, Listener, in_worktree
@@ -198,18 +198,26 @@ class PortAllocatorService:
         for skip in result.skipped:
             if skip.block_start != home:
                 self.on_warning(f"skipped block {skip.block_start}: {skip.reason}")
-        if result.moved is not None:
-            old = f"{result.moved.home}-{result.moved.home + request.config.range - 1}"
+        moved = result.moved
+        if moved is not None:
+            end = moved.home + request.config.range - 1 if moved.end is None else moved.end
             self.on_warning(
-                f"session {request.session_id!r} MOVED from block {old} "
-                f"to {allocation.block_start}-{allocation.block_end}: {result.moved.reason}"
+                f"session {request.session_id!r} MOVED from block {moved.home}-{end} "
+                f"to {allocation.block_start}-{allocation.block_end}: {moved.reason}"
             )
-        if result.created:
-            # A new lease may sit elsewhere than the last one: every file written for
-            # the session follows it (home again after a move, too).
+        follow = result.follow
+        rewritten: list[str] = []
+        if result.created or (follow is not None and not follow.stays):
+            # A new lease may sit elsewhere than the last one, a lease that follows its
+            # profile holds other values: every file written for the session follows it
+            # (home again after a move, too).
             for kind, path in outcome.state.files.get(request.session_id, ()):
-                if outputs.refresh(kind, path, allocation) and result.moved is not None:
-                    self.on_warning(f"rewrote {path} with the new ports")
+                if outputs.refresh(kind, path, allocation):
+                    rewritten.append(path)
+                    if moved is not None:
+                        self.on_warning(f"rewrote {path} with the new ports")
+        if follow is not None and moved is None:
+            self.on_warning(_follow_line(request.session_id, follow, allocation, rewritten))
         return Held(allocation, result.created)
 
     def _port_check(self, request: Request) -> PortCheck:
@@ -273,6 +281,20 @@ class PortAllocatorService:
     def prune(self) -> list[Reclaimed]:
         """Reclaim expired and dead leases; return what was reclaimed."""
         return self._read().reclaimed
+
+
+def _follow_line(
+    session_id: str, follow: Follow, allocation: PortAllocation, rewritten: list[str]
+) -> str:
+    """The one line saying a lease followed its changed profile, or why it did not."""
+    if follow.stays:
+        changed = f"its profile changed ({follow.changes}), but " if follow.changes else ""
+        return (
+            f"session {session_id!r}: {changed}{follow.misfit}; the lease stays in block "
+            f"{allocation.block_start}-{allocation.block_end} as it was: {follow.stays}"
+        )
+    files = f"; rewrote {', '.join(rewritten)}" if rewritten else ""
+    return f"session {session_id!r}: lease follows its profile ({follow.changes}{files})"
 
 
 def _with_value(result: Grant) -> tuple[LedgerState, Grant]:
