@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +12,10 @@ import pytest
 import portalloc.config
 from portalloc.config import PortAllocatorConfig
 from portalloc.service import PortAllocatorService, get_port_allocator
-from tests.helpers import FakeClock
+from tests import foreign_listeners
+from tests.helpers import FakeClock, FreeBlock
+
+FOREIGN = pytest.StashKey[list[socket.socket]]()
 
 ENV_VARS = (
     "PORT_ALLOC_BASE",
@@ -31,6 +36,23 @@ ENV_VARS = (
 
 # portalloc's own integration tests find their ports the way users' tests do.
 pytest_plugins = ["portalloc.pytest_plugin"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """PORTALLOC_TEST_FOREIGN_LISTENERS=1: other stacks listen on the default ports for
+    the whole run. Opened once, by the process that runs or controls the session (an
+    xdist worker has `workerinput`), and closed when it ends."""
+    if foreign_listeners.enabled() and not hasattr(config, "workerinput"):
+        config.stash[FOREIGN] = foreign_listeners.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    foreign_listeners.stop(config.stash.get(FOREIGN, []))
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    socks = config.stash.get(FOREIGN, None)
+    return None if socks is None else foreign_listeners.describe(len(socks))
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +89,43 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+# Every test either leases its ports or turns the bind probe off on purpose: the suite
+# must pass while other stacks listen on portalloc's default ports (CI proves it with
+# PORTALLOC_TEST_FOREIGN_LISTENERS=1, see tests/foreign_listeners.py).
+
+
+@pytest.fixture
+def exact_ports(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe off, on purpose, for a test that asserts portalloc's exact default
+    numbers (block 10000, rest 10001, ...) in its private ledger. On a host where
+    something listens there, the probe would rightly move the lease elsewhere; the
+    test is about what the ledger hands out, and binds none of these ports."""
+    monkeypatch.setenv("PORTALLOC_SKIP_PORT_CHECK", "1")
+
+
+@pytest.fixture
+def free_block(
+    portalloc_service: PortAllocatorService, request: pytest.FixtureRequest
+) -> Iterator[FreeBlock]:
+    """100 ports at an exact place for a test that listens or probes there: a block of
+    the plugin's test-only ledger (40000-41999, shared by xdist workers), every port of
+    it free when leased, released when the test ends. A block where anything listens is
+    held (so no one else gets it) and the next one tried."""
+    from portalloc.probe import port_is_free
+
+    me = os.getpid()
+    held: list[str] = []
+    try:
+        for attempt in range(5):
+            session = f"free-block:{request.node.nodeid}#{attempt}"
+            held.append(session)
+            start = portalloc_service.hold(session, pid=me).allocation.block_start
+            if all(port_is_free(port) for port in range(start, start + 100)):
+                yield FreeBlock(start)
+                return
+        pytest.fail("no block of 100 free ports in 40000-41999")
+    finally:
+        for session in held:
+            portalloc_service.leave(session, me)

@@ -33,6 +33,23 @@ class FakeClock:
         self.now += timedelta(minutes=minutes)
 
 
+@dataclass(frozen=True)
+class FreeBlock:
+    """STEP * 10 ports from START on, free when leased and this test's alone."""
+
+    start: int
+    step: int = 10
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Settings for a private ledger inside the block: 10 blocks of STEP ports."""
+        return {
+            "PORT_ALLOC_BASE": str(self.start),
+            "PORT_ALLOC_RANGE": str(self.step),
+            "PORT_ALLOC_MAX_SESSIONS": "10",
+        }
+
+
 @dataclass
 class Result:
     returncode: int

@@ -16,6 +16,11 @@ import pytest
 from portalloc.errors import NoPortsAvailable
 from tests.helpers import run_cli
 
+# These tests read portalloc's output at its exact default numbers (block 10000, rest
+# 10001, ...) from a private ledger, and bind none of those ports: the bind probe is
+# off on purpose, or another stack listening there would move every lease.
+pytestmark = pytest.mark.usefixtures("exact_ports")
+
 DEFAULT_VARS = [
     "AGENT_COORDINATOR_DB_PORT",
     "AGENT_COORDINATOR_REST_PORT",

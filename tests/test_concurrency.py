@@ -144,6 +144,8 @@ def allocation_ports(allocation: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
+# The lock is under test, not the bind probe: these count blocks from 10000 exactly.
+@pytest.mark.usefixtures("exact_ports")
 def test_forty_processes_distinct_sessions_get_disjoint_blocks(
     state_dir: Path, tmp_path: Path
 ) -> None:
@@ -197,6 +199,7 @@ def test_forty_processes_same_session_share_one_lease(state_dir: Path, tmp_path:
     assert ledger_ports(document) == {"shared": allocation_ports(first)}
 
 
+@pytest.mark.usefixtures("exact_ports")
 def test_twelve_processes_eight_slots_exactly_eight_win(state_dir: Path, tmp_path: Path) -> None:
     # Half of them ask for JSON, so both failure shapes of the contract are seen.
     argvs = [

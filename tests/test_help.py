@@ -280,6 +280,7 @@ def test_shorten_left_keeps_whole_components() -> None:
 # --- run ---------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("exact_ports")  # stderr holds the error alone, no skipped block
 def test_run_unknown_command_is_an_error_not_a_warning() -> None:
     result = run_cli("run", "s", "--", "no-such-command-xyz")
     assert result.returncode == 127

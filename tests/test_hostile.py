@@ -188,6 +188,7 @@ _HOSTILE_TEXTS = [
 HOSTILE_TEMPLATES = [t if "{api_port}" in t else t + " {api_port}" for t in _HOSTILE_TEXTS]
 
 
+@pytest.mark.usefixtures("exact_ports")  # the values hold the default port numbers
 def test_hostile_template_values_are_inert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project = tmp_path / "p"
     project.mkdir()

@@ -50,6 +50,7 @@ def test_document_has_version_and_leases(state_dir: Path) -> None:
     [b"{not json", b"[1, 2]", b'{"version": 1, "leases": "x"}', b"\xff\xfe", b""],
     ids=["garbage", "list", "wrong-shape", "binary", "empty"],
 )
+@pytest.mark.usefixtures("exact_ports")  # the fresh lease at the default block
 def test_corrupt_ledger_is_moved_aside_with_warning(state_dir: Path, content: bytes) -> None:
     state_dir.mkdir(mode=0o700)
     (state_dir / "leases.json").write_bytes(content)

@@ -16,7 +16,8 @@ import pytest
 from portalloc.host import listeners, owner_alive, owner_of
 from portalloc.models import Owner
 from portalloc.probe import is_listening, port_is_free
-from tests.helpers import run_cli
+from tests import foreign_listeners
+from tests.helpers import FreeBlock, run_cli
 
 
 def ipv6_available() -> bool:
@@ -30,11 +31,15 @@ def ipv6_available() -> bool:
 
 def listener(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind((host, port))
-    sock.listen()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen()
+    except BaseException:
+        sock.close()  # not left to the garbage collector, to warn in some later test
+        raise
     return sock
 
 
@@ -54,22 +59,26 @@ LISTENERS = [
 ]
 
 
+# The tests that listen or probe at exact places do it in a block leased for them
+# (free_block, tests/conftest.py): never at fixed numbers another program may hold.
+
+
 @pytest.mark.parametrize(("family", "host"), LISTENERS)
 def test_listening_port_is_busy_and_skipped(
-    family: socket.AddressFamily, host: str, state_dir: Path
+    family: socket.AddressFamily, host: str, free_block: FreeBlock
 ) -> None:
-    base = 20000
+    base, step = free_block.start, free_block.step
     with listener(family, host, base + 1):
         assert port_is_free(base + 1) is False
-        result = run_cli("allocate", "s", "--json", env={"PORT_ALLOC_BASE": str(base)})
+        result = run_cli("allocate", "s", "--json", env=free_block.env)
         assert result.returncode == 0
         allocation = json.loads(result.stdout)["allocation"]
-        assert allocation["db_port"] == base + 100
+        assert allocation["db_port"] == base + step
         assert f"skipped block {base}: port {base + 1} (rest) is in use" in result.stderr
 
 
-def test_time_wait_leftovers_do_not_count_as_busy() -> None:
-    port = 20500
+def test_time_wait_leftovers_do_not_count_as_busy(free_block: FreeBlock) -> None:
+    port = free_block.start
     with listener(socket.AF_INET, "127.0.0.1", port) as server:
         client = socket.create_connection(("127.0.0.1", port))
         conn, _ = server.accept()
@@ -78,35 +87,38 @@ def test_time_wait_leftovers_do_not_count_as_busy() -> None:
     assert port_is_free(port) is True
 
 
-def test_skip_port_check_disables_probe() -> None:
-    with listener(socket.AF_INET, "0.0.0.0", 20601):
+def test_skip_port_check_disables_probe(free_block: FreeBlock) -> None:
+    base = free_block.start
+    with listener(socket.AF_INET, "0.0.0.0", base + 1):
         result = run_cli(
-            "allocate",
-            "s",
-            "--json",
-            env={"PORT_ALLOC_BASE": "20600", "PORTALLOC_SKIP_PORT_CHECK": "1"},
+            "allocate", "s", "--json", env={**free_block.env, "PORTALLOC_SKIP_PORT_CHECK": "1"}
         )
-    assert json.loads(result.stdout)["allocation"]["db_port"] == 20600
+    assert json.loads(result.stdout)["allocation"]["db_port"] == base
 
 
-def test_sticky_regrant_is_probed_too() -> None:
-    env = {"PORT_ALLOC_BASE": "20700"}
+def test_sticky_regrant_is_probed_too(free_block: FreeBlock) -> None:
+    env = free_block.env
+    a_home, b_home, step = free_block.start, free_block.start + 10, free_block.step
     run_cli("allocate", "a", env=env)
     run_cli("allocate", "b", env=env)
     run_cli("release", "a", env=env)
     run_cli("release", "b", env=env)
-    with listener(socket.AF_INET, "127.0.0.1", 20800):
+    with listener(socket.AF_INET, "127.0.0.1", b_home):
         result = run_cli("allocate", "b", "--json", env=env)
     got = json.loads(result.stdout)["allocation"]
-    # b's home 20800 is busy; a's home 20700 is free but kept for a: a block nobody
-    # calls home instead, and one loud line about the move.
-    assert got["db_port"] == 20900
-    assert got["home_block"] == 20800
-    assert "'b' MOVED from block 20800-20899 to 20900-20999: port 20800 (db) is in use by pid" in (
-        result.stderr
+    # b's home is busy; a's home is free but kept for a: a block nobody calls home
+    # instead, and one loud line about the move.
+    assert a_home + step == b_home
+    assert got["db_port"] == b_home + step
+    assert got["home_block"] == b_home
+    moved = (
+        f"'b' MOVED from block {b_home}-{b_home + step - 1} to "
+        f"{b_home + step}-{b_home + 2 * step - 1}: port {b_home} (db) is in use by pid"
     )
+    assert moved in result.stderr
 
 
+@pytest.mark.usefixtures("exact_ports")  # about reclaiming, at the default numbers
 def test_dead_pid_block_goes_to_next_session() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -116,6 +128,7 @@ def test_dead_pid_block_goes_to_next_session() -> None:
     assert [a["session_id"] for a in json.loads(run_cli("status", "--json").stdout)] == ["next"]
 
 
+@pytest.mark.usefixtures("exact_ports")  # about a live owner, at the default numbers
 def test_live_pid_keeps_its_block() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -154,40 +167,43 @@ def test_zombie_owner_is_dead() -> None:
     proc.wait()
 
 
-def test_is_listening_and_listening_processes() -> None:
-    with listener(socket.AF_INET, "127.0.0.1", 20901):
-        assert is_listening(20901) is True
-        found = listeners(20901)
+def test_is_listening_and_listening_processes(free_block: FreeBlock) -> None:
+    port = free_block.start + 1
+    with listener(socket.AF_INET, "127.0.0.1", port):
+        assert is_listening(port) is True
+        found = listeners(port)
         assert os.getpid() in [item.pid for item in found]
         assert all(item.cwd for item in found)
-    assert is_listening(20901) is False
-    assert listeners(20901) == []
+    assert is_listening(port) is False
+    assert listeners(port) == []
 
 
-def test_why_names_lease_port_and_process() -> None:
-    run_cli("allocate", "holder", env={"PORT_ALLOC_BASE": "21000"})
-    with listener(socket.AF_INET, "0.0.0.0", 21003):
-        result = json.loads(run_cli("why", "21003", "--json").stdout)
+def test_why_names_lease_port_and_process(free_block: FreeBlock) -> None:
+    base, env = free_block.start, free_block.env
+    run_cli("allocate", "holder", env=env)
+    with listener(socket.AF_INET, "0.0.0.0", base + 3):
+        result = json.loads(run_cli("why", str(base + 3), "--json", env=env).stdout)
     assert result["session_id"] == "holder"
     assert result["port_name"] == "api"
     assert result["listening"] is True
     assert os.getpid() in [p["pid"] for p in result["processes"]]
-    free = json.loads(run_cli("why", "21050", "--json").stdout)
+    free = json.loads(run_cli("why", str(base + 5), "--json", env=env).stdout)
     assert free["session_id"] == "holder" and free["port_name"] is None
     assert free["listening"] is False
-    nobody = json.loads(run_cli("why", "30000", "--json").stdout)
+    nobody = json.loads(run_cli("why", str(base + 50), "--json", env=env).stdout)
     assert nobody["session_id"] is None
 
 
-def test_check_and_wait() -> None:
-    run_cli("allocate", "svc", env={"PORT_ALLOC_BASE": "21100"})
-    closed = run_cli("check", "svc", "--wait", "0.2", "--json")
+def test_check_and_wait(free_block: FreeBlock) -> None:
+    base, env = free_block.start, free_block.env
+    run_cli("allocate", "svc", env=env)
+    closed = run_cli("check", "svc", "--wait", "0.2", "--json", env=env)
     assert closed.returncode == 1
     assert "still closed" in closed.stderr
     assert json.loads(closed.stdout)["all_listening"] is False
-    socks = [listener(socket.AF_INET, "127.0.0.1", 21100 + i) for i in range(4)]
+    socks = [listener(socket.AF_INET, "127.0.0.1", base + i) for i in range(4)]
     try:
-        ready = run_cli("check", "svc", "--wait", "5", "--json")
+        ready = run_cli("check", "svc", "--wait", "5", "--json", env=env)
     finally:
         for sock in socks:
             sock.close()
@@ -196,6 +212,7 @@ def test_check_and_wait() -> None:
     assert run_cli("check", "ghost").returncode == 1
 
 
+@pytest.mark.usefixtures("exact_ports")  # about the warning; nothing listens here
 def test_span_inside_ephemeral_range_warns() -> None:
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     base = max(low, 1024)
@@ -206,3 +223,13 @@ def test_span_inside_ephemeral_range_warns() -> None:
     assert f"overlap the kernel's ephemeral range {low}-{high}" in inside.stderr
     below = run_cli("allocate", "t", env={"PORT_ALLOC_BASE": "10000"})
     assert "ephemeral" not in below.stderr
+
+
+@pytest.mark.skipif(
+    not foreign_listeners.enabled(), reason="PORTALLOC_TEST_FOREIGN_LISTENERS unset"
+)
+def test_foreign_listeners_are_up_for_the_whole_run() -> None:
+    # What the run with foreign listeners claims: every default port is taken.
+    for ports in foreign_listeners.RANGES:
+        assert not any(port_is_free(port) for port in ports)
+    assert is_listening(10000) and is_listening(10001) and is_listening(21203)

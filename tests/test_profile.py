@@ -9,6 +9,10 @@ import pytest
 
 from tests.helpers import run_cli, trust
 
+# These tests read the exact numbers a profile's base and offsets give, from a private
+# ledger, and bind none of them: the bind probe is off on purpose.
+pytestmark = pytest.mark.usefixtures("exact_ports")
+
 PYPROJECT = """\
 [project]
 name = "shop"

@@ -14,6 +14,7 @@ from portalloc import (
     get_port_allocator,
 )
 from portalloc.errors import InvalidSessionId, LeaseNotFound
+from portalloc.host import Host
 from tests.helpers import FakeClock
 
 
@@ -150,7 +151,12 @@ def test_busy_ports_skip_block_and_full_probe_failure_exhausts(
     warnings: list[str] = []
     config = PortAllocatorConfig(state_dir=state_dir, max_sessions=3)
     svc = PortAllocatorService(
-        config, clock=clock, port_is_free=lambda port: port not in busy, on_warning=warnings.append
+        config,
+        # The probe and who listens are both faked: the host's own listeners stay out.
+        host=Host(listeners=lambda _port: []),
+        clock=clock,
+        port_is_free=lambda port: port not in busy,
+        on_warning=warnings.append,
     )
     assert svc.allocate("a").db_port == 10100
     assert warnings == ["skipped block 10000: port 10001 (rest) is in use"]

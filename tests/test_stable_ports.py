@@ -25,7 +25,7 @@ import pytest
 from portalloc import PortAllocatorConfig, PortAllocatorService
 from portalloc.host import Host, Listener
 from portalloc.models import Owner
-from tests.helpers import FakeClock, Result, inner_pytest, run_cli
+from tests.helpers import FakeClock, FreeBlock, Result, inner_pytest, run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -75,8 +75,13 @@ def http_server(port: int, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait(timeout=30)
 
 
-def env_in(tree: Path, *args: str, base: int) -> Result:
-    return run_cli("env", "--format", "json", *args, cwd=tree, env={"PORT_ALLOC_BASE": str(base)})
+def settings(base: int | FreeBlock) -> dict[str, str]:
+    """A base for blocks of 100, or a leased FreeBlock for tests that listen at its ports."""
+    return base.env if isinstance(base, FreeBlock) else {"PORT_ALLOC_BASE": str(base)}
+
+
+def env_in(tree: Path, *args: str, base: int | FreeBlock) -> Result:
+    return run_cli("env", "--format", "json", *args, cwd=tree, env=settings(base))
 
 
 def ledger(state_dir: Path) -> dict[str, Any]:
@@ -92,10 +97,8 @@ def expire_everything(state_dir: Path) -> None:
     (state_dir / "leases.json").write_text(json.dumps(document))
 
 
-def status(base: int = 10000) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = json.loads(
-        run_cli("status", "--json", env={"PORT_ALLOC_BASE": str(base)}).stdout
-    )
+def status(base: int | FreeBlock = 10000) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = json.loads(run_cli("status", "--json", env=settings(base)).stdout)
     return out
 
 
@@ -147,49 +150,59 @@ def test_injected_clock_days_later_anchored_leases_stay(
 # --- home blocks and own listeners --------------------------------------------------
 
 
-def test_own_server_keeps_the_home_block_across_release(state_dir: Path, tmp_path: Path) -> None:
+# The servers here listen in a block leased for the test (free_block), never at fixed
+# numbers another program may hold.
+
+
+def test_own_server_keeps_the_home_block_across_release(
+    state_dir: Path, tmp_path: Path, free_block: FreeBlock
+) -> None:
     """The README's walkthrough, steps 3-4, with the worktree's server running."""
     tree = make_worktree(tmp_path, "feat-a")
-    first = json.loads(env_in(tree, base=31100).stdout)
+    first = json.loads(env_in(tree, base=free_block).stdout)
     api = int(first["API_PORT"])
-    assert api == 31103
+    assert api == free_block.start + 3
     with http_server(api, cwd=tree / "."):
         expire_everything(state_dir)  # lunch: the TTL ran out, the worktree is still here
-        again = env_in(tree, base=31100)
+        again = env_in(tree, base=free_block)
         assert json.loads(again.stdout) == first
         assert run_cli("release", str(tree)).returncode == 0
-        back = env_in(tree, base=31100)
+        back = env_in(tree, base=free_block)
         assert json.loads(back.stdout) == first
         assert "MOVED" not in back.stderr and "skipped" not in back.stderr
 
 
 def test_foreign_listener_moves_loudly_rewrites_manifest_and_home_returns(
-    state_dir: Path, tmp_path: Path
+    state_dir: Path, tmp_path: Path, free_block: FreeBlock
 ) -> None:
+    home_block, step = free_block.start, free_block.step
+    api, moved_api = home_block + 3, home_block + step + 3
     tree = make_worktree(tmp_path, "feat-b")
-    env_in(tree, "--write", str(tree), base=31200)
+    env_in(tree, "--write", str(tree), base=free_block)
     manifest = tree / ".worktree-ports.json"
-    assert json.loads(manifest.read_text())["api_port"] == 31203
+    assert json.loads(manifest.read_text())["api_port"] == api
     run_cli("release", str(tree))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    with http_server(31203, cwd=elsewhere) as foreign:
-        moved = env_in(tree, base=31200)  # no --write: the recorded manifest follows anyway
-        assert json.loads(moved.stdout)["API_PORT"] == "31303"
+    with http_server(api, cwd=elsewhere) as foreign:
+        # No --write: the recorded manifest follows anyway.
+        moved = env_in(tree, base=free_block)
+        assert json.loads(moved.stdout)["API_PORT"] == str(moved_api)
         line = (
-            f"portalloc: warning: session {str(tree)!r} MOVED from block 31200-31299 to "
-            f"31300-31399: port 31203 (api) is in use by pid {foreign.pid} ("
+            f"portalloc: warning: session {str(tree)!r} MOVED from block "
+            f"{home_block}-{home_block + step - 1} to {home_block + step}-"
+            f"{home_block + 2 * step - 1}: port {api} (api) is in use by pid {foreign.pid} ("
         )
         assert line in moved.stderr
         assert f"rewrote {manifest} with the new ports" in moved.stderr
-        assert json.loads(manifest.read_text())["api_port"] == 31303
-        assert status(31200)[0]["home_block"] == 31200
+        assert json.loads(manifest.read_text())["api_port"] == moved_api
+        assert status(free_block)[0]["home_block"] == home_block
     # The foreign server is gone: the next new lease is home again, manifest too.
     run_cli("release", str(tree))
-    home = env_in(tree, base=31200)
-    assert json.loads(home.stdout)["API_PORT"] == "31203"
+    home = env_in(tree, base=free_block)
+    assert json.loads(home.stdout)["API_PORT"] == str(api)
     assert "MOVED" not in home.stderr
-    assert json.loads(manifest.read_text())["api_port"] == 31203
+    assert json.loads(manifest.read_text())["api_port"] == api
 
 
 def test_descendant_of_pid_owner_is_own(state_dir: Path, clock: FakeClock) -> None:
@@ -390,17 +403,20 @@ def test_version_1_ledger_is_migrated_and_history_becomes_home(
 # --- found by a hostile review ----------------------------------------------------------
 
 
-def test_listener_in_a_nested_worktree_is_not_own(state_dir: Path, tmp_path: Path) -> None:
+def test_listener_in_a_nested_worktree_is_not_own(
+    state_dir: Path, tmp_path: Path, free_block: FreeBlock
+) -> None:
+    start = free_block.start
     tree = make_worktree(tmp_path, "outer")
-    env_in(tree, base=31500)
+    env_in(tree, base=free_block)
     run_cli("release", str(tree))
     nested = tree / ".claude" / "worktrees" / "x"
     nested.mkdir(parents=True)
     (nested / ".git").write_text("gitdir: /elsewhere\n")  # a worktree of its own
-    with http_server(31501, cwd=nested):
-        moved = env_in(tree, base=31500)
-    assert "MOVED from block 31500-31599" in moved.stderr
-    assert json.loads(moved.stdout)["AGENT_COORDINATOR_REST_PORT"] != "31501"
+    with http_server(start + 1, cwd=nested):
+        moved = env_in(tree, base=free_block)
+    assert f"MOVED from block {start}-{start + free_block.step - 1}" in moved.stderr
+    assert json.loads(moved.stdout)["AGENT_COORDINATOR_REST_PORT"] != str(start + 1)
 
 
 def test_pid_1_as_owner_does_not_make_every_listener_own(state_dir: Path, clock: FakeClock) -> None:

@@ -66,6 +66,7 @@ def spans_disjoint(document: dict[str, object]) -> bool:
 MIN_OPS = 15
 
 
+@pytest.mark.usefixtures("exact_ports")  # the ledger is under test: all 20 slots count
 def test_thirty_processes_random_mix_never_share_a_port(state_dir: Path, tmp_path: Path) -> None:
     start_file = tmp_path / "go"
     env = {**os.environ, "PORT_ALLOC_MAX_SESSIONS": "20"}
@@ -158,6 +159,7 @@ def test_sigkill_at_random_moments_never_loses_a_confirmed_lease(state_dir: Path
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
+@pytest.mark.usefixtures("exact_ports")  # bob gets the second default block, 10100
 def test_shared_state_dir_for_two_users() -> None:
     # pytest's tmp_path sits under a 0700 directory other users cannot enter.
     base = Path(tempfile.mkdtemp(prefix="portalloc-shared-"))
