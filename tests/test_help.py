@@ -9,6 +9,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from portalloc.adapters.views import shorten_left
 from tests.helpers import invoke, needs_fish, run_cli
 
 LONG_SESSION = "/home/someone/src/projects/shop-backend-feature-with-a-long-branch-name"
+PORT_NAMES = ("db", "rest", "realtime", "api")  # the default profile's
 HELP_SNAPSHOT = Path(__file__).parent / "data" / "help.txt"
 # Typer's type labels: `<str>`, `<int range>`, `<list[Path]>`, `<path>`, `<float>`...
 TYPE_NOISE = re.compile(r"<(?:str|int|float|bool|path|list|tuple|choice|datetime|uuid)\b[^>]*>")
@@ -78,7 +82,10 @@ def test_help_snapshots() -> None:
     )
     if os.environ.get("PORTALLOC_WRITE_HELP_SNAPSHOT"):
         HELP_SNAPSHOT.write_text(shown)
-    assert shown == HELP_SNAPSHOT.read_text()
+    assert shown == HELP_SNAPSHOT.read_text(), (
+        "a help text changed: if on purpose, PORTALLOC_WRITE_HELP_SNAPSHOT=1 pytest "
+        "tests/test_help.py -k snapshots, and review `git diff tests/data/help.txt`"
+    )
 
 
 def test_hook_help_lists_the_tools_hooks_supports() -> None:
@@ -252,21 +259,95 @@ def test_fish_completion_offers_formats() -> None:
 # --- status at any width -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("columns", [60, 80, 120, 200])
-def test_status_keeps_sessions_ports_and_blocks_whole(columns: int) -> None:
+@pytest.fixture
+def three_kinds_of_lease() -> Iterator[list[dict[str, Any]]]:
+    """A long TTL session, a short one held by this process, and a worktree's lease at a
+    path of a known length (67 characters); the probe is off, on purpose: only the
+    layout matters here. Yields the leases as `status --json` lists them."""
+    base = Path(tempfile.mkdtemp(prefix="pa-", dir="/tmp"))
+    worktree = base / "src" / "worktrees" / "shop-feature-with-a-long-branch-name"
+    worktree.mkdir(parents=True)
+    assert len(str(worktree)) == 67
     env = {"PORTALLOC_SKIP_PORT_CHECK": "1"}
-    run_cli("allocate", LONG_SESSION, env=env)
-    run_cli("allocate", "short", env=env)
+    for args in (
+        ("env", "--worktree", str(worktree)),
+        ("allocate", "short", "--pid", str(os.getpid())),
+        ("allocate", LONG_SESSION),
+    ):
+        assert run_cli(*args, env=env).returncode == 0
+    yield json.loads(run_cli("status", "--json").stdout)
+    shutil.rmtree(base)
+
+
+def _table_columns(text: str) -> list[list[str]]:
+    """The cells of a status table, column by column, header included."""
+    rows = [re.split("[│┃]", line)[1:-1] for line in text.splitlines() if line[:1] in "│┃"]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+@pytest.mark.parametrize("columns", [60, 80, 100, 120, 140, 200])
+def test_status_uses_the_width(three_kinds_of_lease: list[dict[str, Any]], columns: int) -> None:
     text = run_cli("status", env={"COLUMNS": str(columns)}).stdout
-    assert max(len(line) for line in text.splitlines()) <= columns
-    for needle in ("10000-10099", "10100-10199", "realtime 10002", "api 10103", "min left"):
-        assert needle in text, (needle, text)
-    flat = text.replace("\n", " ")
-    # The session: whole, or shortened from the left at a `/`, never cut inside a name.
-    parts = LONG_SESSION.split("/")
-    shortened = ["…/" + "/".join(parts[-keep:]) for keep in range(1, len(parts))]
-    assert LONG_SESSION in flat or any(form in flat for form in shortened), text
-    assert "short" in text
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    is_table = "┃" in text
+    # A table from 100 columns up when it holds every path whole (at 140 it does; at
+    # 120 that depends on the width of `pid N runs`), lines per lease below.
+    assert is_table if columns >= 140 else (columns >= 100 or not is_table), text
+    for lease in three_kinds_of_lease:
+        session = lease["session_id"]
+        # The whole path when the width holds it; else the longest suffix that fits,
+        # cut at a `/`: never less of it than a narrower terminal shows.
+        shown = session if len(session) <= columns else shorten_left(session, columns)
+        cells = {cell.strip() for line in lines for cell in re.split("[│┃]", line)}
+        assert shown in cells, (shown, text)
+        # Ports on one line, as they fit at every width here; blocks never cut.
+        ports = "  ".join(f"{name} {lease[f'{name}_port']}" for name in PORT_NAMES)
+        assert ports in text, (ports, text)
+        assert f"{lease['block_start']}-{lease['block_end']}" in text
+    # The owner is named once: what holds the lease says `pid N runs`.
+    assert text.count(f"pid {os.getpid()}") == 1 and "owner" not in text, text
+    if is_table:
+        # No column wider than its widest cell (each cell is padded by one space a side).
+        for column in _table_columns(text):
+            assert any(len(cell.strip()) == len(cell) - 2 for cell in column), column
+
+
+def test_status_wide_table_shows_the_issue_case_whole(
+    three_kinds_of_lease: list[dict[str, Any]],
+) -> None:
+    """140 columns show the whole worktree path, each lease's ports on one line, and no
+    empty cells after the longest path (once: `…/worktrees/shop-feature-…`, 4 rows of
+    ports per lease and the owner twice)."""
+    text = run_cli("status", env={"COLUMNS": "140"}).stdout
+    worktree = three_kinds_of_lease[0]["session_id"]
+    first = _table_columns(text)[0]
+    assert worktree in [cell.strip() for cell in first]
+    assert f" {LONG_SESSION} " in first  # the longest: it sets the column's width
+    ports_rows = [cell for cell in first if cell.startswith("   db ")]
+    assert len(ports_rows) == 3, text  # one line of ports per lease
+    assert len(first) == 1 + 2 * 3  # the header, then a session and its ports per lease
+
+
+def test_status_table_packs_many_ports_into_the_width(tmp_path: Path) -> None:
+    names = "abcdefghijkl"
+    (tmp_path / "portalloc.toml").write_text(
+        "[ports]\n" + "".join(f"{name} = {offset}\n" for offset, name in enumerate(names))
+    )
+    env = {"PORTALLOC_SKIP_PORT_CHECK": "1"}
+    assert run_cli("allocate", "many", env=env, cwd=tmp_path).returncode == 0
+    text = run_cli("status", env={"COLUMNS": "100"}, cwd=tmp_path).stdout
+    assert "┃" in text
+    first = _table_columns(text)[0]
+    room = len(first[0]) - 2 - 2  # the column's text, less the ports' indent
+    rows = [cell.strip() for cell in first[2:]]
+    items = [row.split("  ") for row in rows]
+    # In order, a name always with its port, on as few lines as fit: the next port
+    # would not have fit on any line but the last.
+    assert [item.split(" ")[0] for row in items for item in row] == list(names)
+    for row, following in pairwise(items):
+        assert len("  ".join(row)) <= room < len("  ".join([*row, following[0]]))
+    assert len(rows) == 3, text
 
 
 def test_shorten_left_keeps_whole_components() -> None:

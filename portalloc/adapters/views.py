@@ -13,10 +13,15 @@ from rich.text import Text
 if TYPE_CHECKING:
     from portalloc.models import PortAllocation
 
-# Below this many columns the table cannot show block, ports, compose project and
-# anchor uncut next to even a short session: each lease gets lines of its own.
+# Below this many columns, or when the table cannot show every session, worktree and
+# port whole, each lease gets lines of its own instead: the session line then has the
+# whole width, so a wider terminal never shows less of a path than a narrower one.
 TABLE_MIN_WIDTH = 100
 ELLIPSIS = "…/"
+INDENT = "  "  # a lease's worktree and ports, under its session in the table's first column
+FIRST_HEADER = "session / ports"
+# The table's 4 columns cost their text plus 3 cells each (padding and a border), plus 1.
+TABLE_OVERHEAD = 3 * 4 + 1
 
 
 def shorten_left(text: str, width: int) -> str:
@@ -52,15 +57,21 @@ def _ports(allocation: PortAllocation) -> list[str]:
     return [f"{name} {port}" for name, port in allocation.ports.items()]
 
 
+def _pack(items: Sequence[str], width: int) -> list[str]:
+    """ITEMS in order, two spaces apart, on as few lines of at most WIDTH as they go;
+    an item is never split (one wider than WIDTH gets a line of its own)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 2 + len(item) <= width:
+            lines[-1] += "  " + item
+        else:
+            lines.append(item)
+    return lines
+
+
 def _rows(allocation: PortAllocation, width: int) -> list[str]:
     """The ports as lines that fit WIDTH after the label, never splitting a name from its port."""
-    rows: list[str] = []
-    for item in _ports(allocation):
-        if rows and len(rows[-1]) + 2 + len(item) <= width - 11:
-            rows[-1] += "  " + item
-        else:
-            rows.append(item)
-    return rows
+    return _pack(_ports(allocation), width - 11)
 
 
 def status_view(
@@ -69,7 +80,9 @@ def status_view(
     """The leases as a table from TABLE_MIN_WIDTH columns up, as blocks of lines below."""
     caption = Text(f"{len(allocations)} active / {max_sessions} max · ledger {ledger}")
     if width >= TABLE_MIN_WIDTH:
-        return _table(allocations, caption, width)
+        table = _table(allocations, caption, width)
+        if table is not None:
+            return table
     parts: list[RenderableType] = [Text("portalloc leases", style="bold")]
     for allocation in allocations:
         # The session on a line of its own: ids are usually long paths.
@@ -89,41 +102,61 @@ def status_view(
     return Group(*parts)
 
 
-def _table(allocations: Sequence[PortAllocation], caption: Text, width: int) -> Table:
-    table = Table(title="portalloc leases", caption=caption, expand=False)
+def _names(allocation: PortAllocation) -> list[tuple[str, str]]:
+    """The session and, when it is another path, its worktree, each with its style."""
+    lines = [(allocation.session_id, "")]
+    if allocation.worktree and allocation.worktree != allocation.session_id:
+        lines.append((f"{INDENT}worktree {allocation.worktree}", "dim"))
+    return lines
+
+
+def _first_column(allocation: PortAllocation, width: int) -> list[tuple[str, str]]:
+    """A lease's lines in the table's first column: its names, then its ports on as few
+    lines of at most WIDTH as they go."""
+    ports = _pack(_ports(allocation), width - len(INDENT))
+    return [*_names(allocation), *((INDENT + row, "") for row in ports)]
+
+
+def _table(allocations: Sequence[PortAllocation], caption: Text, width: int) -> Table | None:
+    """The leases as a table no wider than WIDTH, or None when it would have to cut a
+    session, a worktree or a port. No column is wider than its widest line."""
     fixed = {
         "block": max([len("block"), *(len(f"{a.block_start}-{a.block_end}") for a in allocations)]),
-        "ports": max([len("ports"), *(len(p) for a in allocations for p in _ports(a))]),
-        "compose project": max(
-            [len("compose project"), *(len(a.compose_project_name) for a in allocations)]
-        ),
+        "compose": max([len("compose"), *(len(a.compose_project_name) for a in allocations)]),
         "held while": max(
             [len("held while"), *(len(line) for a in allocations for line in held(a).split("\n"))]
         ),
     }
-    # Each column costs its text plus 3 (two spaces of padding and a border).
-    session_width = max(12, width - sum(fixed.values()) - 3 * (len(fixed) + 1) - 1)
-    table.add_column("session", no_wrap=True, width=session_width)
-    for name, needed in fixed.items():
+    room = width - TABLE_OVERHEAD - sum(fixed.values())
+    needed = max(
+        [
+            len(FIRST_HEADER),
+            *(len(line) for a in allocations for line, _ in _names(a)),
+            *(len(INDENT + port) for a in allocations for port in _ports(a)),
+        ]
+    )
+    if needed > room:
+        return None
+    one_line = max([0, *(len(INDENT + "  ".join(_ports(a))) for a in allocations)])
+    cells = [_first_column(a, min(room, max(needed, one_line))) for a in allocations]
+    first = max([len(FIRST_HEADER), *(len(line) for lines in cells for line, _ in lines)])
+    table = Table(title="portalloc leases", caption=caption, expand=False)
+    table.add_column(FIRST_HEADER, no_wrap=True, width=first)
+    for name, size in fixed.items():
         table.add_column(
             name,
             no_wrap=True,
-            min_width=needed,
+            width=size,
             justify="right" if name == "held while" else "left",
         )
-    for allocation in allocations:
+    for allocation, lines in zip(allocations, cells, strict=True):
         # Text, not markup: a session id like "[bold]" must print as itself.
-        session = Text(shorten_left(allocation.session_id, session_width))
-        if allocation.pid:
-            session.append(f"\nowner pid {allocation.pid}", style="dim")
-        if allocation.worktree and allocation.worktree != allocation.session_id:
-            session.append(
-                "\nworktree " + shorten_left(allocation.worktree, session_width - 9), style="dim"
-            )
+        cell = Text()
+        for number, (line, style) in enumerate(lines):
+            cell.append(("\n" if number else "") + line, style=style)
         table.add_row(
-            session,
+            cell,
             f"{allocation.block_start}-{allocation.block_end}",
-            "\n".join(_ports(allocation)),
             allocation.compose_project_name,
             held(allocation),
         )
