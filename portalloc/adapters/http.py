@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -135,11 +136,61 @@ BEARER = HTTPBearer(auto_error=False, description=f"The key in {ENV_API_KEY}, as
 
 UNAUTHORIZED_MESSAGE = "missing or wrong API key: send X-API-Key: KEY or Authorization: Bearer KEY"
 
-_MUTATING_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or wrong API key."},
-    422: {"model": ValidationErrorResponse, "description": "Missing, empty or invalid session_id."},
-    503: {"model": ErrorResponse, "description": "Ledger locked past the timeout or unusable."},
+# Every status a route answers with besides 200, for its OpenAPI entry: the guard's
+# (413, 500) on every route, the key and body checks of the POSTs, the ledger's 503.
+_RESPONSES: dict[int, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "`invalid_json`: the body is not JSON (not sent as application/json, "
+        "empty, not UTF-8 or not parseable).",
+    },
+    401: {"model": ErrorResponse, "description": "`unauthorized`: missing or wrong API key."},
+    409: {"model": NoPortsResponse, "description": "Every block is taken."},
+    413: {
+        "model": ErrorResponse,
+        "description": f"`body_too_large`: the body is over {MAX_BODY_BYTES} bytes.",
+    },
+    422: {
+        "model": ValidationErrorResponse,
+        "description": "`invalid_session_id`: missing, empty or invalid session_id; "
+        "`invalid_request`: the JSON is not an object.",
+    },
+    500: {
+        "model": ErrorResponse,
+        "description": "`internal_error`: a bug; the message names the crash report.",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "`lock_timeout` / `ledger_error`: the ledger is locked past the timeout "
+        "or unusable.",
+    },
 }
+
+
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: _RESPONSES[status] for status in sorted(statuses)}
+
+
+def _not_json(content_type: bytes | None, body: bytes) -> str | None:
+    """Why BODY, sent as CONTENT_TYPE, is not a JSON document (as RFC 8259 has it: UTF-8),
+    or None. The one reason for a 400; JSON of the wrong shape is the model's 422."""
+    media = (content_type or b"").split(b";", 1)[0].strip().lower().decode("latin-1")
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        sent = f"not {media}" if media else "no Content-Type"
+        return f'send a JSON object {{"session_id": ...}} as {JSON_TYPE} ({sent})'
+    if not body:
+        return 'the body is empty: send a JSON object {"session_id": ...}'
+    try:
+        json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return f"the body is not UTF-8 (byte {exc.start})"
+    except ValueError as exc:
+        return f"the body is not JSON ({exc})"
+    except RecursionError:
+        return "the body is not JSON this server reads: nested too deeply"
+    return None
 
 
 _warn = warn
@@ -183,8 +234,6 @@ class _Unauthorized(Exception):
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], **headers: str) -> None:
-    import json
-
     payload = json.dumps(body).encode()
     raw_headers = [
         (b"content-type", b"application/json"),
@@ -230,6 +279,7 @@ class _Guard:
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             await _send_json(send, 413, too_big, Connection="close")
             return
+        is_post = scope["path"] in PROTECTED_PATHS and scope["method"] == "POST"
         # Read the body here, at most MAX_BODY_BYTES of it, then hand it on: a chunked
         # upload without Content-Length is cut off as soon as it passes the limit.
         body = bytearray()
@@ -244,6 +294,14 @@ class _Guard:
             if len(body) > MAX_BODY_BYTES:
                 await _send_json(send, 413, too_big, Connection="close")
                 return
+        # A body that is not JSON is a 400 here, before FastAPI, which would answer
+        # 422 for a syntax error and 400 for bytes that are not UTF-8.
+        problem = _not_json(headers.get(b"content-type"), bytes(body)) if is_post else None
+        if problem is not None:
+            await _send_json(
+                send, 400, {"success": False, "error": "invalid_json", "message": problem}
+            )
+            return
         started = False
         replayed = False
 
@@ -348,9 +406,7 @@ def create_app(
         message = "; ".join(
             f"{'.'.join(str(part) for part in d['loc'][1:]) or 'body'}: {d['msg']}" for d in detail
         )
-        content_type = request.headers.get("content-type", "")
-        if not on_session and "json" not in content_type.lower():
-            message = f'send a JSON object {{"session_id": ...}} as {JSON_TYPE} ({message})'
+        # The body is JSON (the guard answered 400 otherwise), of the wrong shape.
         return JSONResponse(
             status_code=422,
             content={
@@ -374,10 +430,7 @@ def create_app(
         "/ports/allocate",
         response_model=AllocateResponse,
         dependencies=protected,
-        responses={
-            409: {"model": NoPortsResponse, "description": "Every block is taken."},
-            **_MUTATING_RESPONSES,
-        },
+        responses=_responses(400, 401, 409, 413, 422, 500, 503),
         summary="Allocate a block for a session, or refresh its lease",
     )
     def allocate(body: SessionRequest) -> dict[str, Any]:
@@ -388,7 +441,7 @@ def create_app(
         "/ports/release",
         response_model=ReleaseResponse,
         dependencies=protected,
-        responses=_MUTATING_RESPONSES,
+        responses=_responses(400, 401, 413, 422, 500, 503),
         summary="Release a session's block (succeeds for an unknown session too)",
     )
     def release(body: SessionRequest) -> dict[str, Any]:
@@ -398,13 +451,15 @@ def create_app(
     @app.get(
         "/ports/status",
         response_model=list[Allocation],
-        responses={503: _MUTATING_RESPONSES[503]},
+        responses=_responses(413, 500, 503),
         summary="Active leases, lowest block first",
     )
     def status() -> list[dict[str, Any]]:
         return [allocation.to_dict() for allocation in get_service().status()]
 
-    @app.get("/healthz", response_model=Health, summary="Liveness check")
+    @app.get(
+        "/healthz", response_model=Health, responses=_responses(413, 500), summary="Liveness check"
+    )
     async def healthz() -> Health:
         return Health(status="ok", version=__version__)
 
