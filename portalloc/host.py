@@ -84,7 +84,12 @@ def owner_alive(owner: Owner) -> bool:
 
 
 def command_line(pid: int, limit: int = 120) -> str | None:
-    """PID's command line on one printable line (control characters become spaces)."""
+    """PID's command line on one printable line (control characters become spaces).
+
+    A line longer than LIMIT is cut after its last whole argument that fits and ends
+    in " …": never in the middle of an option (dockerd's long lines ended in a bare
+    `--`, read as "end of options").
+    """
     import psutil
 
     try:
@@ -93,7 +98,17 @@ def command_line(pid: int, limit: int = 120) -> str | None:
         return None
     # A `python -c` script or a hostile argument may hold newlines or escapes: the
     # line ends up in a one-line message on someone's terminal.
-    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())[:limit]
+    return shorten(" ".join("".join(ch if ch.isprintable() else " " for ch in text).split()), limit)
+
+
+def shorten(line: str, limit: int) -> str:
+    """LINE cut to at most LIMIT characters at a space, ending in " …" when cut."""
+    if len(line) <= limit:
+        return line
+    cut = line[: max(limit - 2, 1)]
+    if line[len(cut)] != " " and " " in cut:
+        cut = cut.rsplit(" ", 1)[0]  # the last argument that fits whole
+    return cut.rstrip() + " …"
 
 
 def lock_holder(path: Path) -> str | None:
@@ -150,36 +165,138 @@ def is_descendant(pid: int, ancestor: Owner) -> bool:
     return any(p.pid == ancestor.pid for p in lineage)
 
 
-def compose_publishes(project: str, port: int) -> bool:
-    """Whether a running container of compose project PROJECT publishes PORT (asks docker).
+# Docker's own labels on every container `docker compose` makes.
+PROJECT_LABEL = "com.docker.compose.project"
+WORKDIR_LABEL = "com.docker.compose.project.working_dir"
 
-    Docker's published ports are held by `docker-proxy`, a child of dockerd that
-    runs nowhere near the worktree: the compose label is what ties it to a session.
-    """
-    import re
+
+def _docker(*args: str, timeout: float) -> str | None:
+    """`docker ARGS`'s stdout, or None where docker is missing, fails or is slow."""
     import subprocess
 
     try:
         result = subprocess.run(
-            [
-                "docker",
-                "ps",
-                "--filter",
-                f"label=com.docker.compose.project={project}",
-                "--format",
-                "{{.Ports}}",
-            ],
+            ["docker", *args],
             capture_output=True,
             text=True,
-            # It runs under the ledger's lock, only when a docker-proxy sits on a home
-            # port: a slow daemon must not hold everyone else up for long.
-            timeout=2,
+            timeout=timeout,
             check=False,
+            stdin=subprocess.DEVNULL,
         )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    # "0.0.0.0:10001->3000/tcp, [::]:10001->3000/tcp"
-    return result.returncode == 0 and re.search(rf":{port}->", result.stdout) is not None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def compose_publishes(project: str, port: int) -> bool:
+    """Whether a running container of compose project PROJECT publishes host PORT.
+
+    Docker's answer, not a process name: the socket is held by `docker-proxy`, by
+    dockerd itself (`--userland-proxy=false`) or by a rootless port driver, none of
+    them near the worktree; the compose label is what ties it to a session. Docker
+    matches PORT inside published ranges (`21302-21303->21302-21303/tcp`) too.
+    """
+    # It runs under the ledger's lock, only when something listens on a home port:
+    # a slow daemon must not hold everyone else up for long.
+    found = _docker(
+        "ps",
+        "--quiet",
+        "--filter",
+        f"label={PROJECT_LABEL}={project}",
+        "--filter",
+        f"publish={port}",
+        timeout=2,
+    )
+    if found is not None:
+        return bool(found.strip())
+    # A docker-compatible CLI without the publish filter (older podman): its own
+    # record of the project's port bindings.
+    return any(port in stack.ports for stack in compose_stacks(project))
+
+
+class Stack(NamedTuple):
+    """The running containers of one compose project, as docker records them."""
+
+    project: str
+    working_dir: str | None  # where `docker compose up` ran (None: docker does not say)
+    ports: tuple[int, ...]  # host ports its containers publish, ascending
+    containers: tuple[str, ...]
+
+
+def compose_stacks(project: str | None = None, timeout: float = 5) -> list[Stack]:
+    """Running compose projects (or only PROJECT), from `docker ps` and `docker inspect`.
+
+    [] where docker is missing or its daemon does not answer.
+    """
+    import json
+
+    label = PROJECT_LABEL if project is None else f"{PROJECT_LABEL}={project}"
+    ids = _docker("ps", "--quiet", "--no-trunc", "--filter", f"label={label}", timeout=timeout)
+    if not ids or not ids.split():
+        return []
+    raw = _docker("inspect", *ids.split(), timeout=timeout)
+    try:
+        records = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    by_project: dict[str, tuple[str | None, set[int], list[str]]] = {}
+    for record in records if isinstance(records, list) else []:
+        try:
+            labels = record["Config"]["Labels"] or {}
+            name = str(labels[PROJECT_LABEL])
+            workdir = labels.get(WORKDIR_LABEL)
+            bindings = (record.get("NetworkSettings") or {}).get("Ports") or {}
+            ports = {
+                int(binding["HostPort"])
+                for binding_list in bindings.values()
+                for binding in binding_list or ()
+                if str(binding.get("HostPort", "")).isdigit()
+            }
+            container = str(record.get("Name", "")).lstrip("/") or str(record.get("Id", ""))[:12]
+        except (KeyError, TypeError, AttributeError, ValueError):
+            continue
+        entry = by_project.setdefault(name, (None if workdir is None else str(workdir), set(), []))
+        entry[1].update(ports)
+        entry[2].append(container)
+    return [
+        Stack(name, workdir, tuple(sorted(ports)), tuple(sorted(containers)))
+        for name, (workdir, ports, containers) in sorted(by_project.items())
+    ]
+
+
+def orphan_stacks(exists: Callable[[str], bool] = path_exists) -> list[Stack]:
+    """Compose stacks still running after their working directory was removed (a
+    worktree deleted while its stack was up): nothing but `docker compose -p NAME
+    down` stops them, and their ports sit in what was the worktree's block."""
+    return [
+        stack
+        for stack in compose_stacks()
+        if stack.working_dir
+        and Path(stack.working_dir).is_absolute()
+        and not exists(stack.working_dir)
+    ]
+
+
+def compose_down(project: str, timeout: float = 120) -> str | None:
+    """`docker compose -p PROJECT down`: docker's own way to stop a stack; None if it
+    worked, else what went wrong (one line)."""
+    import subprocess
+
+    try:
+        result = subprocess.run(
+            ["docker", "compose", "-p", project, "down"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc) or type(exc).__name__
+    if result.returncode == 0:
+        return None
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return shorten(" ".join((lines[-1] if lines else f"exit {result.returncode}").split()), 200)
 
 
 def inside(path: str, directory: str) -> bool:

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from portalloc.fs import UnsafeFile, read_text
+
+if TYPE_CHECKING:
+    import socket
 
 # `socket` is imported inside the functions: `portalloc env` for an existing lease
 # never probes, and start-up time is the budget that matters there.
@@ -79,6 +84,75 @@ def is_listening(port: int, timeout: float = 0.2) -> bool:
         except OSError:
             continue
     return False
+
+
+# How long a fresh connection must stay open to count as answered. A forwarder with
+# nothing behind it (docker-proxy before the service in the container listens, a
+# rootless port driver, an SSH tunnel) accepts at once and then closes or resets the
+# connection within milliseconds; a server keeps it open waiting for a request (HTTP,
+# PostgreSQL, Redis) or speaks first (SSH, SMTP, MySQL).
+SETTLE_SECONDS = 0.25
+
+
+def answering(
+    ports: Iterable[int], timeout: float = 0.2, settle: float = SETTLE_SECONDS
+) -> dict[int, bool]:
+    """Which of PORTS answer on the loopback addresses: a TCP connection is accepted and
+    survives SETTLE seconds (or the server sends something first).
+
+    A connection that is accepted and then closed or reset does not count: that is
+    docker-proxy (or any forwarder) with no service behind it. All ports are waited
+    for at once, so the whole call takes about SETTLE seconds when every port answers,
+    less when none does.
+    """
+    import socket
+
+    result = dict.fromkeys(ports, False)
+    hosts = ["127.0.0.1", "::1"] if _has_ipv6() else ["127.0.0.1"]
+    for host in hosts:
+        pending = [port for port, up in result.items() if not up]
+        if not pending:
+            break
+        opened: dict[socket.socket, int] = {}
+        try:
+            for port in pending:
+                try:
+                    opened[socket.create_connection((host, port), timeout=timeout)] = port
+                except OSError:
+                    continue
+            for sock in _survivors(list(opened), settle):
+                result[opened[sock]] = True
+        finally:
+            for sock in opened:
+                sock.close()
+    return result
+
+
+def _survivors(socks: list[socket.socket], settle: float) -> list[socket.socket]:
+    """SOCKS that neither close nor reset within SETTLE seconds (or that sent data)."""
+    import selectors
+    import socket
+    import time
+
+    alive = list(socks)
+    deadline = time.monotonic() + settle
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, sock)
+        while selector.get_map() and (left := deadline - time.monotonic()) > 0:
+            for key, _events in selector.select(left):
+                sock = key.data
+                try:
+                    data = sock.recv(1, socket.MSG_PEEK)
+                except BlockingIOError:
+                    continue  # a spurious wake-up: still open
+                except OSError:
+                    data = b""  # reset: accepted, then refused behind the forwarder
+                selector.unregister(sock)
+                if not data:
+                    alive.remove(sock)  # closed at once: nothing answers behind it
+    return alive
 
 
 def lock_holders(path: Path) -> list[int]:

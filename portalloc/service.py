@@ -226,19 +226,24 @@ class PortAllocatorService:
         profile = request.config.profile
         project = allocator.compose_project_name(request.session_id, profile.compose_prefix, set())
 
+        published: dict[int, bool] = {}
+
         def own(listener: Listener, port: int) -> bool:
-            if listener.pid is None:
-                return False
-            if request.worktree and listener.cwd and in_worktree(listener.cwd, request.worktree):
+            pid, cwd, worktree = listener.pid, listener.cwd, request.worktree
+            if pid is not None and worktree and cwd and in_worktree(cwd, worktree):
                 return True
             # PID 1 (or a container's init) is everyone's ancestor: not an owner whose
             # descendants can be told from anyone else's.
-            if anchor is not None and anchor.pid > 1 and host.is_descendant(listener.pid, anchor):
+            ancestor = anchor if anchor is not None and anchor.pid > 1 else None
+            if pid is not None and ancestor is not None and host.is_descendant(pid, ancestor):
                 return True
-            # The session's own compose stack, published through dockerd's proxy.
-            return "docker-proxy" in (listener.command or "") and host.compose_publishes(
-                project, port
-            )
+            # The session's own compose stack: docker's answer that a container of the
+            # session's project publishes PORT, whoever holds the socket (docker-proxy,
+            # dockerd itself with --userland-proxy=false, a rootless port driver). Asked
+            # once per port.
+            if port not in published:
+                published[port] = host.compose_publishes(project, port)
+            return published[port]
 
         def check(port: int, allow_own: bool) -> str | None:
             if host.port_is_free(port):

@@ -246,6 +246,10 @@ def status(json_output: JsonOpt = False) -> None:
     console.print(
         status_view(allocations, service.config.max_sessions, service.ledger.path, console.width)
     )
+    from portalloc.adapters.views import orphans_text
+    from portalloc.host import orphan_stacks
+
+    _out(orphans_text(orphan_stacks()))  # compose stacks whose worktree is gone
 
 
 @app.command(
@@ -441,18 +445,43 @@ def run(
         "[OPTIONS]",
         """
   portalloc prune
+  portalloc prune --stop
   portalloc prune --json
 """,
     )
 )
-def prune(json_output: JsonOpt = False) -> None:
-    """Reclaim expired and dead leases and show what was reclaimed."""
+def prune(
+    stop: Annotated[
+        bool,
+        typer.Option(
+            "--stop",
+            help="Also stop orphaned compose stacks (docker compose -p NAME down).",
+        ),
+    ] = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Reclaim expired and dead leases; name orphaned compose stacks.
+
+    An orphan is a compose stack still running after its working directory (the
+    worktree) was removed. --stop stops each with `docker compose -p NAME down`.
+    """
+    from portalloc.adapters import views
+    from portalloc.host import compose_down, orphan_stacks
+
     with _errors(json_output):
         reclaimed = cli_service().prune()
+    # A stack whose worktree was removed while it ran: its lease is reclaimed above,
+    # its containers still hold the block's ports. Only docker's own command stops it.
+    orphans = orphan_stacks()
+    failed: dict[str, str] = {}
+    for stack in orphans if stop else ():
+        problem = compose_down(stack.project)
+        if problem is not None:
+            failed[stack.project] = problem
     if json_output:
         _print_json(
             {
-                "success": True,
+                "success": not failed,
                 "reclaimed": [
                     {
                         "session_id": item.lease.session_id,
@@ -462,13 +491,19 @@ def prune(json_output: JsonOpt = False) -> None:
                     }
                     for item in reclaimed
                 ],
+                "orphans": views.orphans_json(orphans, stop, failed),
             }
         )
-        return
-    if not reclaimed:
-        _out("nothing to reclaim\n")
-    for item in reclaimed:
-        _out(f"reclaimed {item.lease.session_id} ({item.reason}, block {item.lease.start})\n")
+    else:
+        if not reclaimed and not orphans:
+            _out("nothing to reclaim\n")
+        for item in reclaimed:
+            _out(f"reclaimed {item.lease.session_id} ({item.reason}, block {item.lease.start})\n")
+        _out(views.orphans_text(orphans, stop, failed))
+    for project, why in failed.items():
+        _err(f"could not stop {project}: {why}")
+    if failed:
+        raise typer.Exit(1)
 
 
 def _session_or_worktree(session: str | None) -> str:
@@ -497,7 +532,7 @@ def check(
         float | None,
         typer.Option(
             "--wait",
-            help="Wait up to SECONDS (at most a day) until every port listens.",
+            help="Wait up to SECONDS (at most a day) until every port answers.",
             min=0,
             max=MAX_WAIT_SECONDS,
             metavar="SECONDS",
@@ -509,11 +544,17 @@ def check(
     ] = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Show which of the session's ports listen now, or wait for them."""
+    """Show which of the session's ports answer now, or wait for them.
+
+    A port answers when a TCP connection to it on 127.0.0.1 (or ::1) is accepted and
+    stays open for a moment, or the server speaks first. One accepted and then closed
+    or reset is not an answer: docker-proxy does that while nothing listens inside the
+    container yet.
+    """
     import time
     from dataclasses import replace
 
-    from portalloc.probe import is_listening
+    from portalloc.probe import answering
 
     with _errors(json_output):
         allocation = cli_service().get(_session_or_worktree(session))
@@ -528,7 +569,10 @@ def check(
             allocation = replace(allocation, ports=chosen)
     deadline = time.monotonic() + (wait or 0)
     while True:
-        state = {name: is_listening(port) for name, port in allocation.ports.items()}
+        # A port counts only when its service answers: docker-proxy accepts at once and
+        # closes again while nothing listens in the container (probe.answering).
+        up = answering(set(allocation.ports.values()))
+        state = {name: up[port] for name, port in allocation.ports.items()}
         if all(state.values()) or wait is None or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
@@ -561,14 +605,21 @@ def why(
 ) -> None:
     """Tell which lease holds PORT and which process listens on it."""
     from portalloc.adapters import views
-    from portalloc.host import listeners
+    from portalloc.host import compose_stacks, listeners, path_exists
     from portalloc.probe import is_listening
 
     with _errors(json_output):
         service = cli_service()
         holder = next((a for a in service.status() if a.block_start <= port <= a.block_end), None)
     processes = [(item.pid, item.command or "") for item in listeners(port) if item.pid]
-    found = views.Why(port, holder, processes, bool(processes) or is_listening(port))
+    listening = bool(processes) or is_listening(port)
+    # Docker's word on who publishes it: the listener is docker-proxy or dockerd.
+    stacks = [
+        views.Published(stack, not stack.working_dir or path_exists(stack.working_dir))
+        for stack in (compose_stacks() if listening else ())
+        if port in stack.ports
+    ]
+    found = views.Why(port, holder, processes, listening, stacks)
     if json_output:
         _print_json(found.to_json())
     else:

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from portalloc.host import Stack
     from portalloc.models import PortAllocation
 
 # Below this many columns, or when the table cannot show every session, worktree and
@@ -188,6 +189,7 @@ class Why(NamedTuple):
     holder: PortAllocation | None
     processes: list[tuple[int, str]]  # (pid, command line)
     listening: bool
+    stacks: Sequence[Published] = ()  # compose projects docker says publish PORT
 
     @property
     def port_name(self) -> str | None:
@@ -205,6 +207,11 @@ class Why(NamedTuple):
             "port_name": self.port_name,
             "listening": self.listening,
             "processes": [{"pid": pid, "command": cmd} for pid, cmd in self.processes],
+            "compose_projects": [
+                {"compose_project": item.stack.project, "working_dir": item.stack.working_dir}
+                | ({} if item.worktree_exists else {"orphan": True})
+                for item in self.stacks
+            ],
         }
 
     def text(self) -> str:
@@ -224,4 +231,64 @@ class Why(NamedTuple):
             lines += [f"  listening: pid {pid} {cmd}" for pid, cmd in self.processes]
         else:
             lines.append("  something listens on it (the OS does not say which process)")
+        for item in self.stacks:
+            stack = item.stack
+            line = f"  published by compose project {stack.project}"
+            if stack.working_dir and item.worktree_exists:
+                line += f" (started in {stack.working_dir})"
+            elif stack.working_dir:
+                line += (
+                    f": an orphan, its worktree {stack.working_dir} is gone; "
+                    "`portalloc prune --stop` stops it"
+                )
+            lines.append(line)
         return "\n".join(lines) + "\n"
+
+
+class Published(NamedTuple):
+    """A compose stack docker says publishes a port, and whether its worktree exists."""
+
+    stack: Stack
+    worktree_exists: bool
+
+
+def _ports_text(ports: Sequence[int]) -> str:
+    return ", ".join(map(str, ports)) if ports else "no published ports"
+
+
+def orphans_text(
+    orphans: Sequence[Stack], stopped: bool = False, failed: Mapping[str, str] | None = None
+) -> str:
+    """One line per orphaned compose stack: its project, ports and gone worktree, and
+    whether `prune --stop` stopped it."""
+    lines = []
+    for stack in orphans:
+        where = f"worktree {stack.working_dir} is gone"
+        if not stopped:
+            lines.append(
+                f"orphaned stack {stack.project} ({where}): ports {_ports_text(stack.ports)}; "
+                "stop it with `portalloc prune --stop`"
+            )
+        elif failed and stack.project in failed:
+            lines.append(f"orphaned stack {stack.project} ({where}): not stopped")
+        else:
+            lines.append(
+                f"stopped orphaned stack {stack.project} ({where}): "
+                f"`docker compose -p {stack.project} down` freed ports {_ports_text(stack.ports)}"
+            )
+    return "".join(line + "\n" for line in lines)
+
+
+def orphans_json(
+    orphans: Sequence[Stack], stopped: bool = False, failed: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "compose_project": stack.project,
+            "working_dir": stack.working_dir,
+            "ports": list(stack.ports),
+            "containers": list(stack.containers),
+            "stopped": stopped and not (failed and stack.project in failed),
+        }
+        for stack in orphans
+    ]
