@@ -35,7 +35,7 @@ ENV_VARS = (
 
 
 # portalloc's own integration tests find their ports the way users' tests do.
-pytest_plugins = ["portalloc.pytest_plugin"]
+pytest_plugins = ["portalloc.pytest_plugin", "tests.docker_env"]  # docker_env: a real dockerd
 
 
 def pytest_configure(config: pytest.Config) -> None:
