@@ -5,8 +5,9 @@ bash, so the README cannot drift from what works.
 
 Stand-in, said plainly: where no Docker daemon answers, `docker compose up -d` and
 `down` are a bash function that starts and stops real HTTP listeners on the worktree's
-published ports (the compose file's own mappings, read from its variables). Where a
-daemon answers (CI starts one for the compose tests), the real docker runs.
+published ports (the compose file's own mappings, read from its variables). Where the run has a
+daemon (tests/docker_env.py starts one; CI always has it), the real docker and Compose v2
+run the image it builds, portalloc-test-busybox.
 """
 
 from __future__ import annotations
@@ -20,18 +21,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.docker_env import optional_docker
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 COMPOSE = """\
 services:
   web:
     image: portalloc-test-busybox
-    command: ["httpd", "-f", "-p", "80", "-h", "/"]
+    command: ["httpd", "-f", "-p", "80", "-h", "/www"]
     ports:
       - "8080:80"
   db:
     image: portalloc-test-busybox
-    command: ["httpd", "-f", "-p", "5432", "-h", "/"]
+    command: ["httpd", "-f", "-p", "5432", "-h", "/www"]
     ports:
       - "5432:5432"
 """
@@ -59,27 +62,6 @@ def walkthrough_blocks() -> list[str]:
     section = text[text.index("## Worktree workflow\n") :]
     section = section[: section.index("\n## ", 1)]
     return re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
-
-
-def docker_daemon() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        ok = (
-            subprocess.run(
-                ["docker", "compose", "version"], capture_output=True, timeout=10, check=False
-            ).returncode
-            == 0
-        )
-        return (
-            ok
-            and subprocess.run(
-                ["docker", "info"], capture_output=True, timeout=10, check=False
-            ).returncode
-            == 0
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
 
 
 def test_the_walkthrough_blocks_are_the_ones_this_test_runs() -> None:
@@ -116,8 +98,11 @@ def test_the_readme_walkthrough_works_in_a_users_own_repository(tmp_path: Path) 
     subprocess.run([*git, "commit", "-qm", "initial"], check=True, env=env)
 
     blocks = walkthrough_blocks()
-    real_docker = docker_daemon()
-    script = ["set -euo pipefail", "" if real_docker else DOCKER_STAND_IN]
+    # The run's daemon and compose v2 (tests/docker_env.py) where there is one.
+    docker = optional_docker()
+    if docker is not None:
+        env.update(docker.env)
+    script = ["set -euo pipefail", "" if docker is not None else DOCKER_STAND_IN]
     for number, block in enumerate(blocks, start=1):
         script.append(f"echo '=== step {number}' >&2")
         script.append(block)
@@ -126,6 +111,9 @@ def test_the_readme_walkthrough_works_in_a_users_own_repository(tmp_path: Path) 
             script.append('eval "$(direnv export bash)"')
             script.append('test "$WEB_PORT" = "$(portalloc get "$PWD" web)"')
             script.append('echo "feat-a web=$WEB_PORT" >&2')
+        if number == 4 and docker is not None:
+            # The real stack: running containers, the web one answering curl above.
+            script.append("docker compose ps --status running --quiet | grep -q .")
         if number == 5:
             script.append('test "$WEB_PORT" = "$(portalloc get "$PWD" web)"')
     proc = subprocess.run(
