@@ -9,7 +9,15 @@ from typing import Literal, NamedTuple
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable
-from portalloc.models import FileRecord, Lease, LedgerState, Owner, Profile, render_template
+from portalloc.models import (
+    DEFAULT_PROFILE,
+    FileRecord,
+    Lease,
+    LedgerState,
+    Owner,
+    Profile,
+    render_template,
+)
 
 # Home blocks remembered for sessions; the least recently granted forgotten first.
 HISTORY_LIMIT = 10_000
@@ -359,6 +367,11 @@ def follow_profile(
     block meets another lease, or a port it did not have is busy (PORT_CHECK)."""
     config = request.config
     profile = config.profile
+    if profile is DEFAULT_PROFILE and not any(": " in src for src in config.sources.values()):
+        # No project file where the request comes from (`portalloc env S` run in another
+        # directory, an MCP client; settings from the environment alone): the lease
+        # keeps the profile it has. A file's settings are named "<path>: <key>".
+        return None
     start = existing.start
     ports = _ports(profile, start)
     name = existing.compose_project_name

@@ -537,10 +537,10 @@ TOML_HOOKS = {
         ".conductor/settings.toml",
         "scripts",
         {
+            # No `archive` release: it runs before Conductor deletes the workspace, and
+            # a deletion that then fails would leave it without its lease. The lease is
+            # tied to the directory: the next portalloc command reclaims it once gone.
             "setup": 'portalloc env --worktree "$CONDUCTOR_WORKSPACE_PATH" >/dev/null || true',
-            # Resolved as `env --worktree` resolves it: the lease is under the real path.
-            "archive": 'portalloc release "$(cd "$CONDUCTOR_WORKSPACE_PATH" && pwd -P)" '
-            ">/dev/null || true",
         },
     ),
     "worktrunk": TomlHook(
@@ -557,10 +557,11 @@ TOML_HOOKS = {
         {"enter": "portalloc env >/dev/null 2>&1 || true"},
     ),
 }
-# Codex's environment file holds two tables, [setup] and [cleanup], each a script.
+# Codex's environment file holds tables such as [setup] and [cleanup], each a script.
+# No [cleanup] release: it runs before the worktree is deleted (check first, release
+# last); the lease is tied to the directory and reclaimed once it is gone.
 CODEX_TABLES = {
     "setup": 'portalloc env --worktree "$PWD" >/dev/null || true',
-    "cleanup": 'portalloc release "$(pwd -P)" >/dev/null || true',
 }
 
 

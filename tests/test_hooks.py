@@ -215,7 +215,7 @@ TOML_CASES = {
     "codex": (
         ".codex/environments/environment.toml",
         '# my env\nversion = 1\nname = "app"\n',
-        lambda data: (data["setup"]["script"], data["cleanup"]["script"]),
+        lambda data: (data["setup"]["script"],),  # no [cleanup]: it runs before removal
     ),
     "conductor": (
         ".conductor/settings.toml",

@@ -91,6 +91,7 @@ def profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "range = 4\nmax_sessions = 100\n[ports]\napi = 0\n"
         '[env]\nAPI_PORT = "{api_port}"\nSESSION = "{session_id}"\nLABEL = "id={session_id}"\n'
     )
+    trust(project / "portalloc.toml")
     monkeypatch.chdir(project)
     monkeypatch.setenv("PORTALLOC_SKIP_PORT_CHECK", "1")
     return project

@@ -407,23 +407,28 @@ def test_a_long_lived_service_goes_on_from_what_it_saved(state_dir: Path, clock:
     assert data == dump(document)
 
 
-def test_a_lease_the_load_rules_refuse_is_never_vouched_for(
+def test_a_lease_the_load_rules_refuse_is_never_written(
     state_dir: Path, clock: FakeClock, tmp_path: Path
 ) -> None:
-    """A worktree path with a control character passes the write but not the load:
-    no index may vouch for it, or every later operation would fail on it."""
+    """A worktree path with a control character breaks the lease rules: one set of them
+    for writing and loading, so it is refused before anything is written (before, it
+    passed the write, failed the load, and an index must not vouch for it)."""
+    from portalloc.errors import LeaseRefused
+
     index = state_dir / f"leases.json.index-{os.geteuid()}"
     svc = service(state_dir, clock)
     for number in range(3):
         svc.allocate(f"s{number}")
     assert index.exists()
+    before = (state_dir / "leases.json").read_bytes()
     odd = tmp_path / "wt\x01x"
     odd.mkdir()
-    svc.allocate("odd", worktree=str(odd))
-    assert not index.exists()
-    later = service(state_dir, clock)  # a fresh process: the full parse leaves it out
+    with pytest.raises(LeaseRefused, match="bad worktree path"):
+        svc.allocate("odd", worktree=str(odd))
+    assert (state_dir / "leases.json").read_bytes() == before
+    later = service(state_dir, clock)  # a fresh process: every lease is there
     assert later.allocate("next").session_id == "next"
-    assert {a.session_id for a in later.status()} >= {"s0", "s1", "s2", "next"}
+    assert {a.session_id for a in later.status()} == {"s0", "s1", "s2", "next"}
 
 
 def test_a_fifo_in_place_of_the_index_does_not_hang(state_dir: Path, clock: FakeClock) -> None:

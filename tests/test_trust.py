@@ -28,7 +28,7 @@ from portalloc.errors import InvalidSessionId
 from portalloc.pytest_plugin import PortallocPorts
 from portalloc.render import render_sh
 from portalloc.rules import validate_session_id
-from tests.helpers import FakeClock, run_cli
+from tests.helpers import FakeClock, run_cli, trust
 from tests.test_http import API_KEY, start_server, stop_server
 
 MARK = Path("/tmp/portalloc-trust-marker")
@@ -161,6 +161,7 @@ def test_session_id_equals_word_through_a_template_in_zsh(tmp_path: Path) -> Non
     if shutil.which("zsh") is None:
         pytest.skip("zsh is not installed")
     (tmp_path / "portalloc.toml").write_text('[ports]\napi = 0\n[env]\nSID = "{session_id}"\n')
+    trust(tmp_path / "portalloc.toml")
     script = run_cli("env", "=ls", cwd=tmp_path).stdout
     assert eval_in("zsh", script, "SID") == "=ls"
 
@@ -333,6 +334,7 @@ def echo_profile(tmp_path: Path) -> Path:
         "max_sessions = 10\n[ports]\napi = 0\n"
         '[env]\nSID = "{session_id}"\nLIT = "=x:=y ~{session_id}"\n'
     )
+    trust(project / "portalloc.toml")
     return project
 
 

@@ -675,11 +675,11 @@ def init(
         _err(f"note: {note}")
     changed = ", ".join(shown for _path, shown, _old, _new in plan.changes)
     if write and plan.profile_changed:
-        # A lease keeps the profile it was made with: say which ones predate this one.
+        # A lease follows its profile at its next env: say which ones will.
         for session in _leases_of_worktrees(top):
             _err(
-                f"note: the lease of {session} was made with the old profile; there, run: "
-                'portalloc release "$PWD" && eval "$(portalloc env)"'
+                f"note: the lease of {session} was made with the old profile; the next "
+                "`portalloc env` there follows the new one"
             )
     if not plan.changes:
         _err("nothing to change: no fixed host port or container_name left")
