@@ -413,3 +413,54 @@ def test_prune_names_no_orphan_without_docker(tmp_path: Path) -> None:
     pruned = portalloc("prune", cwd=tmp_path, env=env)
     assert pruned.stdout == "nothing to reclaim\n"
     assert json.loads(portalloc("prune", "--json", cwd=tmp_path, env=env).stdout)["orphans"] == []
+
+
+# --- docker's CLI against another engine -------------------------------------------
+
+# What `docker` answers against Podman 4.3's service (checked by hand here: the ports
+# are held by conmon, `--filter publish=` is refused, and `docker ps` shows some
+# published ports without their host side); inspect still has every binding.
+FAKE_DOCKER = r"""#!/bin/sh
+case "$*" in
+*publish=*) echo "Error response from daemon: publish is an invalid filter" >&2; exit 1 ;;
+"ps --quiet --no-trunc --filter label=com.docker.compose.project=shop-1") echo c1 ;;
+"ps --quiet --no-trunc --filter label=com.docker.compose.project") echo c1 ;;
+"ps --quiet --no-trunc --filter label=com.docker.compose.project="*) ;;
+"inspect c1") cat "$(dirname "$0")/inspect.json" ;;
+*) exit 1 ;;
+esac
+"""
+
+
+def test_without_the_publish_filter_docker_inspect_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portalloc.host import compose_publishes, orphan_stacks
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    gone = tmp_path / "shop-feat-a"
+    bindings = {
+        "80/tcp": [{"HostIp": "", "HostPort": "21412"}],
+        "21402/tcp": [{"HostIp": "", "HostPort": "21402"}, {"HostIp": "::", "HostPort": "21402"}],
+        "21403/tcp": [{"HostIp": "127.0.0.1", "HostPort": "21403"}],
+        "9000/tcp": None,  # exposed, not published
+    }
+    labels = {
+        "com.docker.compose.project": "shop-1",
+        "com.docker.compose.project.working_dir": str(gone),
+    }
+    record = {"Id": "c1", "Name": "/shop-1-web-1", "Config": {"Labels": labels}}
+    record["NetworkSettings"] = {"Ports": bindings}
+    (bin_dir / "inspect.json").write_text(json.dumps([record]))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert compose_publishes("shop-1", 21403) and compose_publishes("shop-1", 21412)
+    assert not compose_publishes("shop-1", 9000) and not compose_publishes("other", 21403)
+    orphans = orphan_stacks()
+    assert [(o.project, o.working_dir, o.ports) for o in orphans] == [
+        ("shop-1", str(gone), (21402, 21403, 21412))
+    ]
+    gone.mkdir()
+    assert orphan_stacks() == []
