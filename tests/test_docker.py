@@ -45,6 +45,7 @@ class Block(Protocol):
 
 
 # A web service that says which compose project it belongs to, and a second service.
+# httpd runs as PID 1, which ignores SIGTERM: a short grace period keeps `down` quick.
 STACK = """\
 services:
   web:
@@ -52,11 +53,13 @@ services:
     command: ["sh", "-c", "echo $$PROJECT > /www/index.html && exec httpd -f -p 80 -h /www"]
     environment:
       PROJECT: ${COMPOSE_PROJECT_NAME:-none}
+    stop_grace_period: 1s
     ports:
       - "${WEB_PORT:-8080}:80"
   db:
     image: portalloc-test-busybox
     command: ["httpd", "-f", "-p", "5432", "-h", "/www"]
+    stop_grace_period: 1s
     ports:
       - "${DB_PORT:-5432}:5432"
 """
