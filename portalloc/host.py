@@ -264,17 +264,28 @@ def compose_stacks(project: str | None = None, timeout: float = 5) -> list[Stack
     ]
 
 
-def orphan_stacks(exists: Callable[[str], bool] = path_exists) -> list[Stack]:
+def orphan_stacks(
+    span: range | None = None, exists: Callable[[str], bool] = path_exists
+) -> list[Stack]:
     """Compose stacks still running after their working directory was removed (a
     worktree deleted while its stack was up): nothing but `docker compose -p NAME
-    down` stops them, and their ports sit in what was the worktree's block."""
-    return [
-        stack
-        for stack in compose_stacks()
-        if stack.working_dir
-        and Path(stack.working_dir).is_absolute()
-        and not exists(stack.working_dir)
-    ]
+    down` stops them, and their ports sit in what was the worktree's block.
+
+    Only stacks that publish a port in SPAN (portalloc's blocks) when given, and whose
+    directory's parent still exists: a stack on a remote daemon (a docker context)
+    records a directory of another machine, which is no orphan of this one.
+    """
+    found = []
+    for stack in compose_stacks():
+        workdir = stack.working_dir
+        if not workdir or not Path(workdir).is_absolute() or exists(workdir):
+            continue
+        if not exists(str(Path(workdir).parent)):
+            continue
+        if span is not None and not any(port in span for port in stack.ports):
+            continue
+        found.append(stack)
+    return found
 
 
 def compose_down(project: str, timeout: float = 120) -> str | None:

@@ -465,5 +465,12 @@ def test_without_the_publish_filter_docker_inspect_answers(
     assert [(o.project, o.working_dir, o.ports) for o in orphans] == [
         ("shop-1", str(gone), (21402, 21403, 21412))
     ]
+    # Only stacks on portalloc's blocks, when they are given.
+    assert orphan_stacks(range(21400, 21500)) == orphans
+    assert orphan_stacks(range(30000, 30100)) == []
     gone.mkdir()
+    assert orphan_stacks() == []
+    # A directory of another machine (a stack on a remote daemon) is no orphan here.
+    labels["com.docker.compose.project.working_dir"] = str(tmp_path / "elsewhere" / "app")
+    (bin_dir / "inspect.json").write_text(json.dumps([record]))
     assert orphan_stacks() == []

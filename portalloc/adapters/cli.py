@@ -249,7 +249,7 @@ def status(json_output: JsonOpt = False) -> None:
     from portalloc.adapters.views import orphans_text
     from portalloc.host import orphan_stacks
 
-    _out(orphans_text(orphan_stacks()))  # compose stacks whose worktree is gone
+    _out(orphans_text(orphan_stacks(_blocks(service.config))))  # stacks whose worktree is gone
 
 
 @app.command(
@@ -469,10 +469,11 @@ def prune(
     from portalloc.host import compose_down, orphan_stacks
 
     with _errors(json_output):
-        reclaimed = cli_service().prune()
+        service = cli_service()
+        reclaimed = service.prune()
     # A stack whose worktree was removed while it ran: its lease is reclaimed above,
     # its containers still hold the block's ports. Only docker's own command stops it.
-    orphans = orphan_stacks()
+    orphans = orphan_stacks(_blocks(service.config))
     failed: dict[str, str] = {}
     for stack in orphans if stop else ():
         problem = compose_down(stack.project)
@@ -504,6 +505,11 @@ def prune(
         _err(f"could not stop {project}: {why}")
     if failed:
         raise typer.Exit(1)
+
+
+def _blocks(config: PortAllocatorConfig) -> range:
+    """Every port of every block portalloc hands out with CONFIG."""
+    return range(config.base, config.base + config.range * config.max_sessions)
 
 
 def _session_or_worktree(session: str | None) -> str:
