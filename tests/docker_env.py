@@ -243,7 +243,11 @@ def daemon(kind: str) -> Docker | str:
     there is none (one sentence, the same for every test)."""
     config = compose_config()
     if isinstance(config, str):
-        return f"no Docker for the compose tests: {config}"
+        return config
+    if kind != "proxy":
+        first = daemon("proxy")  # no daemon at all: the same one reason everywhere
+        if isinstance(first, str):
+            return first
     made = _shared(kind, lambda: _start(kind, config))
     if "reason" in made:
         return str(made["reason"])
