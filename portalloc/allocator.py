@@ -16,8 +16,11 @@ from portalloc.models import (
     LedgerState,
     Owner,
     Profile,
+    hosts,
     render_template,
+    url,
 )
+from portalloc.rules import slug_for
 
 # Home blocks remembered for sessions; the least recently granted forgotten first.
 HISTORY_LIMIT = 10_000
@@ -274,13 +277,20 @@ def _place(
         )
 
     if previous is None:
-        lease = new_lease(request, chosen, now, expires_at, leases.compose_names())
+        lease = new_lease(request, chosen, now, expires_at, leases.compose_names(), leases.slugs())
     else:
         ports = _ports(config.profile, chosen)
         lease = previous._replace(
             start=chosen,
             ports=ports,
-            env=_env(config.profile, ports, previous.compose_project_name, request.session_id),
+            env=_env(
+                config,
+                ports,
+                previous.compose_project_name,
+                request.session_id,
+                previous.slug,
+                previous.bare,
+            ),
             expires_at=expires_at,
             ttl_minutes=config.ttl_minutes,
             owner=request.owner or previous.owner,
@@ -380,17 +390,22 @@ def follow_profile(
     if not name.startswith(prefix + "-") or "-" in name[len(prefix) + 1 :]:
         taken = state.leases.compose_names() - {name}
         name = compose_project_name(existing.session_id, prefix, taken)
-    env = _env(profile, ports, name, existing.session_id)
+    slug = existing.slug
+    if slug is None:  # a lease made before names: it gets one now
+        slug = slug_for(existing.session_id, existing.worktree, state.leases.slugs())
+    named = existing._replace(slug=slug, bare=profile.bare_name)
+    env = _env(config, ports, name, existing.session_id, slug, profile.bare_name)
     same = (
         ports == existing.ports
         and env == existing.env
         and name == existing.compose_project_name
         and config.range == existing.span
+        and named == existing
     )
     in_geometry = _is_block(start, config)
     if same and in_geometry:
         return None
-    lease = existing._replace(span=config.range, ports=ports, env=env, compose_project_name=name)
+    lease = named._replace(span=config.range, ports=ports, env=env, compose_project_name=name)
     changes = "" if same else _changes(existing, lease)
     if not in_geometry:
         return Follow(
@@ -442,6 +457,10 @@ def _changes(old: Lease, new: Lease) -> str:
         parts.append(f"compose project {new.compose_project_name}")
     if new.span != old.span:
         parts.append(f"range {old.span}->{new.span}")
+    if new.slug != old.slug:
+        parts.append(f"name {new.slug}")
+    if new.bare != old.bare:
+        parts.append(f"bare name for {new.bare or 'no port'}")
     return "; ".join(parts) or "reordered ports or variables"
 
 
@@ -464,13 +483,19 @@ def _is_block(start: int, config: PortAllocatorConfig) -> bool:
 
 
 def new_lease(
-    request: Request, start: int, now: datetime, expires_at: datetime, taken_names: set[str]
+    request: Request,
+    start: int,
+    now: datetime,
+    expires_at: datetime,
+    taken_names: set[str],
+    taken_slugs: set[str] | None = None,
 ) -> Lease:
     config = request.config
     profile = config.profile
     ports = _ports(profile, start)
     compose_name = compose_project_name(request.session_id, profile.compose_prefix, taken_names)
-    env = _env(profile, ports, compose_name, request.session_id)
+    slug = slug_for(request.session_id, request.worktree, taken_slugs or set())
+    env = _env(config, ports, compose_name, request.session_id, slug, profile.bare_name)
     return Lease(
         session_id=request.session_id,
         start=start,
@@ -484,6 +509,8 @@ def new_lease(
         owner=request.owner if request.user is None or request.keep else request.user,
         worktree=request.worktree,
         guests=(request.user,) if request.user is not None and request.keep else (),
+        slug=slug,
+        bare=profile.bare_name,
     )
 
 
@@ -492,9 +519,19 @@ def _ports(profile: Profile, start: int) -> tuple[tuple[str, int], ...]:
 
 
 def _env(
-    profile: Profile, ports: tuple[tuple[str, int], ...], compose_name: str, session_id: str
+    config: PortAllocatorConfig,
+    ports: tuple[tuple[str, int], ...],
+    compose_name: str,
+    session_id: str,
+    slug: str | None,
+    bare: str | None,
 ) -> tuple[tuple[str, str], ...]:
+    """The profile's variables for a lease with PORTS, compose project, session, SLUG and
+    BARE (the port its bare name answers for)."""
     fields = {f"{name}_port": str(port) for name, port in ports}
+    for name, host in hosts(slug, ports, bare).items():
+        if name:
+            fields[f"{name}_url"] = url(host, config.proxy_port)
     fields["compose_project_name"] = compose_name
     fields["session_id"] = session_id
-    return tuple((name, render_template(template, fields)) for name, template in profile.env)
+    return tuple((name, render_template(template, fields)) for name, template in config.profile.env)

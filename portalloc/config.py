@@ -5,14 +5,19 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+
+# A frozen dataclass without importing dataclasses: `portalloc env` builds one.
+from portalloc.records import dataclass, field, replace
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 from portalloc.errors import ConfigError, ProfileError
 from portalloc.models import DEFAULT_PROFILE, Profile
 from portalloc.profile import ProjectFile, find_project_file, load_project_file
-from portalloc.rules import MAX_TTL_MINUTES
+from portalloc.rules import DEFAULT_PROXY_PORT, MAX_TTL_MINUTES
 
 MAX_PORT = 65535
 
@@ -23,8 +28,9 @@ ENV_MAX = "PORT_ALLOC_MAX_SESSIONS"
 ENV_STATE_DIR = "PORTALLOC_STATE_DIR"
 ENV_LOCK_TIMEOUT = "PORTALLOC_LOCK_TIMEOUT"
 ENV_SKIP_PORT_CHECK = "PORTALLOC_SKIP_PORT_CHECK"
+ENV_PROXY_PORT = "PORTALLOC_PROXY_PORT"
 # The smallest value each integer setting accepts (range also needs the profile's span).
-MINIMUMS = {"base": 1024, "range": 4, "ttl_minutes": 1, "max_sessions": 1}
+MINIMUMS = {"base": 1024, "range": 4, "ttl_minutes": 1, "max_sessions": 1, "proxy_port": 1}
 
 
 def default_state_dir() -> Path:
@@ -45,6 +51,8 @@ class PortAllocatorConfig:
     lock_timeout: float = 10.0
     skip_port_check: bool = False
     profile: Profile = DEFAULT_PROFILE
+    # The port of `portalloc proxy` (Caddy), in every named URL.
+    proxy_port: int = DEFAULT_PROXY_PORT
     # Where each value came from ("PORT_ALLOC_BASE", "--ttl", "portalloc.toml: base"),
     # so an error names what the user has to change.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -84,6 +92,11 @@ class PortAllocatorConfig:
             label("max_sessions", ENV_MAX), self.max_sessions, MINIMUMS["max_sessions"], None
         )
         self._check_span(label)
+        _check_int(label("proxy_port", ENV_PROXY_PORT), self.proxy_port, 1, MAX_PORT)
+        if "proxy_port" in self.sources or self.profile.urls:
+            # Chosen, or in URLs the profile asks for: it must not be a block's port.
+            # (The default in someone's other span is refused by `proxy start` alone.)
+            self.check_proxy_port()
         timeout = self.lock_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise ConfigError(
@@ -127,6 +140,16 @@ class PortAllocatorConfig:
         _check_int(
             label("range", ENV_RANGE), self.range, self.min_range, top - self.base, why_max=why
         )
+
+    def check_proxy_port(self) -> None:
+        """Raise ConfigError when the proxy port lies in the span of blocks."""
+        if self.base <= self.proxy_port <= self.span_end:
+            raise ConfigError(
+                self.sources.get("proxy_port", ENV_PROXY_PORT),
+                self.proxy_port,
+                f"lies inside the blocks' span {self.base}-{self.span_end}; "
+                "choose a port outside it",
+            )
 
     @property
     def min_range(self) -> int:
@@ -176,6 +199,7 @@ class PortAllocatorConfig:
             ("range", ENV_RANGE),
             ("ttl_minutes", ENV_TTL),
             ("max_sessions", ENV_MAX),
+            ("proxy_port", ENV_PROXY_PORT),
         ):
             raw = env.get(name)
             if raw is not None:

@@ -30,13 +30,14 @@ from portalloc.models import Lease, Leases, LedgerState, Owner, isoformat, parse
 from portalloc.rules import (
     has_unprintable,
     lease_problem,
+    slug_for,
     validate_session_id,
 )
 
 if TYPE_CHECKING:
     import filelock
 
-LEDGER_VERSION = 2
+LEDGER_VERSION = 3
 # Short: under contention filelock's default 50 ms poll is mostly idle waiting.
 LOCK_POLL_SECONDS = 0.002
 # ... and then back off, with jitter, up to this.
@@ -61,6 +62,8 @@ class RawLease(TypedDict):
     owner: RawOwner | None
     worktree: str | None
     guests: list[RawOwner]
+    slug: str | None
+    bare: str | None
 
 
 class RawFile(TypedDict):
@@ -120,8 +123,28 @@ def _v1_to_v2(document: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _v2_to_v3(document: dict[str, Any]) -> dict[str, Any]:
+    # v3 gives every lease a name (its slug, unique among the leases, in file order)
+    # and no bare name. What is not a lease is left for the load to refuse.
+    leases = document.get("leases")
+    if isinstance(leases, list):
+        taken: set[str] = set()
+        named: list[object] = []
+        for raw in leases:
+            if type(raw) is dict and type(raw.get("session_id")) is str and "slug" not in raw:
+                worktree = raw.get("worktree")
+                slug = slug_for(
+                    raw["session_id"], worktree if type(worktree) is str else None, taken
+                )
+                taken.add(slug)
+                raw = {**raw, "slug": slug, "bare": None}
+            named.append(raw)
+        leases = named
+    return {**document, "version": 3, "leases": leases}
+
+
 # version -> function turning that version's document into the next version's.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def migrate(document: object) -> dict[str, Any]:
@@ -169,6 +192,8 @@ def lease_to_raw(lease: Lease) -> RawLease:
         "owner": None if lease.owner is None else _owner_to_raw(lease.owner),
         "worktree": lease.worktree,
         "guests": [_owner_to_raw(guest) for guest in lease.guests],
+        "slug": lease.slug,
+        "bare": lease.bare,
     }
 
 
@@ -214,6 +239,9 @@ def lease_from_raw(raw: object) -> Lease:
         if type(guests_raw) is not list:
             raise _Malformed("'guests' must be a list")
         guests = tuple(map(_owner_from_raw, guests_raw))
+        slug, bare = raw.get("slug"), raw.get("bare")
+        if not (slug is None or type(slug) is str) or not (bare is None or type(bare) is str):
+            raise _Malformed("'slug' and 'bare' must be strings")
         # Positional: a thousand keyword constructions cost a few milliseconds more.
         lease = Lease(
             session_id,
@@ -228,6 +256,8 @@ def lease_from_raw(raw: object) -> Lease:
             owner,
             worktree,
             guests,
+            slug,
+            bare,
         )
     except KeyError as exc:
         raise _Malformed(f"a lease lacks {exc.args[0]!r}") from None
@@ -365,7 +395,7 @@ def read_lease(path: Path, session_id: str) -> Lease | None:
 # The index: what save() knew of each lease of the file it wrote, kept beside the file
 # for the user who wrote it. With it a write at ten thousand leases parses only the
 # leases it touches and copies the others into the new file as the bytes they were.
-_INDEX_MAGIC = b"portalloc-index 1 python %d.%d marshal %d\n" % (
+_INDEX_MAGIC = b"portalloc-index 2 python %d.%d marshal %d\n" % (
     *sys.version_info[:2],
     marshal.version,
 )
@@ -387,6 +417,7 @@ class _Index(NamedTuple):
     leases_end: int  # where the `]` closing the leases list sits
     homes: dict[str, int]  # as in the file, from leases_end + len(_HOMES) on
     files_at: int  # where `,"files":` starts
+    slugs: list[str]  # each lease's slug, '' for none
 
 
 def _stat_key(info: os.stat_result) -> tuple[int, ...]:
@@ -556,6 +587,12 @@ class _IndexedLeases(Leases):
         kept = {name for position, name in enumerate(names) if position not in touched}
         return kept | {lease.compose_project_name for lease in self._fresh()}
 
+    def slugs(self) -> set[str]:
+        slugs = self._file.index.slugs
+        touched = self._touched()
+        kept = {slug for position, slug in enumerate(slugs) if slug and position not in touched}
+        return kept | {lease.slug for lease in self._fresh() if lease.slug is not None}
+
     def due(self, now: datetime) -> list[Lease]:
         # The index says from when each lease of the file can be due: only those are
         # parsed (a second early, so a rounding never hides one), then asked exactly,
@@ -637,7 +674,7 @@ class _Encoder:
         # Views into the file read, not copies: at 5 MiB each copy shows in the bench.
         self.parts: list[bytes | memoryview] = [_PREFIX.encode()]
         self.offset = len(_PREFIX)
-        self.index = _Index([], [], [], [], [], [], 0, {}, 0)
+        self.index = _Index([], [], [], [], [], [], 0, {}, 0, [])
 
     def _place(self, text: bytes | memoryview) -> int:
         if len(self.parts) > 1:
@@ -656,6 +693,7 @@ class _Encoder:
         index.starts.append(lease.start)
         index.ends.append(lease.end)
         index.names.append(lease.compose_project_name)
+        index.slugs.append(lease.slug or "")
         index.due.append(_due_second(lease))
         index.bounds.extend((start, start + len(text)))
 
@@ -682,6 +720,7 @@ class _Encoder:
         index.starts.extend([lease.start for lease in leases])
         index.ends.extend([lease.end for lease in leases])
         index.names.extend([lease.compose_project_name for lease in leases])
+        index.slugs.extend([lease.slug or "" for lease in leases])
         index.due.extend(map(_due_second, leases))
 
     def add_run(self, written: _Written, first: int, stop: int) -> None:
@@ -697,6 +736,7 @@ class _Encoder:
         index.starts.extend(source.starts[first:stop])
         index.ends.extend(source.ends[first:stop])
         index.names.extend(source.names[first:stop])
+        index.slugs.extend(source.slugs[first:stop])
         index.due.extend(source.due[first:stop])
         index.bounds.extend([bound + shift for bound in bounds[2 * first : 2 * stop]])
 
@@ -1108,7 +1148,8 @@ class Ledger:
         except (ValueError, TypeError, EOFError):
             return None
         count = len(index.ids)
-        if not all(len(column) == count for column in index[1:5]) or len(index.bounds) != 2 * count:
+        columns = (*index[1:5], index.slugs)
+        if not all(len(column) == count for column in columns) or len(index.bounds) != 2 * count:
             return None
         return index
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import string
 from bisect import bisect_right
-from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
-from dataclasses import dataclass
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from portalloc.render import render_sh
+from portalloc.rules import DEFAULT_PROXY_PORT, URL_DOMAIN, port_label
 
 HeldWhile = Literal["pid", "worktree", "ttl"]
 
@@ -67,13 +68,21 @@ class Profile(NamedTuple):
     manifest: str | None = None
     # How many [env] entries of an untrusted project file wait for `portalloc trust`.
     waiting: int = 0
+    # `urls = true`: each port also gets `<NAME>_URL`; `bare_name`: the port that
+    # answers the session's bare name, `<slug>.localhost`.
+    urls: bool = False
+    bare_name: str | None = None
 
     @property
     def span_needed(self) -> int:
         return max(offset for _name, offset in self.ports) + 1
 
     def allowed_fields(self) -> set[str]:
-        return {f"{name}_port" for name, _ in self.ports} | {"compose_project_name", "session_id"}
+        return (
+            {f"{name}_port" for name, _ in self.ports}
+            | {f"{name}_url" for name, _ in self.ports if port_label(name)}
+            | {"compose_project_name", "session_id"}
+        )
 
 
 DEFAULT_PROFILE = Profile(
@@ -113,6 +122,9 @@ class Lease(NamedTuple):
     # `portalloc run` processes using a lease they did not make: while any of them
     # lives the lease stays, whatever its own anchor says.
     guests: tuple[Owner, ...] = ()
+    # Its names: `<port>.<slug>.localhost`, and `<slug>.localhost` for the port BARE.
+    slug: str | None = None
+    bare: str | None = None
 
     @property
     def end(self) -> int:
@@ -144,6 +156,33 @@ class Lease(NamedTuple):
             return "worktree"
         return "ttl"
 
+    def hosts(self) -> dict[str, str]:
+        """Port name -> its host name, `web.feat-a.localhost` (none without a slug); the
+        bare name `feat-a.localhost` is filed under ''."""
+        return hosts(self.slug, self.ports, self.bare)
+
+
+def hosts(slug: str | None, ports: Iterable[tuple[str, int]], bare: str | None) -> dict[str, str]:
+    """Port name -> host name for a lease with SLUG: a port whose name is no DNS label,
+    or shares its label with an earlier port, has none; BARE's port also answers at
+    `<slug>.localhost`, filed under ''."""
+    if slug is None:
+        return {}
+    found: dict[str, str] = {}
+    seen: set[str] = set()
+    for name, _port in ports:
+        label = port_label(name)
+        if label is not None and label not in seen:
+            seen.add(label)
+            found[name] = f"{label}.{slug}.{URL_DOMAIN}"
+    if bare is not None and bare in found:
+        found[""] = f"{slug}.{URL_DOMAIN}"
+    return found
+
+
+def url(host: str, proxy_port: int) -> str:
+    return f"http://{host}:{proxy_port}"
+
 
 @dataclass(frozen=True)
 class PortAllocation:
@@ -163,10 +202,21 @@ class PortAllocation:
     held_while: HeldWhile = "ttl"
     guests: tuple[int, ...] = ()
     home_block: int | None = None
+    slug: str | None = None
+    # Port name -> `http://<port>.<slug>.localhost:<proxy port>`, and the bare name's.
+    urls: dict[str, str] = field(default_factory=dict)
+    url: str | None = None
 
     @classmethod
-    def from_lease(cls, lease: Lease, now: datetime, home: int | None = None) -> PortAllocation:
+    def from_lease(
+        cls,
+        lease: Lease,
+        now: datetime,
+        home: int | None = None,
+        proxy_port: int = DEFAULT_PROXY_PORT,
+    ) -> PortAllocation:
         remaining = max(0.0, (lease.expires_at - now).total_seconds() / 60)
+        names = lease.hosts()
         return cls(
             session_id=lease.session_id,
             ports=dict(lease.ports),
@@ -182,15 +232,23 @@ class PortAllocation:
             held_while=lease.held_while,
             guests=tuple(guest.pid for guest in lease.guests),
             home_block=home,
+            slug=lease.slug,
+            urls={name: url(host, proxy_port) for name, host in names.items() if name},
+            url=url(names[""], proxy_port) if "" in names else None,
         )
 
-    def __getattr__(self, name: str) -> int:
-        # `a.rest_port` for whatever ports the profile names.
+    def __getattr__(self, name: str) -> Any:
+        # `a.rest_port` and `a.rest_url` for whatever ports the profile names.
         if name.endswith("_port"):
             ports = self.__dict__.get("ports", {})
             if name[: -len("_port")] in ports:
                 port: int = ports[name[: -len("_port")]]
                 return port
+        if name.endswith("_url"):
+            urls = self.__dict__.get("urls", {})
+            if name[: -len("_url")] in urls:
+                found: str = urls[name[: -len("_url")]]
+                return found
         raise AttributeError(name)
 
     @property
@@ -213,6 +271,9 @@ class PortAllocation:
             held_while=self.held_while,
             guests=list(self.guests),
             home_block=self.home_block,
+            slug=self.slug,
+            urls=self.urls,
+            url=self.url,
             env=self.env,
         )
         return data
@@ -293,6 +354,9 @@ class Leases(Mapping[str, Lease]):
 
     def compose_names(self) -> set[str]:
         return {lease.compose_project_name for lease in self._by_id.values()}
+
+    def slugs(self) -> set[str]:
+        return {lease.slug for lease in self._by_id.values() if lease.slug is not None}
 
     def due(self, now: datetime) -> list[Lease]:
         """The leases a reclaim at NOW must look at: each one whose anchor may be gone

@@ -19,9 +19,10 @@ from portalloc.rules import (
     SHELL_NAME,
     forbidden_variable,
     has_unprintable,
+    port_label,
 )
 
-SETTINGS = ("base", "range", "ttl_minutes", "max_sessions")
+SETTINGS = ("base", "range", "ttl_minutes", "max_sessions", "proxy_port")
 FILE_KEYS = ("env_file", "manifest")
 
 
@@ -68,6 +69,43 @@ def safe_entry(variable: str, template: str, fields: set[str]) -> bool:
     if CONTAINER_VARIABLE.fullmatch(variable):
         return _CONTAINER_TEMPLATE.fullmatch(template) is not None
     return False
+
+
+def _default_env(
+    path: Path, prefix: str, ports: tuple[tuple[str, int], ...]
+) -> tuple[tuple[str, str], ...]:
+    """The variables of a file with ports and no [env]: `<NAME>_PORT` and the project."""
+    env = (
+        *((f"{name.upper()}_PORT", "{" + name + "_port}") for name, _ in ports),
+        ("COMPOSE_PROJECT_NAME", "{compose_project_name}"),
+    )
+    variables = [variable for variable, _ in env]
+    if len(set(variables)) != len(variables):
+        raise ProfileError(
+            path,
+            prefix + "ports",
+            "two ports differ only in case, so they would export one variable "
+            "(rename one, or list the variables in an env table)",
+        )
+    return env
+
+
+def _url_keys(
+    path: Path, prefix: str, table: Mapping[str, Any], ports: tuple[tuple[str, int], ...]
+) -> tuple[bool, str | None]:
+    """`urls` (whether each port gets `<NAME>_URL`) and `bare_name` (the port answering
+    the bare `<slug>.localhost`), checked."""
+    urls = table.get("urls", False)
+    if not isinstance(urls, bool):
+        raise ProfileError(path, prefix + "urls", "must be true or false")
+    bare = table.get("bare_name")
+    if bare is not None:
+        names = [name for name, _ in ports if port_label(name)]
+        if not isinstance(bare, str) or bare not in names:
+            raise ProfileError(
+                path, prefix + "bare_name", f"must name a port ({', '.join(names) or 'none'})"
+            )
+    return urls, bare
 
 
 def find_project_file(start: Path) -> Path | None:
@@ -157,6 +195,8 @@ def load_project_file(
         "env",
         "env_file",
         "manifest",
+        "urls",
+        "bare_name",
     }
     for key in table:
         if key not in known:
@@ -204,13 +244,18 @@ def load_project_file(
         custom = True
 
     profile_fields = Profile(ports=ports, env=()).allowed_fields()
+    urls, bare_name = _url_keys(path, prefix, table, ports)
+    custom = custom or urls or bare_name is not None
     waiting: tuple[tuple[str, str], ...] = ()
     trusted = False
-    if "env" in table:
-        raw_env = table["env"]
-        if not isinstance(raw_env, dict) or not raw_env:
+    if "env" in table or urls:
+        raw_env = table.get("env", {})
+        if not isinstance(raw_env, dict) or ("env" in table and not raw_env):
             raise ProfileError(path, prefix + "env", "must be a table of VARIABLE = template")
         parsed_env: list[tuple[str, str]] = []
+        if "env" not in table:
+            # `urls = true` alone: the variables a file without [env] gives, and the URLs.
+            parsed_env = list(_default_env(path, prefix, ports) if "ports" in table else [])
         for variable, template in raw_env.items():
             key = f"{prefix}env.{variable}"
             if not SHELL_NAME.fullmatch(variable):
@@ -234,6 +279,16 @@ def load_project_file(
                 # hostile project file would plant one: every variable carries a field.
                 raise ProfileError(path, key, f"template must use a field ({allowed})")
             parsed_env.append((variable, template))
+        if urls:
+            # `<NAME>_URL = "{<name>_url}"` for each port with a name, unless [env] sets
+            # that variable itself. A URL is no safe shape: it waits for trust like any
+            # entry of [env], and a name the second wall refuses is refused here too.
+            named = {variable for variable, _template in parsed_env}
+            parsed_env += [
+                (f"{name.upper()}_URL", "{" + name + "_url}")
+                for name, _offset in ports
+                if port_label(name) and f"{name.upper()}_URL" not in named
+            ]
         fields = profile_fields - {"session_id"}
         unsafe = [entry for entry in parsed_env if not safe_entry(*entry, fields)]
         if unsafe:
@@ -246,28 +301,22 @@ def load_project_file(
                         # The second wall: refused even from a file the user trusted.
                         raise ProfileError(
                             path,
-                            f"{prefix}env.{variable}",
+                            f"{prefix}env.{variable}" if variable in raw_env else prefix + "urls",
                             "changes how shells, loaders or interpreters behave; a "
                             "project file may not set it, trusted or not",
                         )
             else:
                 waiting = tuple(unsafe)
                 parsed_env = [entry for entry in parsed_env if entry not in unsafe]
-        env = tuple(parsed_env)
+        env = tuple(parsed_env) if "env" in table or "ports" in table else None
+        if env is None:
+            # The default profile's variables with the URLs of its ports: only the URL
+            # entries are this file's, and they may wait for trust.
+            added = tuple(entry for entry in parsed_env if entry not in DEFAULT_PROFILE.env)
+            env = (*DEFAULT_PROFILE.env, *added)
         custom = True
     elif "ports" in table:
-        env = (
-            *((f"{name.upper()}_PORT", "{" + name + "_port}") for name, _ in ports),
-            ("COMPOSE_PROJECT_NAME", "{compose_project_name}"),
-        )
-        variables = [variable for variable, _ in env]
-        if len(set(variables)) != len(variables):
-            raise ProfileError(
-                path,
-                prefix + "ports",
-                "two ports differ only in case, so they would export one variable "
-                "(rename one, or list the variables in an env table)",
-            )
+        env = _default_env(path, prefix, ports)
 
     profile = None
     files = {
@@ -282,5 +331,7 @@ def load_project_file(
             env_file=files.get("env_file"),
             manifest=files.get("manifest"),
             waiting=len(waiting),
+            urls=urls,
+            bare_name=bare_name,
         )
     return ProjectFile(values, sources, profile, waiting, trusted, raw)

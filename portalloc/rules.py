@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from functools import cache
-from typing import TYPE_CHECKING
 
 from portalloc.errors import InvalidSessionId
 
+TYPE_CHECKING = False  # `typing` costs start-up time on the read path (bench/README.md)
 if TYPE_CHECKING:
     from portalloc.models import Lease
 
@@ -104,6 +104,48 @@ CONTAINER_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*_CONTAINER_NAME")
 CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 PORT_VALUE = re.compile(r"[0-9]{1,5}")
 COMPOSE_PROJECT_VARIABLE = "COMPOSE_PROJECT_NAME"
+
+
+# Named URLs (`http://<port>.<slug>.localhost:<proxy port>`): every part of a host name
+# is a DNS label, lowercase, by construction. The default proxy port lies below the
+# default span (10000-11999), below every OS's ephemeral range (32768 and up) and above
+# the privileged ports: nothing portalloc hands out, and nothing the kernel picks for an
+# outgoing connection, ever holds it.
+DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+DEFAULT_PROXY_PORT = 9999
+URL_DOMAIN = "localhost"
+
+
+def dns_label(text: str) -> str:
+    """TEXT as a DNS label: ASCII letters and digits lowercased, every other run of
+    characters one `-`, at most 63 characters; '' when nothing is left."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")[:63].rstrip("-")
+
+
+def port_label(name: str) -> str | None:
+    """The DNS label of port NAME (`web_3000` -> `web-3000`), or None when it has none."""
+    label = name.lower().replace("_", "-")
+    return label if DNS_LABEL.fullmatch(label) else None
+
+
+def slug_for(session_id: str, worktree: str | None, taken: set[str]) -> str:
+    """The session's slug: the DNS label of its worktree's directory name (or of the
+    session id's last path component), with hex digits of the id's SHA-256 added when
+    another session holds that label (TAKEN)."""
+    source = (worktree or session_id).replace("\\", "/").rstrip("/")
+    base = dns_label(source.rsplit("/", 1)[-1] or source) or "session"
+    if base not in taken:
+        return base
+    import hashlib
+
+    digest = hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
+    for length in range(8, len(digest) + 1):
+        head = base[: 63 - length - 1].rstrip("-") or "s"
+        slug = f"{head}-{digest[:length]}"
+        if slug not in taken:
+            return slug
+    raise AssertionError("two distinct session ids share a full SHA-256")  # pragma: no cover
 
 
 # Unicode category Cc (control characters) and Cs (lone surrogates), searched in C:
@@ -202,6 +244,10 @@ def lease_problem(lease: Lease) -> str | None:
             return f"{who} sets variable {name!r}, which {problem}"
     if not COMPOSE_NAME.fullmatch(lease.compose_project_name):
         return f"{who} has a bad compose project name"
+    if lease.slug is not None and not DNS_LABEL.fullmatch(lease.slug):
+        return f"{who} has a slug that is not a DNS label"
+    if lease.bare is not None and lease.bare not in dict(lease.ports):
+        return f"{who} names a port it does not have for its bare name"
     if lease.worktree is not None and (not lease.worktree or has_unprintable(lease.worktree)):
         return f"{who} has a bad worktree path"
     for owner in (lease.owner, *lease.guests):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from portalloc.adapters import cli, entry
-from portalloc.ledger import dump
+from portalloc.ledger import LEDGER_VERSION, dump
 from portalloc.models import isoformat
 
 SESSIONS = ["s", "/home/me/my worktree", "=ls", "ünï 🚀", 'it\'s "q" $(x)']
@@ -45,6 +45,8 @@ def lease(session_id: str, start: int, **changes: object) -> dict[str, object]:
         "owner": None,
         "worktree": None,
         "guests": [],
+        "slug": None,
+        "bare": None,
     }
     raw.update(changes)
     return raw
@@ -54,7 +56,7 @@ def save(state_dir: Path, *leases: dict[str, object]) -> None:
     """The ledger exactly as portalloc's save() writes it."""
     state_dir.mkdir(parents=True, exist_ok=True)
     document = {
-        "version": 2,
+        "version": LEDGER_VERSION,
         "leases": list(leases),
         "homes": {str(x["session_id"]): x["start"] for x in leases},
         "files": {},
@@ -249,7 +251,7 @@ def test_full_ledger_error_is_the_same_one_line(state_dir: Path) -> None:
 
 
 def _raw_document(*leases: dict[str, object], **extra: object) -> dict[str, object]:
-    return {"version": 2, "leases": list(leases), "homes": {}, "files": {}, **extra}
+    return {"version": LEDGER_VERSION, "leases": list(leases), "homes": {}, "files": {}, **extra}
 
 
 def _hand_edited(tmp_path: Path) -> dict[str, bytes]:
@@ -272,7 +274,7 @@ def _hand_edited(tmp_path: Path) -> dict[str, bytes]:
         "overlapping": _compact(_raw_document(lease("b", 10200, span=200), lease("a", 10300))),
         "escaped-duplicate": escaped.encode(),
         "newer-version-key-later": json.dumps(_raw_document(a), separators=(",", ":"))
-        .replace('"files":{}', '"files":{},"version":3')
+        .replace('"files":{}', f'"files":{{}},"version":{LEDGER_VERSION + 1}')
         .encode(),
         "broken-after-the-lease": json.dumps(_raw_document(a), separators=(",", ":")).encode()[:-1],
         "extra-top-level-key": _compact({**_raw_document(b), "zzz": a}),

@@ -181,6 +181,19 @@ def test_every_ledger_version_migrates_to_the_same_state(version: int, tmp_path:
     assert list(state.leases) == ["/src/shop-a"]
     assert state.homes == {"gone": 10100, "/src/shop-a": 10000, "old": 10200}
     assert state.leases["/src/shop-a"].guests == ()
+    assert state.leases["/src/shop-a"].slug == "shop-a"  # v3: every lease has a name
+
+
+def test_v2_leases_get_distinct_names_in_file_order() -> None:
+    """The v2 -> v3 migration names two worktrees of one directory name apart."""
+    from portalloc.ledger import migrate, parse_document
+
+    fixture = Path(__file__).parent / "fixtures" / "ledger-v2-same-names.json"
+    state = parse_document(migrate(json.loads(fixture.read_text()))).state
+    slugs = {session: lease.slug for session, lease in state.leases.items()}
+    assert slugs["/src/a/feat"] == "feat"
+    assert slugs["/src/b/feat"] is not None and slugs["/src/b/feat"].startswith("feat-")
+    assert all(lease.bare is None for lease in state.leases.values())
 
 
 def test_a_long_lived_service_parses_the_ledger_again_only_when_it_changed(
