@@ -7,17 +7,17 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from portalloc.errors import ConfigError, ProfileError
+from portalloc.models import DEFAULT_PROFILE, Profile
+from portalloc.profile import ProjectFile, find_project_file, load_project_file
+
 # A frozen dataclass without importing dataclasses: `portalloc env` builds one.
 from portalloc.records import dataclass, field, replace
+from portalloc.rules import DEFAULT_PROXY_PORT, MAX_TTL_MINUTES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-from portalloc.errors import ConfigError, ProfileError
-from portalloc.models import DEFAULT_PROFILE, Profile
-from portalloc.profile import ProjectFile, find_project_file, load_project_file
-from portalloc.rules import DEFAULT_PROXY_PORT, MAX_TTL_MINUTES
 
 MAX_PORT = 65535
 
