@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from itertools import chain
-from typing import Literal, NamedTuple
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable
@@ -20,14 +19,20 @@ from portalloc.models import (
     render_template,
     url,
 )
+from portalloc.records import NamedTuple  # typing's costs the read path start-up time
 from portalloc.rules import slug_for
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
 
 # Home blocks remembered for sessions; the least recently granted forgotten first.
 HISTORY_LIMIT = 10_000
 # Files portalloc wrote for one session (manifests, env files), newest kept.
 FILES_LIMIT = 8
 
-ReclaimReason = Literal["expired", "owner_dead", "worktree_gone"]
+if TYPE_CHECKING:
+    ReclaimReason = Literal["expired", "owner_dead", "worktree_gone"]
 
 
 class Reclaimed(NamedTuple):

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 from portalloc.errors import ConfigError, ProfileError
 from portalloc.models import DEFAULT_PROFILE, Profile
 from portalloc.profile import ProjectFile, find_project_file, load_project_file
-
-# A frozen dataclass without importing dataclasses: `portalloc env` builds one.
-from portalloc.records import dataclass, field, replace
 from portalloc.rules import DEFAULT_PROXY_PORT, MAX_TTL_MINUTES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
 MAX_PORT = 65535
@@ -34,37 +32,116 @@ MINIMUMS = {"base": 1024, "range": 4, "ttl_minutes": 1, "max_sessions": 1, "prox
 
 
 def default_state_dir() -> Path:
+    from pathlib import Path
+
     import platformdirs
 
     return Path(platformdirs.user_state_dir("portalloc", appauthor=False))
 
 
-@dataclass(frozen=True)
 class PortAllocatorConfig:
-    """Validated settings. Build it with `from_env()`; direct construction validates too."""
+    """Validated settings. Build it with `from_env()`; direct construction validates too.
 
-    base: int = 10000
-    range: int = 100
-    ttl_minutes: int = 120
-    max_sessions: int = 20
-    state_dir: Path = field(default_factory=default_state_dir)
-    lock_timeout: float = 10.0
-    skip_port_check: bool = False
-    profile: Profile = DEFAULT_PROFILE
+    Frozen, compared and hashed by value as a frozen dataclass is, but written out: the
+    read path (`portalloc env`) builds one on every call, and a state dir given as a
+    string stays one until something asks for `state_dir`, so that neither
+    `dataclasses` nor `pathlib` is imported for it (bench/README.md).
+    """
+
+    base: int
+    range: int
+    ttl_minutes: int
+    max_sessions: int
+    lock_timeout: float
+    skip_port_check: bool
+    profile: Profile
     # The port of `portalloc proxy` (Caddy), in every named URL.
-    proxy_port: int = DEFAULT_PROXY_PORT
+    proxy_port: int
     # Where each value came from ("PORT_ALLOC_BASE", "--ttl", "portalloc.toml: base"),
     # so an error names what the user has to change.
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    sources: Mapping[str, str]
+    _FIELDS = (
+        "base", "range", "ttl_minutes", "max_sessions", "state_dir", "lock_timeout",
+        "skip_port_check", "profile", "proxy_port",
+    )  # fmt: skip
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.state_dir, Path):
+    def __init__(
+        self,
+        base: int = 10000,
+        range: int = 100,
+        ttl_minutes: int = 120,
+        max_sessions: int = 20,
+        state_dir: Path | str | None = None,  # None: default_state_dir()
+        lock_timeout: float = 10.0,
+        skip_port_check: bool = False,
+        profile: Profile = DEFAULT_PROFILE,
+        proxy_port: int = DEFAULT_PROXY_PORT,
+        sources: Mapping[str, str] | None = None,
+    ) -> None:
+        if state_dir is None:
+            state_dir = default_state_dir()
+        elif not _is_path(state_dir):
             # The Python API may pass a string; hold it to the rules of the variable.
-            raw: object = self.state_dir
+            raw: object = state_dir
             if not isinstance(raw, str) or not raw.strip():
                 raise ConfigError(ENV_STATE_DIR, repr(raw), "must be a directory path")
-            object.__setattr__(self, "state_dir", _expand_dir(raw))
+            state_dir = _expand_dir(raw)
+        values = {
+            "base": base,
+            "range": range,
+            "ttl_minutes": ttl_minutes,
+            "max_sessions": max_sessions,
+            "_state_dir": state_dir,
+            "lock_timeout": lock_timeout,
+            "skip_port_check": skip_port_check,
+            "profile": profile,
+            "proxy_port": proxy_port,
+            "sources": {} if sources is None else sources,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self._check()
 
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PortAllocatorConfig) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"{type(self).__name__}({shown})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (*self._arguments(), self.sources))
+
+    def _arguments(self) -> tuple[object, ...]:
+        """What __init__ takes to make this config again, sources aside."""
+        raw = self.__dict__["_state_dir"]
+        return tuple(raw if name == "state_dir" else getattr(self, name) for name in self._FIELDS)
+
+    @property
+    def state_dir(self) -> Path:
+        raw: Path | str = self.__dict__["_state_dir"]
+        if isinstance(raw, str):
+            from pathlib import Path
+
+            raw = Path(raw)
+            object.__setattr__(self, "_state_dir", raw)
+        return raw
+
+    def _check(self) -> None:
         def label(key: str, env_name: str) -> str:
             return self.sources.get(key, env_name)
 
@@ -160,15 +237,21 @@ class PortAllocatorConfig:
         return self.state_dir / "leases.json"
 
     @property
+    def ledger_file(self) -> str:
+        """The ledger's path as a string: what the read path opens, without pathlib."""
+        return os.path.join(self.__dict__["_state_dir"], "leases.json")  # noqa: PTH118
+
+    @property
     def span_end(self) -> int:
         return self.base + self.range * self.max_sessions - 1
 
     def with_ttl(self, ttl_minutes: int | None, source: str = "--ttl") -> PortAllocatorConfig:
         if ttl_minutes is None:
             return self
-        return replace(
-            self, ttl_minutes=ttl_minutes, sources={**self.sources, "ttl_minutes": source}
-        )
+        values = dict(zip(self._FIELDS, self._arguments(), strict=True))
+        values["ttl_minutes"] = ttl_minutes
+        values["sources"] = {**self.sources, "ttl_minutes": source}
+        return type(self)(**values)  # type: ignore[arg-type]
 
     @classmethod
     def from_env(
@@ -185,7 +268,7 @@ class PortAllocatorConfig:
         if use_project_file:
             found = None
             try:
-                found = find_project_file(cwd or Path.cwd())
+                found = find_project_file(cwd or os.getcwd())  # noqa: PTH109 (no pathlib)
             except FileNotFoundError:
                 pass  # the current directory was deleted: no project file to find
             if found is not None:
@@ -236,9 +319,11 @@ class PortAllocatorConfig:
 
 def state_dir_for(env: Mapping[str, str]) -> Path:
     """The state dir the environment names (PORTALLOC_STATE_DIR), else the default."""
+    from pathlib import Path
+
     raw = env.get(ENV_STATE_DIR)
     if raw is not None and raw.strip():
-        return _expand_dir(raw)
+        return Path(_expand_dir(raw))
     return default_state_dir()
 
 
@@ -254,13 +339,21 @@ def trust_dir_for(env: Mapping[str, str]) -> Path | None:
     return trust_dir(state, None)
 
 
-def _expand_dir(raw: str) -> Path:
-    try:
-        return Path(raw).expanduser()
-    except RuntimeError:  # `~nosuchuser/...`
-        raise ConfigError(
-            ENV_STATE_DIR, raw, "names a home directory that does not exist"
-        ) from None
+def _expand_dir(raw: str) -> str:
+    """RAW with a leading `~` or `~user` expanded, as Path.expanduser() does it."""
+    if not raw.startswith("~"):
+        return raw
+    first, slash, rest = raw.partition(os.sep)
+    home = os.path.expanduser(first)  # noqa: PTH111 (no pathlib on the read path)
+    if home.startswith("~"):  # `~nosuchuser/...`
+        raise ConfigError(ENV_STATE_DIR, raw, "names a home directory that does not exist")
+    return home + slash + rest
+
+
+def _is_path(value: object) -> bool:
+    """Whether VALUE is a pathlib.Path (none can be while nobody imported pathlib)."""
+    pathlib = sys.modules.get("pathlib")
+    return pathlib is not None and isinstance(value, pathlib.Path)
 
 
 def _parse_int(name: str, raw: str, minimum: int) -> int:

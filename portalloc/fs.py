@@ -20,9 +20,12 @@ import stat
 import time
 from collections.abc import Iterable
 from itertools import count
-from pathlib import Path
 
 from portalloc.errors import UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path  # at run time only where a write needs it: not on the read path
 
 Chunk = bytes | memoryview
 
@@ -126,6 +129,23 @@ def read_text(path: Path | str, *, follow: bool = True) -> str:
     return read_bytes(path, follow=follow).decode("utf-8")
 
 
+# What Path.exists() and Path.is_file() take for "nothing there"; other errors propagate.
+_ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
+
+
+def stat_or_none(path: Path | str) -> os.stat_result | None:
+    """PATH's stat, None where Path.exists() says False; without importing pathlib,
+    which costs the read path start-up time."""
+    try:
+        return os.stat(path)  # noqa: PTH116
+    except OSError as exc:
+        if exc.errno in _ABSENT_ERRNOS:
+            return None
+        raise
+    except ValueError:  # a NUL byte
+        return None
+
+
 def lstat_regular(path: Path | str, action: str = "replace it") -> os.stat_result | None:
     """PATH's lstat if it is a regular file, None if nothing is there; else UnsafeFile
     (`PATH: is a FIFO; refusing to ACTION`)."""
@@ -142,6 +162,8 @@ def lstat_regular(path: Path | str, action: str = "replace it") -> os.stat_resul
 def check_within(path: Path | str, top: Path | str) -> None:
     """Refuse PATH unless its directory, symlinks resolved, lies inside TOP (resolved):
     a committed directory symlink must not carry a write out of the worktree."""
+    from pathlib import Path
+
     real_top = os.path.realpath(top)
     parent = os.path.realpath(Path(path).absolute().parent)
     if parent != real_top and not parent.startswith(real_top.rstrip(os.sep) + os.sep):

@@ -8,11 +8,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
 from portalloc import probe
+
+# The facts a read needs, importable without this module (the read path's budget).
+from portalloc.facts import START_TOLERANCE as START_TOLERANCE
+from portalloc.facts import owner_alive as owner_alive
+from portalloc.facts import path_exists as path_exists
+from portalloc.facts import utcnow as utcnow
 from portalloc.models import Owner
 
 
@@ -29,32 +35,6 @@ class Listener(NamedTuple):
         return f"pid {self.pid} ({self.command})" if self.command else f"pid {self.pid}"
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
-
-
-def path_exists(path: str) -> bool:
-    """Whether PATH exists; a path we may not inspect counts as existing.
-
-    In a shared state dir another user's worktree may sit under a 0700 home: not
-    being allowed to look is no proof that it is gone.
-    """
-    try:
-        Path(path).stat()
-    except PermissionError:
-        return True
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except (OSError, ValueError):
-        return True  # an odd path (ELOOP, EIO, NUL byte): never reclaim on a guess
-    return True
-
-
-# Two readings of one process's start time differ by float rounding at most; a
-# recycled PID started at least a clock tick (10 ms) later.
-START_TOLERANCE = 0.005
-
-
 def owner_of(pid: int) -> Owner:
     """PID with its start time, so a later process reusing the PID is not taken for it."""
     import psutil
@@ -64,23 +44,6 @@ def owner_of(pid: int) -> Owner:
     except (psutil.Error, OSError, ValueError, OverflowError):
         started = None
     return Owner(pid=pid, started=started)
-
-
-def owner_alive(owner: Owner) -> bool:
-    """The PID runs, started when recorded (where the OS tells), and is not a zombie."""
-    import psutil
-
-    try:
-        process = psutil.Process(owner.pid)
-        if owner.started is not None and abs(process.create_time() - owner.started) > (
-            START_TOLERANCE
-        ):
-            return False
-        return bool(process.status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:  # ZombieProcess is one too: exited, not yet reaped
-        return False
-    except (psutil.AccessDenied, OSError, ValueError, OverflowError):
-        return True  # it exists; it is just not ours to inspect
 
 
 def command_line(pid: int, limit: int = 120) -> str | None:

@@ -16,8 +16,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import chain, compress, islice
 from operator import eq
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 from portalloc.errors import InvalidSessionId, LeaseRefused, LedgerError, LockTimeout
 from portalloc.fs import Chunk, UnsafeFile, lstat_regular, read_bytes, read_with_stat
@@ -27,6 +25,9 @@ from portalloc.fs import atomic_write as atomic_write
 from portalloc.fs import is_temp_name as is_temp_name
 from portalloc.fs import temp_name as temp_name
 from portalloc.models import Lease, Leases, LedgerState, Owner, isoformat, parse_iso
+
+# typing's costs the read path (`read_lease`) start-up time; pathlib's too.
+from portalloc.records import NamedTuple, TypedDict
 from portalloc.rules import (
     has_unprintable,
     lease_problem,
@@ -34,7 +35,11 @@ from portalloc.rules import (
     validate_session_id,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
     import filelock
 
 LEDGER_VERSION = 3
@@ -357,7 +362,7 @@ def _intact(data: bytes) -> bool:
     return crc == expected
 
 
-def read_lease(path: Path, session_id: str) -> Lease | None:
+def read_lease(path: Path | str, session_id: str) -> Lease | None:
     """The session's lease as last written, read without the lock (the file is only ever
     replaced whole), decoding that lease alone; None when unsure, for the locked path.
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import string
 from bisect import bisect_right
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
 
+# NamedTuple and a frozen dataclass without importing typing and dataclasses: the read
+# path (`portalloc env`) imports this module.
+from portalloc.records import NamedTuple, dataclass, field
 from portalloc.render import render_sh
 from portalloc.rules import DEFAULT_PROXY_PORT, URL_DOMAIN, port_label
 
-HeldWhile = Literal["pid", "worktree", "ttl"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any, Literal
+
+    HeldWhile = Literal["pid", "worktree", "ttl"]
 
 
 def isoformat(moment: datetime) -> str:
@@ -30,6 +34,8 @@ def parse_iso(text: str) -> datetime:
 
 def template_fields(template: str) -> list[str]:
     """Names a `{...}` template refers to; raises ValueError for anything but plain names."""
+    import string  # only where a template is read: not on the read path
+
     names: list[str] = []
     for _literal, name, spec, conversion in string.Formatter().parse(template):
         if name is None:
@@ -44,6 +50,8 @@ def template_fields(template: str) -> list[str]:
 
 def render_template(template: str, fields: dict[str, str]) -> str:
     """Substitute plain `{name}` fields; the profile loader has already vetted the names."""
+    import string
+
     out: list[str] = []
     for literal, name, _spec, _conversion in string.Formatter().parse(template):
         out.append(literal)

@@ -3,14 +3,15 @@ typed value: settings with the key each came from, and the profile it describes.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, NamedTuple
 
 from portalloc.errors import ProfileError
-from portalloc.fs import read_bytes
+from portalloc.fs import read_bytes, stat_or_none
 from portalloc.models import DEFAULT_PROFILE, Profile, template_fields
+from portalloc.records import NamedTuple
 from portalloc.rules import (
     COMPOSE_NAME,
     COMPOSE_PROJECT_VARIABLE,
@@ -22,6 +23,13 @@ from portalloc.rules import (
     port_label,
 )
 
+# Not imported at run time where a directory has no project file: the read path
+# (`portalloc env`) looks for one on every call, and both cost start-up time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
 SETTINGS = ("base", "range", "ttl_minutes", "max_sessions", "proxy_port")
 FILE_KEYS = ("env_file", "manifest")
 
@@ -30,6 +38,8 @@ def _relative_file(path: Path, key: str, value: object) -> str:
     """A file inside the worktree, named relative to its top: `.env`, `config/ports.json`."""
     if not isinstance(value, str) or not value or has_unprintable(value):
         raise ProfileError(path, key, "must be a file name relative to the worktree top")
+    from pathlib import Path
+
     parts = value.replace("\\", "/").split("/")
     if value.startswith(("/", "~")) or ".." in parts or Path(value).is_absolute():
         raise ProfileError(path, key, "must stay inside the worktree (relative, no '..')")
@@ -108,24 +118,41 @@ def _url_keys(
     return urls, bare
 
 
-def find_project_file(start: Path) -> Path | None:
+def find_project_file(start: Path | str) -> Path | None:
     """The nearest portalloc.toml, or pyproject.toml with [tool.portalloc], walking up."""
-    for directory in (start, *start.parents):
+    directory = os.fspath(start)
+    while True:
         try:
-            candidate = directory / "portalloc.toml"
-            if candidate.is_file():
-                return candidate
-            pyproject = directory / "pyproject.toml"
-            if pyproject.is_file() and _has_tool_table(pyproject):
-                return pyproject
+            candidate = os.path.join(directory, "portalloc.toml")  # noqa: PTH118 (no pathlib)
+            if _is_file(candidate):
+                return _path(candidate)
+            pyproject = os.path.join(directory, "pyproject.toml")  # noqa: PTH118
+            if _is_file(pyproject) and _has_tool_table(pyproject):
+                return _path(pyproject)
         except OSError:
             # A directory we may not look into (another user's home, a 0700 parent)
             # holds no profile for us; keep walking up.
-            continue
-    return None
+            pass
+        # "." last for a relative path, as Path.parents has it
+        parent = os.path.dirname(directory) or "."  # noqa: PTH120
+        if parent == directory:
+            return None
+        directory = parent
 
 
-def _has_tool_table(pyproject: Path) -> bool:
+def _is_file(path: str) -> bool:
+    """Path(PATH).is_file(), without importing pathlib."""
+    info = stat_or_none(path)
+    return info is not None and stat.S_ISREG(info.st_mode)
+
+
+def _path(path: str) -> Path:
+    from pathlib import Path
+
+    return Path(path)
+
+
+def _has_tool_table(pyproject: Path | str) -> bool:
     from portalloc.errors import PortallocError
 
     try:

@@ -1,15 +1,18 @@
-"""`NamedTuple` and frozen `dataclass` for the modules on the read path, without
-importing `typing` or `dataclasses`.
+"""`NamedTuple`, `TypedDict` and frozen `dataclass` for the modules on the read path,
+without importing `typing` or `dataclasses`.
 
 `portalloc env` for a live lease should cost little more than the interpreter's own
 start. `import typing` adds a third of that, and `import dataclasses` (which imports
 `inspect`, `ast`, `dis` and `tokenize`) most of another (bench/README.md). Type checkers
-see `typing.NamedTuple` and `dataclasses.dataclass`, `field` and `replace` themselves.
+see `typing.NamedTuple`, `typing.TypedDict` and `dataclasses.dataclass`, `field` and
+`replace` themselves.
 At run time:
 
 - `class Lease(NamedTuple)` becomes the `collections.namedtuple` typing's own
   NamedTupleMeta makes of it: fields from the annotations, defaults, methods,
   properties and docstring.
+- `class RawLease(TypedDict)` is a class holding its annotations: the keys, for code
+  that reads them (`RawLease.__annotations__`); values are plain dicts.
 - `@dataclass(frozen=True)` gives what a frozen dataclass has (`__init__` calling
   `__post_init__`, `__eq__` and `__hash__` over the compared fields, `__repr__`, no
   assignment, `field(default_factory=..., compare=..., repr=...)`), and becomes a real
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from dataclasses import field as field
     from dataclasses import replace as replace
     from typing import NamedTuple as NamedTuple
+    from typing import TypedDict as TypedDict
 else:
     from collections import namedtuple
 
@@ -60,6 +64,9 @@ else:
 
     class NamedTuple(metaclass=_NamedTupleMeta):
         """Base class: `class Lease(NamedTuple): ...` as with typing.NamedTuple."""
+
+    class TypedDict:
+        """Base class of a raw JSON shape: at run time only its annotations (the keys)."""
 
     class _Missing:
         def __repr__(self):

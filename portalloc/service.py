@@ -78,10 +78,16 @@ class PortAllocatorService:
         return self.host.now()
 
     def _transact(
-        self, decide: Callable[[LedgerState, datetime], tuple[LedgerState, T]]
+        self,
+        decide: Callable[[LedgerState, datetime], tuple[LedgerState, T]],
+        *,
+        routes: bool = False,
     ) -> Outcome:
         """The one way to touch the ledger: under its lock, load, reclaim what is dead,
-        let DECIDE return the new state and a value, and save only if the state changed."""
+        let DECIDE return the new state and a value, and save only if the state changed.
+
+        A saved change (or ROUTES) hands the proxy its routes, still under the lock, so
+        route tables reach it in the order the ledger changed."""
         with self.ledger.locked():
             now = self.host.now()
             loaded = self.ledger.load()
@@ -99,6 +105,11 @@ class PortAllocatorService:
                 raise
             if state is not loaded or self.ledger.dirty:
                 self.ledger.save(state)
+                routes = True
+            if routes:
+                from portalloc import proxy
+
+                proxy.notify(self.config.state_dir, state.leases.values(), self.on_warning)
         return Outcome(value, state, now, reclaimed)
 
     def _read(self) -> Outcome:
@@ -257,7 +268,7 @@ class PortAllocatorService:
 
     def _allocation(self, lease: Lease, outcome: Outcome) -> PortAllocation:
         return PortAllocation.from_lease(
-            lease, outcome.now, outcome.state.homes.get(lease.session_id)
+            lease, outcome.now, outcome.state.homes.get(lease.session_id), self.config.proxy_port
         )
 
     def release(self, session_id: str) -> bool:
@@ -286,6 +297,13 @@ class PortAllocatorService:
     def prune(self) -> list[Reclaimed]:
         """Reclaim expired and dead leases; return what was reclaimed."""
         return self._read().reclaimed
+
+    def sync_proxy(self) -> list[PortAllocation]:
+        """Hand the running proxy the routes of the active leases (after `proxy start`);
+        return them, lowest block first."""
+        outcome = self._transact(lambda state, _now: (state, None), routes=True)
+        leases = sorted(outcome.state.leases.values(), key=lambda lease: lease.start)
+        return [self._allocation(lease, outcome) for lease in leases]
 
 
 def _follow_line(

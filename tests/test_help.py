@@ -62,7 +62,7 @@ def test_help_has_no_type_noise_and_ends_with_examples(path: tuple[str, ...]) ->
     assert text.startswith(f"Usage: {where} "), text  # the usage line first, no blank lines
     assert not TYPE_NOISE.search(text), TYPE_NOISE.findall(text)
     assert "{" not in text.split("\n")[0]
-    if path and path != ("hook",):
+    if path and path not in (("hook",), ("proxy",)):
         examples = text.split("Examples:\n", 1)[1]
         assert f"{where} " in examples or f"{where}\n" in examples, examples
     else:
@@ -316,9 +316,9 @@ def test_status_uses_the_width(three_kinds_of_lease: list[dict[str, Any]], colum
 def test_status_wide_table_shows_the_issue_case_whole(
     three_kinds_of_lease: list[dict[str, Any]],
 ) -> None:
-    """140 columns show the whole worktree path, each lease's ports on one line, and no
-    empty cells after the longest path (once: `…/worktrees/shop-feature-…`, 4 rows of
-    ports per lease and the owner twice)."""
+    """140 columns show the whole worktree path, each lease's ports on one line, its names
+    on another, and no empty cells after the longest path (once: `…/worktrees/shop-feature-…`,
+    4 rows of ports per lease and the owner twice)."""
     text = run_cli("status", env={"COLUMNS": "140"}).stdout
     worktree = three_kinds_of_lease[0]["session_id"]
     first = _table_columns(text)[0]
@@ -326,7 +326,9 @@ def test_status_wide_table_shows_the_issue_case_whole(
     assert f" {LONG_SESSION} " in first  # the longest: it sets the column's width
     ports_rows = [cell for cell in first if cell.startswith("   db ")]
     assert len(ports_rows) == 3, text  # one line of ports per lease
-    assert len(first) == 1 + 2 * 3  # the header, then a session and its ports per lease
+    names = [cell for cell in first if cell.strip().startswith("*.")]
+    assert len(names) == 3, text  # one line of names per lease: `*.<slug>.localhost:9999`
+    assert len(first) == 1 + 3 * 3  # the header, then a session, its ports and names per lease
 
 
 def test_status_table_packs_many_ports_into_the_width(tmp_path: Path) -> None:
@@ -341,6 +343,8 @@ def test_status_table_packs_many_ports_into_the_width(tmp_path: Path) -> None:
     first = _table_columns(text)[0]
     room = len(first[0]) - 2 - 2  # the column's text, less the ports' indent
     rows = [cell.strip() for cell in first[2:]]
+    assert rows[-1] == "*.many.localhost:9999", text  # the names, under the ports
+    rows = rows[:-1]
     items = [row.split("  ") for row in rows]
     # In order, a name always with its port, on as few lines as fit: the next port
     # would not have fit on any line but the last.

@@ -931,6 +931,108 @@ def hook_uninstall(tools: UninstallToolOpt = None, repo: RepoOpt = None) -> None
             _out(f"{tool}: {'removed from ' + str(path) if path else 'nothing to remove'}\n")
 
 
+proxy_app = typer.Typer(
+    help="Named URLs: Caddy answers http://<port>.<slug>.localhost:<proxy port> for every "
+    "lease, its routes following the ledger.",
+    short_help="Named URLs for every lease, through Caddy: start, stop, status.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(proxy_app, name="proxy")
+
+
+@proxy_app.command(
+    "start",
+    **_command(
+        "[OPTIONS]",
+        """
+  portalloc proxy start
+  PORTALLOC_PROXY_PORT=8800 portalloc proxy start
+""",
+    ),
+)
+def proxy_start(json_output: JsonOpt = False) -> None:
+    """Start Caddy with every lease's routes; a no-op when it runs."""
+    from portalloc import proxy
+    from portalloc.adapters.views import proxy_text
+    from portalloc.proxy import caddy
+
+    with _errors(json_output):
+        service = cli_service()
+        config = service.config
+        config.check_proxy_port()
+        port = config.proxy_port
+        holder = next((a for a in service.status() if a.block_start <= port <= a.block_end), None)
+        if holder is not None:
+            raise UsageError(
+                f"proxy port {port} lies in the block {holder.block_start}-{holder.block_end} "
+                f"of session {holder.session_id!r}; set PORTALLOC_PROXY_PORT outside every block"
+            )
+        directory = proxy.directory(config.state_dir)
+        crashed = caddy.status(directory).crashed
+        found, started = caddy.start(directory, port, [])
+        service.sync_proxy()  # the routes, under the ledger's lock: none is missed
+        found = caddy.status(directory)
+    if found.process is not None and found.process.port != port:
+        warn(f"the proxy runs on port {found.process.port}, not {port}: stop it and start again")
+    if json_output:
+        _print_json({"success": True, "started": started, **found.to_json()})
+        return
+    if crashed and started:
+        say("the proxy had stopped without `portalloc proxy stop`: started it again")
+    _out(proxy_text(found, "started" if started else "already running"))
+
+
+@proxy_app.command(
+    "stop",
+    **_command(
+        "[OPTIONS]",
+        """
+  portalloc proxy stop
+""",
+    ),
+)
+def proxy_stop(json_output: JsonOpt = False) -> None:
+    """Stop the proxy's Caddy, by its PID file (never by name)."""
+    from portalloc import proxy
+    from portalloc.proxy import caddy
+
+    with _errors(json_output):
+        config = PortAllocatorConfig.from_env()
+        stopped = caddy.stop(proxy.directory(config.state_dir))
+    if json_output:
+        _print_json({"success": True, "stopped": stopped is not None})
+    elif stopped is not None:
+        _out(f"proxy stopped (caddy pid {stopped.pid}, port {stopped.port})\n")
+    else:
+        _out("proxy was not running\n")
+
+
+@proxy_app.command(
+    "status",
+    **_command(
+        "[OPTIONS]",
+        """
+  portalloc proxy status
+  portalloc proxy status --json | jq -r '.routes[].host'
+""",
+    ),
+)
+def proxy_status(json_output: JsonOpt = False) -> None:
+    """Say whether the proxy runs, where, and which names it answers."""
+    from portalloc import proxy
+    from portalloc.adapters.views import proxy_text
+    from portalloc.proxy import caddy
+
+    with _errors(json_output):
+        config = PortAllocatorConfig.from_env()
+        found = caddy.status(proxy.directory(config.state_dir))
+    if json_output:
+        _print_json(found.to_json())
+    else:
+        _out(proxy_text(found, "running" if found.running else "not running"))
+
+
 def _import_adapter(module: str, extra: str, packages: tuple[str, ...]) -> Any:
     import importlib
 

@@ -98,9 +98,20 @@ def lookup(allocation: PortAllocation, key: str) -> str:
         return str(allocation.ports[key[: -len("_port")]])
     if key in allocation.env:
         return allocation.env[key]
+    if key.endswith("_url") and key[: -len("_url")] in allocation.urls:
+        return allocation.urls[key[: -len("_url")]]
     if key in ("compose_project_name", "session_id"):
         return str(getattr(allocation, key))
-    known = [*allocation.ports, *(f"{n}_port" for n in allocation.ports), *allocation.env]
+    if key == "slug" and allocation.slug is not None:
+        return allocation.slug
+    if key == "url" and allocation.url is not None:
+        return allocation.url  # the bare name's
+    known = [
+        *allocation.ports,
+        *(f"{n}_port" for n in allocation.ports),
+        *(f"{n}_url" for n in allocation.urls),
+        *allocation.env,
+    ]
     raise UsageError(f"unknown key {key!r}; known: {', '.join(known)}, compose_project_name")
 
 

@@ -94,7 +94,7 @@ def serve(read: Read) -> str | None:
     kept, _gone = allocator.reclaim(state, now, host.owner_alive, host.path_exists)
     if kept is not state:
         return None  # to be reclaimed, or a `run` using it has died: a write
-    allocation = PortAllocation.from_lease(lease, now)
+    allocation = PortAllocation.from_lease(lease, now, proxy_port=config.proxy_port)
     if read.command == "get":
         text = lookup(allocation, read.value) + "\n"
     else:

@@ -90,6 +90,17 @@ class Allocation(BaseModel):
     )
     guests: list[int] = Field(description="PIDs of `portalloc run` processes using the lease.")
     home_block: int | None = Field(description="The first block the session was granted.")
+    slug: str | None = Field(
+        default=None, description="The lease's name: its ports answer at <port>.<slug>.localhost."
+    )
+    urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="Port name -> http://<port>.<slug>.localhost:<proxy port> (portalloc proxy).",
+    )
+    url: str | None = Field(
+        default=None,
+        description="The URL of the bare name <slug>.localhost, if the profile sets one.",
+    )
     env: dict[str, str] = Field(description="The environment block as NAME -> value.")
 
 

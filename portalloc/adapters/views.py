@@ -13,6 +13,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from portalloc.host import Stack
     from portalloc.models import PortAllocation
+    from portalloc.proxy.caddy import Status
 
 # Below this many columns, or when the table cannot show every session, worktree and
 # port whole, each lease gets lines of its own instead: the session line then has the
@@ -58,6 +59,16 @@ def _ports(allocation: PortAllocation) -> list[str]:
     return [f"{name} {port}" for name, port in allocation.ports.items()]
 
 
+def names_line(allocation: PortAllocation, short: bool = False) -> str | None:
+    """The lease's names in one line, `http://<port>.feat-a.localhost:9999` (each port's
+    name in place of `<port>`; SHORT: `*.feat-a.localhost:9999`), or None without any."""
+    some = next(iter(allocation.urls.values()), None)
+    if some is None or allocation.slug is None:
+        return None
+    where = f"{allocation.slug}.localhost:{some.rsplit(':', 1)[1]}"
+    return f"*.{where}" if short else f"http://<port>.{where}"
+
+
 def _pack(items: Sequence[str], width: int) -> list[str]:
     """ITEMS in order, two spaces apart, on as few lines of at most WIDTH as they go;
     an item is never split (one wider than WIDTH gets a line of its own)."""
@@ -94,6 +105,9 @@ def status_view(
             ("compose", allocation.compose_project_name),
             ("held", held(allocation).replace("\n", "  ")),
         ]
+        names = names_line(allocation)
+        if names is not None:
+            fields.insert(-2, ("urls", names))
         if allocation.worktree and allocation.worktree != allocation.session_id:
             fields.append(("worktree", allocation.worktree))
         for label, value in fields:
@@ -115,7 +129,9 @@ def _first_column(allocation: PortAllocation, width: int) -> list[tuple[str, str
     """A lease's lines in the table's first column: its names, then its ports on as few
     lines of at most WIDTH as they go."""
     ports = _pack(_ports(allocation), width - len(INDENT))
-    return [*_names(allocation), *((INDENT + row, "") for row in ports)]
+    names = names_line(allocation, short=True)
+    urls = [] if names is None else [(INDENT + names, "dim")]
+    return [*_names(allocation), *((INDENT + row, "") for row in ports), *urls]
 
 
 def _table(allocations: Sequence[PortAllocation], caption: Text, width: int) -> Table | None:
@@ -134,6 +150,7 @@ def _table(allocations: Sequence[PortAllocation], caption: Text, width: int) -> 
             len(FIRST_HEADER),
             *(len(line) for a in allocations for line, _ in _names(a)),
             *(len(INDENT + port) for a in allocations for port in _ports(a)),
+            *(len(INDENT + (names_line(a, short=True) or "")) for a in allocations),
         ]
     )
     if needed > room:
@@ -197,6 +214,11 @@ class Why(NamedTuple):
             return None
         return next((name for name, p in self.holder.ports.items() if p == self.port), None)
 
+    @property
+    def url(self) -> str | None:
+        name = self.port_name
+        return None if self.holder is None or name is None else self.holder.urls.get(name)
+
     def to_json(self) -> dict[str, Any]:
         holder = self.holder
         return {
@@ -205,6 +227,7 @@ class Why(NamedTuple):
             "block_start": holder.block_start if holder else None,
             "block_end": holder.block_end if holder else None,
             "port_name": self.port_name,
+            "url": self.url,
             "listening": self.listening,
             "processes": [{"pid": pid, "command": cmd} for pid, cmd in self.processes],
             "compose_projects": [
@@ -225,6 +248,8 @@ class Why(NamedTuple):
                 f"port {self.port}: session {holder.session_id}{role}, "
                 f"block {holder.block_start}-{holder.block_end}"
             ]
+            if self.url is not None:
+                lines.append(f"  url: {self.url}")
         if not self.listening:
             lines.append("  nothing listens on it now")
         elif self.processes:
@@ -292,3 +317,27 @@ def orphans_json(
         }
         for stack in orphans
     ]
+
+
+def proxy_text(status: Status, state: str) -> str:
+    """`proxy start` and `proxy status`: where Caddy listens and the names it answers."""
+    files = status.to_json()
+    if not status.running:
+        crashed = " (its Caddy exited without `portalloc proxy stop`)" if status.crashed else ""
+        return f"proxy {state}{crashed}; start it with `portalloc proxy start`\n"
+    lines = [
+        f"proxy {state}: caddy pid {files['pid']} on {' and '.join(files['listen'])}",
+        f"  admin  {files['admin_socket']}",
+        f"  log    {files['log']}",
+    ]
+    routes = files["routes"]
+    if routes:
+        width = max(len(route["host"]) for route in routes)
+        lines.append(f"  {len(routes)} name{'s' if len(routes) != 1 else ''}:")
+        lines += [
+            f"    http://{route['host']}:{files['port']}".ljust(width + 20) + f"-> {route['port']}"
+            for route in routes
+        ]
+    else:
+        lines.append("  no names yet: every lease gets them when it is made")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,137 @@
+"""Caddy's configuration, built as data from the leases: never a template a session id,
+a slug or a project file could write into. Pure: no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from portalloc.models import Lease
+
+SERVER = "portalloc"  # the name of Caddy's one HTTP server
+ADMIN_SOCKET = "admin.sock"  # relative: Caddy runs in the proxy's directory
+# Caddy closes a proxied stream (a WebSocket, an event stream) when the configuration it
+# was opened under is replaced, unless told to wait: every lease change replaces the
+# routes, and a dev server's hot-reload socket must not drop because another worktree
+# got its ports. A day is longer than any dev session holds one.
+STREAM_CLOSE_DELAY = "24h"
+NOT_FOUND_BODY = "portalloc: no lease has this name\n"
+
+
+class Route(NamedTuple):
+    """One name the proxy answers, and the port of the lease it forwards to."""
+
+    host: str
+    port: int
+    session_id: str
+
+
+def table(leases: Iterable[Lease]) -> list[Route]:
+    """Every host name of every lease, to that lease's own port, lowest block first.
+
+    Only a port inside the lease's own block is routed to, and a name two leases claim
+    (a hand-edited ledger) goes to the first one alone: no input makes a name forward
+    to another lease's port."""
+    routes: list[Route] = []
+    seen: set[str] = set()
+    for lease in sorted(leases, key=lambda lease: lease.start):
+        ports = dict(lease.ports)
+        for name, host in lease.hosts().items():
+            port = ports.get(name or lease.bare or "")
+            if port is None or not lease.start <= port <= lease.end or host in seen:
+                continue
+            seen.add(host)
+            routes.append(Route(host, port, lease.session_id))
+    return routes
+
+
+def caddy_routes(routes: Iterable[Route]) -> list[dict[str, Any]]:
+    """The routes of Caddy's server: one per name, then 404 for every other name."""
+    return [*map(_reverse_proxy, routes), _not_found()]
+
+
+def _reverse_proxy(route: Route) -> dict[str, Any]:
+    # Both loopback addresses: dev servers listen on 127.0.0.1, on ::1 (Node's
+    # `localhost` on some systems) or on both. Round robin with one retry: a refused
+    # dial to the one not listening goes to the other at once; no health state, so a
+    # server that just started answers the very next request.
+    return {
+        "match": [{"host": [route.host]}],
+        "handle": [
+            {
+                "handler": "reverse_proxy",
+                "upstreams": [
+                    {"dial": f"127.0.0.1:{route.port}"},
+                    {"dial": f"[::1]:{route.port}"},
+                ],
+                "load_balancing": {"selection_policy": {"policy": "round_robin"}, "retries": 1},
+                "stream_close_delay": STREAM_CLOSE_DELAY,
+            }
+        ],
+        "terminal": True,
+    }
+
+
+def _not_found() -> dict[str, Any]:
+    return {
+        "handle": [
+            {
+                "handler": "static_response",
+                "status_code": 404,
+                "headers": {"Content-Type": ["text/plain; charset=utf-8"]},
+                "body": NOT_FOUND_BODY,
+            }
+        ]
+    }
+
+
+def document(port: int, ipv6: bool, directory: Path, routes: Iterable[Route]) -> dict[str, Any]:
+    """Caddy's whole configuration: the server on loopback at PORT, the admin endpoint on
+    a unix socket in DIRECTORY (mode 0200: its owner alone may connect), its storage and
+    log there too, nothing written anywhere else."""
+    listen = [f"127.0.0.1:{port}", *([f"[::1]:{port}"] if ipv6 else [])]
+    return {
+        "admin": {"listen": f"unix/{ADMIN_SOCKET}", "config": {"persist": False}},
+        "logging": {
+            "logs": {
+                "default": {
+                    "level": "INFO",
+                    "writer": {
+                        "output": "file",
+                        "filename": str(directory / "caddy.log"),
+                        "roll_size_mb": 10,
+                        "roll_keep": 2,
+                    },
+                }
+            }
+        },
+        "storage": {"module": "file_system", "root": str(directory / "data")},
+        "apps": {
+            "http": {
+                "servers": {
+                    SERVER: {
+                        "listen": listen,
+                        "protocols": ["h1", "h2", "h2c"],
+                        "automatic_https": {"disable": True},
+                        "routes": caddy_routes(routes),
+                    }
+                }
+            }
+        },
+    }
+
+
+def served(config_routes: object) -> list[tuple[str, int]]:
+    """(host, port) of each route in Caddy's answer for the server's routes."""
+    found: list[tuple[str, int]] = []
+    if not isinstance(config_routes, list):
+        return found
+    for route in config_routes:
+        try:
+            host = route["match"][0]["host"][0]
+            dial = route["handle"][0]["upstreams"][0]["dial"]
+            found.append((str(host), int(str(dial).rsplit(":", 1)[1])))
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+    return found
