@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from portalloc.errors import (
     InvalidSessionId,
@@ -15,9 +14,14 @@ from portalloc.errors import (
     UsageError,
     printable,
 )
-from portalloc.fs import UnsafeFile, read_bytes, silence
+from portalloc.fs import UnsafeFile, read_bytes, silence, stat_or_none
 
+# typing and pathlib cost the read path (`portalloc env`) start-up time.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
     from portalloc.config import PortAllocatorConfig
     from portalloc.models import PortAllocation
     from portalloc.service import PortAllocatorService
@@ -71,10 +75,21 @@ def warn(message: str) -> None:
 
 def worktree_top(start: Path) -> Path:
     """The directory holding `.git` (file or folder) above START, else START itself."""
-    for directory in (start, *start.parents):
-        if (directory / ".git").exists():
+    from pathlib import Path
+
+    return Path(worktree_of(str(start)))
+
+
+def worktree_of(start: str) -> str:
+    """worktree_top() of an absolute path, as a string, without importing pathlib."""
+    directory = start
+    while True:
+        if stat_or_none(os.path.join(directory, ".git")) is not None:  # noqa: PTH118
             return directory
-    return start
+        parent = os.path.dirname(directory)  # noqa: PTH120
+        if parent == directory:
+            return start
+        directory = parent
 
 
 def warn_ephemeral_overlap(config: PortAllocatorConfig) -> None:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-from typing import NamedTuple
+
+# Not typing's NamedTuple: each module this path imports is start-up time (bench/).
+from portalloc.records import NamedTuple
 
 
 class Read(NamedTuple):
@@ -66,10 +67,10 @@ def parse(args: list[str]) -> Read | None:
 def serve(read: Read) -> str | None:
     """What the full CLI would print for READ, if the ledger answers it without a write."""
     from portalloc import allocator
-    from portalloc.adapters.common import lookup, warn_ephemeral_overlap, worktree_top
+    from portalloc.adapters.common import lookup, warn_ephemeral_overlap, worktree_of
     from portalloc.allocator import Request
     from portalloc.config import PortAllocatorConfig
-    from portalloc.host import Host
+    from portalloc.facts import owner_alive, path_exists, utcnow
     from portalloc.ledger import read_lease
     from portalloc.models import LedgerState, PortAllocation
     from portalloc.render import render
@@ -82,16 +83,15 @@ def serve(read: Read) -> str | None:
     if read.command == "env" and config.profile.waiting:
         return None  # entries wait for trust: the full CLI says so
     if session is None:
-        worktree = str(worktree_top(Path.cwd()))
+        worktree = worktree_of(os.getcwd())  # noqa: PTH109 (no pathlib here)
         session = worktree
     validate_session_id(session)
-    lease = read_lease(config.ledger_path, session)
+    lease = read_lease(config.ledger_file, session)
     if lease is None:
         return None
-    host = Host()
-    now = host.now()
+    now = utcnow()
     state = LedgerState({session: lease})
-    kept, _gone = allocator.reclaim(state, now, host.owner_alive, host.path_exists)
+    kept, _gone = allocator.reclaim(state, now, owner_alive, path_exists)
     if kept is not state:
         return None  # to be reclaimed, or a `run` using it has died: a write
     allocation = PortAllocation.from_lease(lease, now, proxy_port=config.proxy_port)
