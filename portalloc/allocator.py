@@ -540,3 +540,31 @@ def _env(
     fields["compose_project_name"] = compose_name
     fields["session_id"] = session_id
     return tuple((name, render_template(template, fields)) for name, template in config.profile.env)
+
+
+def screened_env(lease: Lease, config: PortAllocatorConfig) -> tuple[tuple[str, str], ...]:
+    """LEASE's variables as a caller may take them from a shared ledger, which any member
+    of the group can write: those of a shape no shell or tool can turn into a command
+    (rules.safe_value), and those that are exactly what the caller's own profile (its
+    project file, as far as the caller trusts it) gives this lease. The rest, however
+    harmless its name looks, is left out: no list of dangerous names is complete."""
+    from portalloc.rules import safe_value
+
+    try:
+        mine = set(
+            _env(
+                config,
+                lease.ports,
+                lease.compose_project_name,
+                lease.session_id,
+                lease.slug,
+                lease.bare,
+            )
+        )
+    except KeyError:  # the caller's profile names a port this lease does not have
+        mine = set()
+    return tuple(
+        (name, value)
+        for name, value in lease.env
+        if safe_value(name, value) or (name, value) in mine
+    )

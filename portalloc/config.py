@@ -335,6 +335,10 @@ def trust_dir_for(env: Mapping[str, str]) -> Path | None:
     state = state_dir_for(env)
     raw = env.get(ENV_STATE_DIR)
     if raw is not None and raw.strip():
+        if not state.is_absolute():
+            # Relative to wherever the command runs: in a cloned repository, a state dir
+            # (trust records and all) that came with it. The user's own dir instead.
+            return trust_dir(default_state_dir(), None)
         return trust_dir(state, None) or trust_dir(default_state_dir(), None)
     return trust_dir(state, None)
 

@@ -26,6 +26,7 @@ from portalloc.errors import UsageError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path  # at run time only where a write needs it: not on the read path
+    from typing import TextIO
 
 Chunk = bytes | memoryview
 
@@ -108,18 +109,34 @@ def open_regular(path: Path | str, *, follow: bool = True) -> tuple[int, os.stat
     return fd, info
 
 
-def read_bytes(path: Path | str, *, follow: bool = True) -> bytes:
+# The most any read takes in: a project file, compose file or .env is a few KiB, and
+# a ledger of 10,000 leases about 5 MiB. A file planted larger (a sparse 2 GiB
+# pyproject.toml in /tmp, read at every prompt below it) is refused, not read.
+MAX_READ = 64 << 20
+
+
+def read_bytes(path: Path | str, *, follow: bool = True, limit: int = MAX_READ) -> bytes:
     """PATH's bytes through the guarded open."""
-    data, _info = read_with_stat(path, follow=follow)
+    data, _info = read_with_stat(path, follow=follow, limit=limit)
     return data
 
 
-def read_with_stat(path: Path | str, *, follow: bool = True) -> tuple[bytes, os.stat_result]:
-    """PATH's bytes and the fstat of the file they were read from."""
+def read_with_stat(
+    path: Path | str, *, follow: bool = True, limit: int = MAX_READ
+) -> tuple[bytes, os.stat_result]:
+    """PATH's bytes and the fstat of the file they were read from; UnsafeFile past LIMIT
+    bytes, or when the file would block (a /proc file that has nothing to say yet)."""
     fd, info = open_regular(path, follow=follow)
     try:
+        if info.st_size > limit:
+            raise UnsafeFile(path, f"is {info.st_size} bytes, more than portalloc reads")
         with open(fd, "rb", closefd=False) as stream:
-            return stream.read(), info
+            data = stream.read(limit + 1)
+        if data is None:
+            raise UnsafeFile(path, "has nothing to read without waiting")
+        if len(data) > limit:
+            raise UnsafeFile(path, "grows past what portalloc reads")
+        return data, info
     finally:
         os.close(fd)
 
@@ -278,3 +295,14 @@ def silence(fd: int) -> None:
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
+
+
+def null_stream(fd: int) -> TextIO:
+    """A text stream on descriptor FD pointed at the null device: for a process started
+    with stdout or stderr closed (`portalloc env >&-`), which then writes to nowhere
+    instead of failing on a missing sys.stdout."""
+    devnull = os.open(os.devnull, os.O_WRONLY)  # FD itself, when FD is the lowest free one
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return open(fd, "w", encoding="utf-8", closefd=False)

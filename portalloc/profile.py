@@ -48,6 +48,11 @@ def _relative_file(path: Path, key: str, value: object) -> str:
     return value
 
 
+# A project file is read at every prompt below it: one planted huge (in /tmp, say) must
+# cost nothing. Real ones are a few KiB; pyproject.toml files a few dozen.
+PROJECT_FILE_LIMIT = 1 << 20
+
+
 class ProjectFile(NamedTuple):
     """What a project file sets. Values are checked against their rules by the config."""
 
@@ -156,7 +161,7 @@ def _has_tool_table(pyproject: Path | str) -> bool:
     from portalloc.errors import PortallocError
 
     try:
-        data = read_bytes(pyproject)
+        data = read_bytes(pyproject, limit=PROJECT_FILE_LIMIT)
     except (OSError, PortallocError):
         return False
     # Cheap pre-check before paying for a TOML parse on the hot path.
@@ -169,12 +174,13 @@ def _read_toml(path: Path) -> tuple[dict[str, Any], bytes]:
     from portalloc.errors import PortallocError
 
     try:
-        raw = read_bytes(path)
+        raw = read_bytes(path, limit=PROJECT_FILE_LIMIT)
         return tomllib.loads(raw.decode("utf-8")), raw
     except OSError as exc:
         raise ProfileError(path, "(file)", f"cannot be read: {exc.strerror}") from None
     except PortallocError as exc:  # a FIFO, a device: fs refuses it without blocking
-        raise ProfileError(path, "(file)", f"cannot be read: {exc.message}") from None
+        reason = getattr(exc, "reason", exc.message)
+        raise ProfileError(path, "(file)", f"cannot be read: {reason}") from None
     except UnicodeDecodeError:
         raise ProfileError(path, "(file)", "is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
@@ -203,7 +209,7 @@ def load_project_file(
         table = tool.get("portalloc")
         prefix = "tool.portalloc."
         if table is None:
-            return ProjectFile({}, {}, None)
+            return ProjectFile({}, {}, None, data=raw)
         if not isinstance(table, dict):
             raise ProfileError(path, "tool.portalloc", "must be a table")
     else:
@@ -321,7 +327,8 @@ def load_project_file(
         if unsafe:
             from portalloc import trust
 
-            trusted = trust_all or trust.is_trusted(trust_dir() if trust_dir else None, raw)
+            directory = trust_dir() if trust_dir else None
+            trusted = trust_all or trust.believed(directory, raw, path)
             if trusted:
                 for variable, _template in unsafe:
                     if forbidden_variable(variable):

@@ -68,6 +68,9 @@ FORBIDDEN_VARIABLES = frozenset(
         # found passing this list in review (it is the second wall, behind trust)
         "TAR_OPTIONS", "PSQLRC", "LESSEDIT", "IRBRC", "SCREENRC", "IPYTHONDIR", "STTY",
         "RIPGREP_CONFIG_PATH", "CCACHE_PREFIX", "PROMPT_EOL_MARK", "PIP_INDEX_URL",
+        # zsh: assigning these calls setuid()/setgid()
+        "UID", "EUID", "GID", "EGID", "USERNAME", "USER", "LOGNAME",
+        "GOPACKAGESDRIVER", "CONTAINER_HOST", "CONTAINERS_CONF",
     }
 )  # fmt: skip
 FORBIDDEN_PREFIXES = (
@@ -82,7 +85,9 @@ FORBIDDEN_PREFIXES = (
     "TF_", "VAULT_", "OPENSSL_", "SSL_", "NIX_", "GUIX_", "FLATPAK_", "SNAP_",
     "PORTALLOC_", "PORT_ALLOC_", "CLAUDE_", "CODEX_", "GEMINI_", "ANTHROPIC_", "OPENAI_",
     "HIST", "PROMPT", "SYSTEMD_", "GH_", "FZF_", "JUPYTER_", "PYTEST_", "RSYNC_", "CCACHE_",
-    "TAR_", "LESS", "SCREEN", "TMUX", "EMACS", "VIM", "NVIM",
+    "TAR_", "LESS", "SCREEN", "TMUX", "EMACS", "VIM", "NVIM", "CMAKE_", "STARSHIP_",
+    "RUSTC", "ANSIBLE_", "DISTCC_", "PKG_CONFIG", "MESON_", "NINJA_", "BAZEL", "CONAN_",
+    "VCPKG_", "TERRAFORM_", "PULUMI_", "OLLAMA_", "HF_", "TRANSFORMERS_", "TORCH_",
 )  # fmt: skip
 # Endings that name a program to start, options a tool splices into its command line,
 # or a start-up file: TAR_OPTIONS, GH_PAGER, FZF_DEFAULT_COMMAND, PSQLRC...

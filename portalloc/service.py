@@ -58,6 +58,11 @@ class PortAllocatorService:
         on_warning: Callable[[str], None] = _log_warning,
     ) -> None:
         self.config = config if config is not None else PortAllocatorConfig.from_env()
+        from portalloc.trust import private_dir
+
+        # A state dir others may write (group- or world-writable, or not ours): what a
+        # lease in it says is screened before it reaches a shell (allocator.screened_env).
+        self._shared_ledger = not private_dir(self.config.state_dir)
         # clock/port_is_free/owner_alive replace one fact of HOST each (tests, embedders).
         overrides: dict[str, Any] = {
             name: value
@@ -267,6 +272,9 @@ class PortAllocatorService:
         return check
 
     def _allocation(self, lease: Lease, outcome: Outcome) -> PortAllocation:
+        if self._shared_ledger:
+            # Another member of the group may have written this lease's variables.
+            lease = lease._replace(env=allocator.screened_env(lease, self.config))
         return PortAllocation.from_lease(
             lease, outcome.now, outcome.state.homes.get(lease.session_id), self.config.proxy_port
         )

@@ -13,8 +13,6 @@ import os
 import stat
 from pathlib import Path
 
-from portalloc.fs import atomic_write, read_text
-
 TRUST_DIR_NAME = "trusted"
 
 
@@ -24,11 +22,11 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def private_dir(directory: Path) -> bool:
+def private_dir(directory: Path | str) -> bool:
     """Whether DIRECTORY is the user's own and nobody else may write into it (a missing
     one counts: portalloc creates it 0700)."""
     try:
-        info = directory.stat()
+        info = os.stat(directory)  # noqa: PTH116 (a str on the read path: no pathlib there)
     except FileNotFoundError:
         return True
     except OSError:
@@ -66,6 +64,27 @@ def is_trusted(directory: Path | None, data: bytes) -> bool:
     )
 
 
+def inside_repository(directory: Path | None, project_file: Path) -> bool:
+    """Whether the trust records in DIRECTORY lie inside the repository (or directory)
+    that holds PROJECT_FILE: a state dir there (`PORTALLOC_STATE_DIR=.state`, or
+    `$PWD/.portalloc` in an .envrc) could come with the clone, records and all."""
+    if directory is None:
+        return False
+    here = project_file.absolute().parent
+    top = next((c for c in (here, *here.parents) if (c / ".git").exists()), None)
+    if top is None:
+        return False
+    real_top = os.path.realpath(top)
+    real = os.path.realpath(directory)
+    return real == real_top or real.startswith(real_top.rstrip(os.sep) + os.sep)
+
+
+def believed(directory: Path | None, data: bytes, project_file: Path) -> bool:
+    """Whether the user trusted DATA, read from PROJECT_FILE, by a record that did not
+    come with the repository."""
+    return is_trusted(directory, data) and not inside_repository(directory, project_file)
+
+
 def _ensure(directory: Path) -> None:
     from portalloc.errors import UsageError
 
@@ -87,6 +106,8 @@ def record(directory: Path | None, data: bytes, path: Path) -> Path:
             "no private state directory to keep trust records in (the state dir is shared); "
             "set XDG_STATE_HOME to a directory of yours"
         )
+    from portalloc.fs import atomic_write
+
     _ensure(directory)
     target = directory / digest(data)
     atomic_write(target, (str(path) + "\n").encode("utf-8", "surrogateescape"), 0o600)
@@ -96,6 +117,7 @@ def record(directory: Path | None, data: bytes, path: Path) -> Path:
 def forget(directory: Path | None, data: bytes | None, path: Path) -> list[Path]:
     """Remove the record of DATA and every record made for PATH; return those removed."""
     from portalloc.errors import UsageError
+    from portalloc.fs import read_text
 
     if directory is None or not directory.is_dir():
         return []
@@ -148,14 +170,17 @@ def review(path: Path) -> tuple[list[str], bytes]:
 
     project = load_project_file(path, trust_all=True)
     lines = [f"{key} = {value}" for key, value in project.values.items()]
-    profile = project.profile or DEFAULT_PROFILE
-    if project.profile is not None:
-        lines.append(f"compose_prefix = {profile.compose_prefix}")
-        lines.extend(f"port {name} = +{offset}" for name, offset in profile.ports)
-        for key in ("env_file", "manifest"):
-            value = getattr(profile, key)
-            if value:
-                lines.append(f"{key} = {value}")
+    profile = project.profile
+    if profile is None:
+        # Settings only: the built-in default variables apply, trusted or not.
+        lines.extend(f"{variable}={template}" for variable, template in DEFAULT_PROFILE.env)
+        return lines, project.data
+    lines.append(f"compose_prefix = {profile.compose_prefix}")
+    lines.extend(f"port {name} = +{offset}" for name, offset in profile.ports)
+    for key in ("env_file", "manifest"):
+        value = getattr(profile, key)
+        if value:
+            lines.append(f"{key} = {value}")
     fields = {f"{name}_port" for name, _offset in profile.ports} | {"compose_project_name"}
     lines.extend(
         f"{variable}={template}"

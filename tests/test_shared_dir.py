@@ -155,3 +155,35 @@ def test_a_ledger_file_record_cannot_make_portalloc_rewrite_a_members_env_file(
     # Any write by Bob reconciles his lease; whatever it rewrites, not Alice's file.
     as_user(BOB, shared, "env", "bob")
     assert env_file.read_bytes() == before
+
+
+def test_variables_a_member_plants_in_a_shared_ledger_never_reach_a_shell(shared: Path) -> None:
+    """Mallory adds CMAKE_TOOLCHAIN_FILE (no denylist has every such name) to Alice's lease:
+    what Alice's env, get and run hand out is only what cannot carry a command, or what
+    her own profile gives the lease."""
+    repo = shared.parent / f"home-{ALICE}" / "app"
+    subprocess.run(["setpriv", f"--reuid={ALICE}", f"--regid={GROUP}", "--clear-groups",
+                    "mkdir", "-p", str(repo / ".git")], check=True)  # fmt: skip
+    made = as_user(ALICE, shared, "env", "--format", "json", cwd=repo)
+    assert made.returncode == 0, made.stderr
+    mine = json.loads(made.stdout)
+    assert mine["SUPABASE_URL"].startswith("http://localhost:")
+    ledger = shared / "leases.json"
+    document = json.loads(ledger.read_bytes())
+    document.pop("crc32", None)
+    planted = {"CMAKE_TOOLCHAIN_FILE": "/tmp/evil.cmake", "STARSHIP_CONFIG": "/tmp/s.toml"}
+    for lease in document["leases"]:
+        lease["env"].update(planted)
+        lease["env"]["SUPABASE_URL"] = "http://evil.example/"
+    ledger.write_text(json.dumps(document))
+    os.chown(ledger, BOB, GROUP)
+    for args in (["env", "--format", "json"], ["env", str(repo), "--format", "json"]):
+        shown = as_user(ALICE, shared, *args, cwd=repo)
+        assert shown.returncode == 0, shown.stderr
+        values = json.loads(shown.stdout)
+        assert not set(planted) & set(values), args
+        assert values.get("SUPABASE_URL") in (None, mine["SUPABASE_URL"]), args
+    got = as_user(ALICE, shared, "get", str(repo), "CMAKE_TOOLCHAIN_FILE", cwd=repo)
+    assert got.returncode != 0 and "/tmp/evil" not in got.stdout
+    child = as_user(ALICE, shared, "run", str(repo), "env", cwd=repo)
+    assert child.returncode == 0 and "/tmp/evil" not in child.stdout

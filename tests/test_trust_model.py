@@ -141,6 +141,7 @@ def test_a_record_the_user_does_not_own_is_not_believed(tmp_path: Path, state_di
 
 
 def test_init_write_trusts_the_profile_it_writes(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "repo"  # the state dir (tmp_path/state) outside the repository
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "compose.yaml").write_text(
         "services:\n  web:\n    image: x\n    container_name: shop-web\n    ports:\n"
@@ -361,3 +362,98 @@ def test_ctrl_c_while_the_full_cli_is_imported_is_exit_130(
     monkeypatch.setattr(sys, "meta_path", [Interrupt(), *sys.meta_path])
     assert entry.main(["status"]) == 130
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_state_dir_inside_the_repository_vouches_for_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repository that ships `.portalloc/trusted/<its hash>` (a clone's files are the
+    user's own, 0644): with PORTALLOC_STATE_DIR pointing into it, or relative, nothing
+    of it is believed."""
+    import hashlib
+
+    monkeypatch.setattr(portalloc.config, "default_state_dir", lambda: tmp_path / "own")
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    content = b'[ports]\nweb = 0\n[env]\nURL = "http://evil.example/{web_port}"\n'
+    (repo / "portalloc.toml").write_bytes(content)
+    shipped = repo / ".portalloc" / "trusted"
+    shipped.mkdir(parents=True, mode=0o700)
+    shipped.parent.chmod(0o700)
+    (shipped / hashlib.sha256(content).hexdigest()).write_text("x\n")
+    (shipped / hashlib.sha256(content).hexdigest()).chmod(0o600)
+    for state in (str(repo / ".portalloc"), ".portalloc"):
+        env = {"PORTALLOC_STATE_DIR": state, **SKIP}
+        result = invoke("env", "s", "--format", "json", cwd=repo, env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {}, state
+        invoke("release", "s", cwd=repo, env=env)
+
+
+# --- found by the hostile review of this change ---------------------------------------------
+
+
+def test_a_huge_planted_project_file_costs_nothing(tmp_path: Path) -> None:
+    """A sparse 2 GiB pyproject.toml in a parent directory (anyone's /tmp) is not read."""
+    parent = tmp_path / "shared-tmp"
+    (parent / "sub").mkdir(parents=True)
+    with (parent / "pyproject.toml").open("wb") as handle:
+        handle.truncate(2 << 30)
+    result = run_cli("env", "s", "--format", "json", cwd=parent / "sub", process=True)
+    assert result.returncode == 0 and "API_PORT" in result.stdout, result.stderr
+    with (parent / "sub" / "portalloc.toml").open("wb") as handle:
+        handle.truncate(2 << 30)
+    refused = run_cli("env", "s", cwd=parent / "sub", process=True)
+    assert refused.returncode == 2 and "more than portalloc reads" in refused.stderr
+
+
+def test_what_trust_shows_is_escaped_never_raw(tmp_path: Path) -> None:
+    tree = tmp_path / "x\x1b[31mRED"
+    tree.mkdir()
+    (tree / "portalloc.toml").write_text(
+        '[ports]\napi = 0\n[env]\nAPI_URL = "http://localhost:{api_port}\u202e/moc.live//:ptth"\n'
+    )
+    warned = invoke("env", "s", cwd=tree, env=SKIP)
+    assert "\x1b" not in warned.stderr and "\\x1b" in warned.stderr
+    shown = invoke("trust", "--show", cwd=tree)
+    assert "\x1b" not in shown.stdout and "\u202e" not in shown.stdout
+    assert "\\u202e" in shown.stdout
+
+
+def test_trust_show_of_a_settings_only_file_marks_nothing_as_waiting(tmp_path: Path) -> None:
+    (tmp_path / "portalloc.toml").write_text("base = 20000\n")
+    shown = invoke("trust", "--show", cwd=tmp_path).stdout
+    assert "SUPABASE_URL=http://localhost:{rest_port}\n" in shown
+    assert "only once trusted" not in shown
+    assert env_json(tmp_path)["SUPABASE_URL"] == "http://localhost:20001"
+
+
+def test_closed_stdout_or_stderr_is_no_internal_error(tmp_path: Path) -> None:
+    """`portalloc env >&-` or `2>&-`: the documented exit code, and no crash report."""
+    import tempfile
+
+    crashes = Path(tempfile.gettempdir())
+    before = set(crashes.glob("portalloc-crash-*"))
+    for args, code in ((["env", "s"], 0), (["status"], 0), (["env", "bad\x01"], 2)):
+        for fd in (1, 2):
+
+            def close(fd: int = fd) -> None:
+                os.close(fd)
+
+            proc = subprocess.run(
+                [sys.executable, "-m", "portalloc", *args],
+                preexec_fn=close,
+                cwd=tmp_path,
+                env={**os.environ, **SKIP, "PORTALLOC_DEBUG": ""},
+                timeout=60,
+                check=False,
+            )
+            assert proc.returncode == code, (args, fd)
+    assert set(crashes.glob("portalloc-crash-*")) == before
+
+
+def test_an_undecodable_output_path_is_a_usage_error(tmp_path: Path) -> None:
+    bad = os.fsdecode(bytes(tmp_path) + b"/x\xff.env")
+    for option in ("--env-file", "--write"):
+        result = invoke("env", "s", option, bad, env=SKIP)
+        assert result.returncode == 2 and "not a printable UTF-8 path" in result.stderr

@@ -28,10 +28,10 @@ from portalloc.adapters.common import (
     worktree_top,
 )
 from portalloc.config import PortAllocatorConfig
-from portalloc.errors import MissingExtra, PortallocError, UsageError
+from portalloc.errors import MissingExtra, PortallocError, UsageError, printable
 from portalloc.host import inside
 from portalloc.render import FORMATS, render
-from portalloc.rules import MAX_PID, MAX_TTL_MINUTES
+from portalloc.rules import MAX_PID, MAX_TTL_MINUTES, has_unprintable
 
 if TYPE_CHECKING:
     from portalloc.models import PortAllocation
@@ -341,6 +341,10 @@ def env(
         state_dir = service.config.state_dir
         for path, option in ((manifest, "--write"), (dotenv, "--env-file")):
             if path is not None:
+                if has_unprintable(str(path)):
+                    # Undecodable bytes or control characters: the ledger records the
+                    # path as UTF-8 text, and a terminal would show it raw.
+                    raise UsageError(f"{option} {printable(path)}: not a printable UTF-8 path")
                 outputs.check_writable(path, option, state_dir)
         allocation = service.allocate(
             session, ttl_minutes=ttl, pid=pid, worktree=tree, manifest=manifest, env_file=dotenv
@@ -770,13 +774,16 @@ def trust(
     with _errors():
         found = trusting.project_file_at(path or Path.cwd())
         lines, data = trusting.review(found)
-        _out(f"{found} (sha256 {trusting.digest(data)[:16]}) sets:\n")
-        _out("".join(f"  {line}\n" for line in lines))
+        # Escaped, never raw: a value's bidi override or ESC must not disguise what
+        # is being trusted.
+        shown = printable(found)
+        _out(f"{shown} (sha256 {trusting.digest(data)[:16]}) sets:\n")
+        _out("".join(f"  {printable(line)}\n" for line in lines))
         if show:
-            if trusting.is_trusted(trust_dir_for(os.environ), data):
+            if trusting.believed(trust_dir_for(os.environ), data, found):
                 _out("trusted: it applies in full\n")
             else:
-                _out(f"not trusted: only port variables apply; trust it: portalloc trust {found}\n")
+                _out(f"not trusted: only port variables apply; trust it: portalloc trust {shown}\n")
             return
         record = trusting.record(trust_dir_for(os.environ), data, found)
     _out(f"trusted: this content applies in full wherever it is found (record {record})\n")

@@ -65,8 +65,13 @@ def error_body(error: PortallocError) -> dict[str, Any]:
 
 def say(message: str) -> None:
     """One line on stderr, prefixed like every portalloc message."""
-    sys.stderr.write(f"portalloc: {message}\n")
-    sys.stderr.flush()
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): nowhere to say it
+        return
+    try:
+        sys.stderr.write(f"portalloc: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def warn(message: str) -> None:
@@ -195,7 +200,7 @@ def warn_untrusted(config: PortAllocatorConfig) -> None:
     if profile.waiting and profile.source is not None:
         from shlex import quote
 
-        where = quote(str(profile.source))
+        where = printable(quote(str(profile.source)))  # no raw escapes at every prompt
         count = profile.waiting
         say(
             f"{printable(profile.source)}: {count} env "

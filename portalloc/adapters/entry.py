@@ -82,6 +82,10 @@ def serve(read: Read) -> str | None:
         return None  # the profile's files are to be kept current: the full CLI does that
     if read.command == "env" and config.profile.waiting:
         return None  # entries wait for trust: the full CLI says so
+    from portalloc.trust import private_dir
+
+    if not private_dir(os.path.dirname(config.ledger_file)):  # noqa: PTH120
+        return None  # a shared ledger's variables are screened: the full CLI does that
     if session is None:
         worktree = worktree_of(os.getcwd())  # noqa: PTH109 (no pathlib here)
         session = worktree
@@ -137,6 +141,12 @@ def allocate(session: str, json_output: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
+    if sys.stdout is None or sys.stderr is None:
+        # Started with stdout or stderr closed (`>&-`): write to nowhere, as intended.
+        from portalloc.fs import null_stream
+
+        sys.stdout = sys.stdout or null_stream(1)
+        sys.stderr = sys.stderr or null_stream(2)
     # Shell completion drives the full CLI through the environment, whatever argv says.
     read = None if "_PORTALLOC_COMPLETE" in os.environ else parse(args)
     try:
