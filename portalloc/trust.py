@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path  # annotations only: the read path asks private_dir()
 
 TRUST_DIR_NAME = "trusted"
 
