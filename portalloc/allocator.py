@@ -9,7 +9,6 @@ from itertools import chain
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable
 from portalloc.models import (
-    DEFAULT_PROFILE,
     FileRecord,
     Lease,
     LedgerState,
@@ -24,15 +23,12 @@ from portalloc.rules import slug_for
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Literal
+    from portalloc.models import ReclaimReason
 
 # Home blocks remembered for sessions; the least recently granted forgotten first.
 HISTORY_LIMIT = 10_000
 # Files portalloc wrote for one session (manifests, env files), newest kept.
 FILES_LIMIT = 8
-
-if TYPE_CHECKING:
-    ReclaimReason = Literal["expired", "owner_dead", "worktree_gone"]
 
 
 class Reclaimed(NamedTuple):
@@ -112,23 +108,8 @@ def reclaim(
     # Only the leases that can be reclaimed at all: a ledger of ten thousand TTL leases
     # that have not run out needs no look at each one.
     for original in state.leases.due(now):
-        lease = original
-        if lease.guests:
-            guests = tuple(guest for guest in lease.guests if owner_alive(guest))
-            if guests != lease.guests:
-                lease = lease._replace(guests=guests)
-        reason: ReclaimReason | None = None
-        if lease.owner is not None:
-            if not owner_alive(lease.owner):
-                reason = "owner_dead"
-            elif lease.worktree is not None and not path_exists(lease.worktree):
-                reason = "worktree_gone"
-        elif lease.worktree is not None:
-            if not path_exists(lease.worktree):
-                reason = "worktree_gone"
-        elif lease.expired(now):
-            reason = "expired"
-        if reason is None or lease.guests:
+        lease, reason = original.fate(now, owner_alive, path_exists)
+        if reason is None:
             if lease is not original:
                 changes[lease.session_id] = lease
         else:
@@ -190,11 +171,11 @@ def grant(
         return _place(state, request, now, expires_at, files, port_check)
     follow = follow_profile(state, existing, request, port_check)
     if follow is None or not follow.misfit:
-        return _refresh(state, existing, request, expires_at, files, follow)
+        return _refresh(state, existing, request, now, files, follow)
     if request.user is not None:
         # `run` uses the lease while it runs: it never moves it under its owner's feet.
         follow = follow._replace(stays="a `run` never moves the lease it joins")
-        return _refresh(state, existing, request, expires_at, files, follow)
+        return _refresh(state, existing, request, now, files, follow)
     # The new profile no longer fits the block: the lease moves, as when a foreign
     # process holds its home, and keeps what it is (owner, anchor, compose project).
     rest = state.with_leases(state.leases.updated({request.session_id: None}))
@@ -202,7 +183,7 @@ def grant(
         moved = _place(rest, request, now, expires_at, files, port_check, follow.lease)
     except NoPortsAvailable:
         follow = follow._replace(stays="no other block is free")
-        return _refresh(state, existing, request, expires_at, files, follow)
+        return _refresh(state, existing, request, now, files, follow)
     reason = follow.misfit
     if follow.changes:
         reason = f"its profile changed ({follow.changes}) and {reason}"
@@ -328,11 +309,12 @@ def _refresh(
     state: LedgerState,
     existing: Lease,
     request: Request,
-    expires_at: datetime,
+    now: datetime,
     files: dict[str, tuple[FileRecord, ...]],
     follow: Follow | None = None,
 ) -> Grant:
     config = request.config
+    expires_at = now + timedelta(minutes=config.ttl_minutes)
     # The lease as its profile makes it now, in its own block; else as it is.
     current = existing if follow is None or follow.misfit else follow.lease
     if request.user is not None:
@@ -346,17 +328,10 @@ def _refresh(
             joined = current._replace(guests=(*current.guests, request.user))
         leases = state.leases.updated({request.session_id: joined})
         return Grant(LedgerState(leases, state.homes, files), joined, created=False, follow=follow)
-    owner = request.owner or existing.owner
-    worktree = request.worktree or existing.worktree
-    if (
-        current is existing
-        and abs(expires_at - existing.expires_at) < refresh_granularity(config.ttl_minutes)
-        and config.ttl_minutes == existing.ttl_minutes
-        and owner == existing.owner
-        and worktree == existing.worktree
+    if current is existing and existing.refreshed(
+        now, config.ttl_minutes, request.owner, request.worktree
     ):
-        # Refreshed a moment ago: leave the leases alone. `eval "$(portalloc env)"`
-        # in a prompt hook or direnv then reads without rewriting the file.
+        # Refreshed a moment ago: leave the leases alone.
         if files is state.files:
             return Grant(state, existing, created=False, follow=follow)
         state = LedgerState(state.leases, state.homes, files)
@@ -364,8 +339,8 @@ def _refresh(
     refreshed = current._replace(
         expires_at=expires_at,
         ttl_minutes=config.ttl_minutes,
-        owner=owner,
-        worktree=worktree,
+        owner=request.owner or existing.owner,
+        worktree=request.worktree or existing.worktree,
     )
     leases = state.leases.updated({request.session_id: refreshed})
     return Grant(LedgerState(leases, state.homes, files), refreshed, created=False, follow=follow)
@@ -382,10 +357,10 @@ def follow_profile(
     block meets another lease, or a port it did not have is busy (PORT_CHECK)."""
     config = request.config
     profile = config.profile
-    if profile is DEFAULT_PROFILE and not any(": " in src for src in config.sources.values()):
+    if not config.profile_chosen:
         # No project file where the request comes from (`portalloc env S` run in another
         # directory, an MCP client; settings from the environment alone): the lease
-        # keeps the profile it has. A file's settings are named "<path>: <key>".
+        # keeps the profile it has.
         return None
     start = existing.start
     ports = _ports(profile, start)
@@ -473,11 +448,6 @@ def _some(names: list[str], limit: int = 4) -> str:
     if len(names) <= limit:
         return ", ".join(names)
     return f"{', '.join(names[:limit])} and {len(names) - limit} more"
-
-
-def refresh_granularity(ttl_minutes: int) -> timedelta:
-    """How close to "now + TTL" an expiry must be to count as already refreshed."""
-    return timedelta(seconds=min(60.0, ttl_minutes * 60 / 100))
 
 
 def _is_block(start: int, config: PortAllocatorConfig) -> bool:

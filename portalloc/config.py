@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import os
+import stat
 import sys
 from collections.abc import Callable, Mapping
 
-from portalloc.errors import ConfigError, ProfileError
+from portalloc.errors import ConfigError, PortallocError, ProfileError
+from portalloc.fs import read_bytes, stat_or_none
 from portalloc.models import DEFAULT_PROFILE, Profile
-from portalloc.profile import ProjectFile, find_project_file, load_project_file
 from portalloc.rules import DEFAULT_PROXY_PORT, MAX_TTL_MINUTES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
+
+    from portalloc.profile import ProjectFile
 
 MAX_PORT = 65535
 
@@ -179,7 +181,7 @@ class PortAllocatorConfig:
             raise ConfigError(
                 label("lock_timeout", ENV_LOCK_TIMEOUT), timeout, "must be a number > 0"
             )
-        if not (timeout > 0 and math.isfinite(timeout)):
+        if not 0 < timeout < float("inf"):  # not NaN, not infinite (math: a .so to load)
             # As written: 0 and -1, not 0.0 and -1.0.
             shown = f"{timeout:g}" if isinstance(timeout, float) else timeout
             raise ConfigError(
@@ -229,6 +231,15 @@ class PortAllocatorConfig:
             )
 
     @property
+    def profile_chosen(self) -> bool:
+        """Whether a project file gave this config its profile or settings: only then
+        does a lease follow the request's profile (a file's settings are named
+        "<path>: <key>"; settings from the environment alone leave a lease as it is)."""
+        return self.profile is not DEFAULT_PROFILE or any(
+            ": " in source for source in self.sources.values()
+        )
+
+    @property
     def min_range(self) -> int:
         return max(MINIMUMS["range"], self.profile.span_needed)
 
@@ -272,6 +283,8 @@ class PortAllocatorConfig:
             except FileNotFoundError:
                 pass  # the current directory was deleted: no project file to find
             if found is not None:
+                from portalloc.profile import load_project_file
+
                 project: ProjectFile = load_project_file(found, lambda: trust_dir_for(env))
                 values, sources = dict(project.values), dict(project.sources)
                 if project.profile is not None:
@@ -315,6 +328,54 @@ class PortAllocatorConfig:
                 raise ConfigError(ENV_SKIP_PORT_CHECK, raw_skip, "must be 1 or 0")
 
         return cls(**values, sources=sources)
+
+
+# A project file is read at every prompt below it: one planted huge (in /tmp, say) must
+# cost nothing. Real ones are a few KiB; pyproject.toml files a few dozen.
+PROJECT_FILE_LIMIT = 1 << 20
+
+
+def find_project_file(start: Path | str) -> Path | None:
+    """The nearest portalloc.toml, or pyproject.toml with [tool.portalloc], walking up."""
+    directory = os.fspath(start)
+    while True:
+        try:
+            candidate = os.path.join(directory, "portalloc.toml")  # noqa: PTH118 (no pathlib)
+            if _is_file(candidate):
+                return _path(candidate)
+            pyproject = os.path.join(directory, "pyproject.toml")  # noqa: PTH118
+            if _is_file(pyproject) and _has_tool_table(pyproject):
+                return _path(pyproject)
+        except OSError:
+            # A directory we may not look into (another user's home, a 0700 parent)
+            # holds no profile for us; keep walking up.
+            pass
+        # "." last for a relative path, as Path.parents has it
+        parent = os.path.dirname(directory) or "."  # noqa: PTH120
+        if parent == directory:
+            return None
+        directory = parent
+
+
+def _is_file(path: str) -> bool:
+    """Path(PATH).is_file(), without importing pathlib."""
+    info = stat_or_none(path)
+    return info is not None and stat.S_ISREG(info.st_mode)
+
+
+def _path(path: str) -> Path:
+    from pathlib import Path
+
+    return Path(path)
+
+
+def _has_tool_table(pyproject: Path | str) -> bool:
+    try:
+        data = read_bytes(pyproject, limit=PROJECT_FILE_LIMIT)
+    except (OSError, PortallocError):
+        return False
+    # Cheap pre-check before paying for a TOML parse on the hot path.
+    return b"tool.portalloc" in data
 
 
 def state_dir_for(env: Mapping[str, str]) -> Path:

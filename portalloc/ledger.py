@@ -12,7 +12,6 @@ import time
 import zlib
 from bisect import bisect_right
 from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import chain, compress, islice
 from operator import eq
@@ -37,6 +36,7 @@ from portalloc.rules import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
     from pathlib import Path
     from typing import Any
 
@@ -991,9 +991,14 @@ class Ledger:
             )
         return self._file_lock
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> AbstractContextManager[None]:
         """Hold the ledger's lock; raise LockTimeout past the configured timeout."""
+        # contextlib imported here: the read path imports this module and never locks.
+        from contextlib import contextmanager
+
+        return contextmanager(self._hold)()
+
+    def _hold(self) -> Iterator[None]:
         import filelock
 
         self._ensure_dir()

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
-from datetime import UTC, datetime
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    ValuesView,
+)
+from datetime import UTC, datetime, timedelta
 
 # NamedTuple and a frozen dataclass without importing typing and dataclasses: the read
 # path (`portalloc env`) imports this module.
@@ -18,6 +26,7 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     HeldWhile = Literal["pid", "worktree", "ttl"]
+    ReclaimReason = Literal["expired", "owner_dead", "worktree_gone"]
 
 
 def isoformat(moment: datetime) -> str:
@@ -155,6 +164,50 @@ class Lease(NamedTuple):
         has run out."""
         return self.anchored or self.expired(now)
 
+    def fate(
+        self,
+        now: datetime,
+        owner_alive: Callable[[Owner], bool],
+        path_exists: Callable[[str], bool],
+    ) -> tuple[Lease, ReclaimReason | None]:
+        """What a reclaim at NOW makes of this lease (one that is due): the lease as it
+        goes on (its dead `run` guests left out) and None, or the lease and why it ends:
+        a dead owner, a vanished worktree, or, with neither, an expired TTL. A live
+        `run` using it keeps it. The allocator's reclaim and the read path both ask."""
+        lease = self
+        if lease.guests:
+            guests = tuple(guest for guest in lease.guests if owner_alive(guest))
+            if guests != lease.guests:
+                lease = lease._replace(guests=guests)
+        reason: ReclaimReason | None = None
+        if lease.owner is not None:
+            if not owner_alive(lease.owner):
+                reason = "owner_dead"
+            elif lease.worktree is not None and not path_exists(lease.worktree):
+                reason = "worktree_gone"
+        elif lease.worktree is not None:
+            if not path_exists(lease.worktree):
+                reason = "worktree_gone"
+        elif lease.expired(now):
+            reason = "expired"
+        return lease, None if lease.guests else reason
+
+    def refreshed(
+        self, now: datetime, ttl_minutes: int, owner: Owner | None, worktree: str | None
+    ) -> bool:
+        """Whether granting this lease again at NOW for TTL_MINUTES, to the OWNER and
+        WORKTREE a request names (None: the lease's own), leaves it as it is: refreshed
+        a moment ago, with that TTL, owner and anchor. `eval "$(portalloc env)"` in a
+        prompt hook or direnv then reads without rewriting the file. The allocator's
+        grant and the read path both ask."""
+        expires_at = now + timedelta(minutes=ttl_minutes)
+        return (
+            abs(expires_at - self.expires_at) < refresh_granularity(ttl_minutes)
+            and ttl_minutes == self.ttl_minutes
+            and (owner or self.owner) == self.owner
+            and (worktree or self.worktree) == self.worktree
+        )
+
     @property
     def held_while(self) -> HeldWhile:
         """What keeps the lease: its owner process, its worktree, or only its TTL."""
@@ -168,6 +221,11 @@ class Lease(NamedTuple):
         """Port name -> its host name, `web.feat-a.localhost` (none without a slug); the
         bare name `feat-a.localhost` is filed under ''."""
         return hosts(self.slug, self.ports, self.bare)
+
+
+def refresh_granularity(ttl_minutes: int) -> timedelta:
+    """How close to "now + TTL" an expiry must be to count as already refreshed."""
+    return timedelta(seconds=min(60.0, ttl_minutes * 60 / 100))
 
 
 def hosts(slug: str | None, ports: Iterable[tuple[str, int]], bare: str | None) -> dict[str, str]:

@@ -3,13 +3,15 @@ typed value: settings with the key each came from, and the profile it describes.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from collections.abc import Callable, Mapping
 
+# Where a project file is looked for: config.py, which imports this module only when
+# one is found (the read path's budget); re-exported for the modules that ask here.
+from portalloc.config import PROJECT_FILE_LIMIT
+from portalloc.config import find_project_file as find_project_file
 from portalloc.errors import ProfileError
-from portalloc.fs import read_bytes, stat_or_none
+from portalloc.fs import read_bytes
 from portalloc.models import DEFAULT_PROFILE, Profile, template_fields
 from portalloc.records import NamedTuple
 from portalloc.rules import (
@@ -46,11 +48,6 @@ def _relative_file(path: Path, key: str, value: object) -> str:
     if ".git" in parts:
         raise ProfileError(path, key, "must not be inside .git")
     return value
-
-
-# A project file is read at every prompt below it: one planted huge (in /tmp, say) must
-# cost nothing. Real ones are a few KiB; pyproject.toml files a few dozen.
-PROJECT_FILE_LIMIT = 1 << 20
 
 
 class ProjectFile(NamedTuple):
@@ -121,51 +118,6 @@ def _url_keys(
                 path, prefix + "bare_name", f"must name a port ({', '.join(names) or 'none'})"
             )
     return urls, bare
-
-
-def find_project_file(start: Path | str) -> Path | None:
-    """The nearest portalloc.toml, or pyproject.toml with [tool.portalloc], walking up."""
-    directory = os.fspath(start)
-    while True:
-        try:
-            candidate = os.path.join(directory, "portalloc.toml")  # noqa: PTH118 (no pathlib)
-            if _is_file(candidate):
-                return _path(candidate)
-            pyproject = os.path.join(directory, "pyproject.toml")  # noqa: PTH118
-            if _is_file(pyproject) and _has_tool_table(pyproject):
-                return _path(pyproject)
-        except OSError:
-            # A directory we may not look into (another user's home, a 0700 parent)
-            # holds no profile for us; keep walking up.
-            pass
-        # "." last for a relative path, as Path.parents has it
-        parent = os.path.dirname(directory) or "."  # noqa: PTH120
-        if parent == directory:
-            return None
-        directory = parent
-
-
-def _is_file(path: str) -> bool:
-    """Path(PATH).is_file(), without importing pathlib."""
-    info = stat_or_none(path)
-    return info is not None and stat.S_ISREG(info.st_mode)
-
-
-def _path(path: str) -> Path:
-    from pathlib import Path
-
-    return Path(path)
-
-
-def _has_tool_table(pyproject: Path | str) -> bool:
-    from portalloc.errors import PortallocError
-
-    try:
-        data = read_bytes(pyproject, limit=PROJECT_FILE_LIMIT)
-    except (OSError, PortallocError):
-        return False
-    # Cheap pre-check before paying for a TOML parse on the hot path.
-    return b"tool.portalloc" in data
 
 
 def _read_toml(path: Path) -> tuple[dict[str, Any], bytes]:

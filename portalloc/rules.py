@@ -4,7 +4,6 @@ environment, a project file or the ledger. The bottom of the import graph."""
 from __future__ import annotations
 
 import re
-import unicodedata
 from functools import cache
 
 from portalloc.errors import InvalidSessionId
@@ -124,6 +123,8 @@ URL_DOMAIN = "localhost"
 def dns_label(text: str) -> str:
     """TEXT as a DNS label: ASCII letters and digits lowercased, every other run of
     characters one `-`, at most 63 characters; '' when nothing is left."""
+    import unicodedata  # only where a name is made: not on the read path
+
     folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     return re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")[:63].rstrip("-")
 
@@ -153,9 +154,24 @@ def slug_for(session_id: str, worktree: str | None, taken: set[str]) -> str:
     raise AssertionError("two distinct session ids share a full SHA-256")  # pragma: no cover
 
 
-# Unicode category Cc (control characters) and Cs (lone surrogates), searched in C:
-# the ledger checks every string of every lease it loads.
-UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Unicode category Cc (control characters), searched in C: the ledger checks every
+# string of every lease it loads.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def first_unprintable(text: str) -> int | None:
+    """Where TEXT holds its first control character (Unicode category Cc) or lone
+    surrogate (Cs), or None. Surrogates are found by the UTF-8 encoder, which refuses
+    them: a character class spanning them costs half a millisecond to compile on every
+    start-up (bench/README.md)."""
+    found = CONTROL.search(text)
+    end = len(text) if found is None else found.start()
+    if not text.isascii():
+        try:
+            text[:end].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return exc.start
+    return None if found is None else end
 
 
 @cache
@@ -207,10 +223,10 @@ def validate_session_id(session_id: object) -> str:
         )
     if session_id.isspace():
         raise InvalidSessionId("must not be only whitespace")
-    bad = UNPRINTABLE.search(session_id)
-    if bad is not None:
-        char, index = bad.group(), bad.start()
-        if unicodedata.category(char) == "Cs":
+    index = first_unprintable(session_id)
+    if index is not None:
+        char = session_id[index]
+        if "\ud800" <= char <= "\udfff":
             # A lone surrogate is what undecodable bytes in argv become; it cannot be
             # written back out as UTF-8, so it could never round-trip.
             raise InvalidSessionId(f"position {index} is not valid UTF-8")
@@ -222,7 +238,7 @@ def validate_session_id(session_id: object) -> str:
 
 def has_unprintable(text: str) -> bool:
     """Whether TEXT holds a control character or a lone surrogate."""
-    return UNPRINTABLE.search(text) is not None
+    return first_unprintable(text) is not None
 
 
 def lease_problem(lease: Lease) -> str | None:

@@ -66,9 +66,7 @@ def parse(args: list[str]) -> Read | None:
 
 def serve(read: Read) -> str | None:
     """What the full CLI would print for READ, if the ledger answers it without a write."""
-    from portalloc import allocator
     from portalloc.adapters.common import lookup, warn_ephemeral_overlap, worktree_of
-    from portalloc.allocator import Request
     from portalloc.config import PortAllocatorConfig
     from portalloc.facts import owner_alive, path_exists, utcnow
     from portalloc.ledger import read_lease
@@ -94,16 +92,25 @@ def serve(read: Read) -> str | None:
     if lease is None:
         return None
     now = utcnow()
-    state = LedgerState({session: lease})
-    kept, _gone = allocator.reclaim(state, now, owner_alive, path_exists)
-    if kept is not state:
-        return None  # to be reclaimed, or a `run` using it has died: a write
+    if lease.due(now):
+        # The allocator's reclaim asks each due lease the same question.
+        kept, reason = lease.fate(now, owner_alive, path_exists)
+        if reason is not None or kept is not lease:
+            return None  # to be reclaimed, or a `run` using it has died: a write
     allocation = PortAllocation.from_lease(lease, now, proxy_port=config.proxy_port)
     if read.command == "get":
         text = lookup(allocation, read.value) + "\n"
     else:
-        request = Request(session, config, worktree=worktree)
-        if allocator.grant(state, request, now, None).state is not state:
+        if config.profile_chosen:
+            # Whether the lease follows the project file's profile: the allocator's
+            # question, asked as the full CLI's grant asks it.
+            from portalloc import allocator
+
+            state = LedgerState({session: lease})
+            request = allocator.Request(session, config, worktree=worktree)
+            if allocator.grant(state, request, now, None).state is not state:
+                return None  # a refresh, a new anchor or a changed profile: a write
+        elif not lease.refreshed(now, config.ttl_minutes, None, worktree):
             return None  # a refresh is due, or the worktree anchor is new: a write
         text = render(allocation.env, read.value)
     warn_ephemeral_overlap(config)
