@@ -1,11 +1,16 @@
 """portalloc's start-up, contention and ledger-size costs, each against a baseline run
-side by side (interleaved, medians) in the same run.
+side by side (interleaved, medians) in the same run, measured as users install it.
 
     python bench/run.py [--reps 21] [--batch-reps 3] [--processes 200] [--leases 10000]
-                        [--only startup|contention|ledger] [--json]
+                        [--only startup|contention|ledger] [--json] [--rebuild]
+
+Everything runs in a venv of the benchmark's own (bench/install.py): a wheel of the
+working tree installed non-editable with its dependencies and portpicker, whose
+interpreter is checked to start with no .pth file and no import hook.
 
 1. Start-up of the read path: `portalloc env S` and `portalloc get S rest` for a live
-   lease, and `portalloc env` inside a worktree that has one, each vs `python -c pass`.
+   lease, and `portalloc env` inside a worktree that has one, each vs `python -c pass`
+   of the same interpreter, and beside portpicker's CLI (`python -m portpicker`).
 2. N processes running `portalloc allocate sI --json` at once vs N concurrent processes
    that only import what `allocate` imports: wall time of the whole batch, plus
    duplicated ports and failed processes (both must be 0).
@@ -21,32 +26,47 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 
-from common import filesystem_type  # bench/common.py; bench/ is on sys.path when run
+import install  # bench/install.py; bench/ is on sys.path when run
+from common import filesystem_type  # bench/common.py
 
+TARGET_STARTUP = 2.5
+TARGET_CONTENTION = 1.5
+TARGET_LEDGER_ENV = 1.2
+TARGET_LEDGER_ALLOCATE = 1.3
+SESSION = "bench-session"
+SECTIONS = ("startup", "contention", "ledger")  # 1, 2 and 3 below
+
+# Run by the venv's interpreter: SESSIONS written into a fresh ledger at once, as
+# `allocate` would grant them (argv: state dir, base, range, max sessions, sessions...).
+FILL_LEDGER = """
+import sys
 from portalloc.allocator import Request, grant
 from portalloc.config import PortAllocatorConfig
 from portalloc.models import LedgerState
 from portalloc.service import PortAllocatorService
 
-TARGET_STARTUP = 3.0
-TARGET_CONTENTION = 1.5
-TARGET_LEDGER_ENV = 1.3
-TARGET_LEDGER_ALLOCATE = 1.5
-SESSION = "bench-session"
-SECTIONS = ("startup", "contention", "ledger")  # 1, 2 and 3 below
-PACKAGE = Path(__file__).resolve().parent.parent / "portalloc"
+state_dir, base, span, most, *sessions = sys.argv[1:]
+config = PortAllocatorConfig(
+    base=int(base), range=int(span), max_sessions=int(most), state_dir=state_dir,
+    skip_port_check=True,
+)
+service = PortAllocatorService(config)
+now = service.clock()
+state = LedgerState()
+for session in sessions:
+    state = grant(state, Request(session_id=session, config=config), now, None).state
+with service.ledger.locked():
+    service.ledger.save(state)
+"""
 
 # The contention floor: a process that imports what `portalloc allocate` imports
 # (Typer, filelock, platformdirs, rich, psutil) and does nothing with them.
@@ -57,7 +77,7 @@ BASELINE_IMPORTS = "import typer, filelock, platformdirs, rich, psutil"
 class Row:
     measurement: str
     portalloc: str
-    baseline: str
+    baseline: str  # the baseline's own time, beside the ratio
     ratio: float | None
     target: str
     passed: bool
@@ -72,15 +92,17 @@ class Batch:
 
 
 class Bench:
-    """A scratch directory, the two commands under test, and a clean environment."""
+    """A scratch directory, the commands under test, and a clean environment."""
 
-    def __init__(self, scratch: Path) -> None:
+    def __init__(self, scratch: Path, venv: install.Venv) -> None:
         self.scratch = scratch
-        script = Path(sys.executable).parent / "portalloc"
-        # The console script is what users run; fall back to `python -m` without one.
-        self.portalloc = [str(script)] if script.is_file() else [sys.executable, "-m", "portalloc"]
-        self.interpreter = [sys.executable, "-c", "pass"]
-        self.imports_only = [sys.executable, "-c", BASELINE_IMPORTS]
+        self.venv = venv
+        python = str(venv.python)
+        # The console script, as users run it.
+        self.portalloc = [str(venv.portalloc)]
+        self.interpreter = [python, "-c", "pass"]
+        self.imports_only = [python, "-c", BASELINE_IMPORTS]
+        self.portpicker = [python, "-m", "portpicker"] if venv.portpicker else None
         self.cwd = scratch / "cwd"  # no portalloc.toml or pyproject.toml up here
         self.cwd.mkdir()
         self._dirs = 0
@@ -92,11 +114,7 @@ class Bench:
         return path
 
     def env(self, state_dir: Path, **settings: str) -> dict[str, str]:
-        env = {
-            name: value
-            for name, value in os.environ.items()
-            if not name.startswith(("PORT_ALLOC_", "PORTALLOC_"))
-        }
+        env = clean_environment()
         env["PORTALLOC_STATE_DIR"] = str(state_dir)
         # Belt and braces: even a default state dir would land in the scratch dir.
         env["XDG_STATE_HOME"] = str(self.scratch / "xdg-state")
@@ -139,35 +157,56 @@ class Bench:
         )
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment without portalloc's settings and without any PYTHON*
+    variable (PYTHONPATH, PYTHONSTARTUP...), which would change what starts."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("PORT_ALLOC_", "PORTALLOC_", "PYTHON"))
+    }
+
+
 def interleaved(
     reps: int, first: Callable[[], float], second: Callable[[], float], warmup: int = 2
 ) -> tuple[list[float], list[float]]:
     """REPS timings of each, alternating which goes first so drift hits both alike."""
-    for _ in range(warmup):
-        first()
-        second()
-    a: list[float] = []
-    b: list[float] = []
-    for rep in range(reps):
-        if rep % 2 == 0:
-            a.append(first())
-            b.append(second())
-        else:
-            b.append(second())
-            a.append(first())
+    a, b = interleaved_all(reps, [first, second], warmup)
     return a, b
 
 
+def interleaved_all(
+    reps: int, commands: Sequence[Callable[[], float]], warmup: int = 2
+) -> list[list[float]]:
+    """REPS timings of each command, the order reversed every other round."""
+    for _ in range(warmup):
+        for command in commands:
+            command()
+    times: list[list[float]] = [[] for _ in commands]
+    order = list(range(len(commands)))
+    for rep in range(reps):
+        for index in order if rep % 2 == 0 else order[::-1]:
+            times[index].append(commands[index]())
+    return times
+
+
 def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms"
+    return f"{seconds * 1000:.1f} ms"
 
 
 def ratio_row(
-    measurement: str, ours: list[float], theirs: list[float], target: float, unit: str = "ms"
+    measurement: str,
+    ours: list[float],
+    theirs: list[float],
+    target: float | None,
+    unit: str = "ms",
 ) -> Row:
+    """Medians and their ratio; TARGET None: shown for comparison, no target of its own."""
     mine, base = statistics.median(ours), statistics.median(theirs)
     ratio = mine / base
     show = ms if unit == "ms" else (lambda s: f"{s:.2f} s")
+    if target is None:
+        return Row(measurement, show(mine), show(base), ratio, "-", True)
     return Row(measurement, show(mine), show(base), ratio, f"<= {target:.2f}x", ratio <= target)
 
 
@@ -188,8 +227,32 @@ def measure_startup(bench: Bench, reps: int) -> list[Row]:
         def command(argv: list[str] = argv, cwd: Path | None = cwd) -> float:
             return bench.run(argv, env, cwd=cwd)
 
-        ours, theirs = interleaved(reps, command, lambda: bench.run(bench.interpreter, env))
-        rows.append(ratio_row(f"{label} vs python -c pass", ours, theirs, TARGET_STARTUP))
+        commands = [command, lambda: bench.run(bench.interpreter, env)]
+        if bench.portpicker is not None:
+
+            def portpicker(argv: list[str] = bench.portpicker) -> float:
+                return bench.run(argv, env)
+
+            commands.append(portpicker)
+        ours, theirs, *picker = interleaved_all(reps, commands)
+        row = ratio_row(f"{label} vs python -c pass", ours, theirs, TARGET_STARTUP)
+        if picker:
+            # Side by side in the same rounds: portalloc must also answer sooner.
+            faster = statistics.median(ours) < statistics.median(picker[0])
+            row.target += ", < portpicker"
+            row.passed = row.passed and faster
+            rows.append(row)
+            rows.append(
+                ratio_row(
+                    "  python -m portpicker (same rounds) vs python -c pass",
+                    picker[0],
+                    theirs,
+                    None,
+                )
+            )
+        else:
+            row.target += " (portpicker not installed)"
+            rows.append(row)
     return rows
 
 
@@ -241,22 +304,22 @@ def measure_contention(bench: Bench, reps: int, processes: int) -> list[Row]:
     return [row, checks]
 
 
-def fill_ledger(state_dir: Path, sessions: Sequence[str], settings: Mapping[str, str]) -> None:
-    """Write all SESSIONS into a fresh ledger at once, as `allocate` would grant them."""
-    config = PortAllocatorConfig(
-        base=int(settings["PORT_ALLOC_BASE"]),
-        range=int(settings["PORT_ALLOC_RANGE"]),
-        max_sessions=int(settings["PORT_ALLOC_MAX_SESSIONS"]),
-        state_dir=state_dir,
-        skip_port_check=True,
-    )
-    service = PortAllocatorService(config)
-    now = service.clock()
-    state = LedgerState()
-    for session in sessions:
-        state = grant(state, Request(session_id=session, config=config), now, None).state
-    with service.ledger.locked():
-        service.ledger.save(state)
+def fill_ledger(
+    bench: Bench, state_dir: Path, sessions: Sequence[str], settings: Mapping[str, str]
+) -> None:
+    """Write all SESSIONS into a fresh ledger at once, as `allocate` would grant them,
+    with the portalloc the benchmark installed."""
+    argv = [
+        str(bench.venv.python),
+        "-c",
+        FILL_LEDGER,
+        str(state_dir),
+        settings["PORT_ALLOC_BASE"],
+        settings["PORT_ALLOC_RANGE"],
+        settings["PORT_ALLOC_MAX_SESSIONS"],
+        *sessions,
+    ]
+    bench.run(argv, bench.env(state_dir))
 
 
 def measure_ledger_size(bench: Bench, reps: int, leases: int) -> list[Row]:
@@ -269,8 +332,8 @@ def measure_ledger_size(bench: Bench, reps: int, leases: int) -> list[Row]:
     }
     big, small = bench.state_dir("ledger-big"), bench.state_dir("ledger-small")
     # SESSION holds the highest block of the big ledger: no early exit helps it.
-    fill_ledger(big, [*(f"other-{i}" for i in range(leases - 1)), SESSION], settings)
-    fill_ledger(small, [SESSION], settings)
+    fill_ledger(bench, big, [*(f"other-{i}" for i in range(leases - 1)), SESSION], settings)
+    fill_ledger(bench, small, [SESSION], settings)
     big_env, small_env = bench.env(big, **settings), bench.env(small, **settings)
     size = (big / "leases.json").stat().st_size
     ours, theirs = interleaved(
@@ -348,27 +411,32 @@ def main(argv: list[str] | None = None) -> int:
         help="run only this part (repeatable; default: all)",
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="build the wheel and the venv even if cached"
+    )
     args = parser.parse_args(argv)
     if min(args.reps, args.batch_reps, args.processes, args.leases) < 1:
         parser.error("every count must be >= 1")
 
-    scratch = Path(tempfile.mkdtemp(prefix="portalloc-bench-"))
     began = time.perf_counter()
+    venv = install.prepare(clean_environment(), rebuild=args.rebuild)
+    scratch = Path(tempfile.mkdtemp(prefix="portalloc-bench-"))
     try:
-        bench = Bench(scratch)
+        bench = Bench(scratch, venv)
         header = (
-            f"portalloc bench: Python {platform.python_version()}, typer {version('typer')}, "
-            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, "
+            f"portalloc bench: Python {venv.facts['version']}, {os.cpu_count()} CPUs, "
+            f"load {' '.join(f'{load:.2f}' for load in os.getloadavg())}, "
             f"scratch on {filesystem_type(scratch) or 'unknown'}\n"
+            f"  installed: wheel of the working tree in {venv.path} (non-editable;"
+            f" sys.meta_path {venv.facts['finders']}; no .pth file)\n"
             f"  portalloc: {' '.join(bench.portalloc)}\n"
-            f"  baselines: python -c pass (1); python -c {BASELINE_IMPORTS!r} (2); 1 lease (3)\n"
+            f"  baselines: python -c pass of that interpreter (1); "
+            f"python -c {BASELINE_IMPORTS!r} (2); 1 lease (3)\n"
             f"  medians of {args.reps} interleaved runs (1, 3) and "
             f"{args.batch_reps} interleaved batches (2)"
         )
         if not args.json:
             print(header, flush=True)
-        # Bytecode as an installed package has it (PYTHONDONTWRITEBYTECODE may be set).
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(PACKAGE)], check=False)
         only = set(args.only or SECTIONS)
         rows: list[Row] = []
         if "startup" in only:
@@ -380,14 +448,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.perf_counter() - began
+    loads = " ".join(f"{load:.2f}" for load in os.getloadavg())
     if args.json:
-        print(json.dumps({"rows": [asdict(row) for row in rows], "seconds": elapsed}, indent=2))
+        print(
+            json.dumps(
+                {"rows": [asdict(row) for row in rows], "seconds": elapsed, "load": loads},
+                indent=2,
+            )
+        )
     else:
         print()
         print(table(rows))
         missed = [row.measurement.strip() for row in rows if not row.passed]
         verdict = "all targets met" if not missed else f"MISSED: {'; '.join(missed)}"
-        print(f"\n{verdict} ({elapsed:.0f} s)")
+        print(f"\n{verdict} ({elapsed:.0f} s, load {loads} at the end)")
     return 0
 
 
