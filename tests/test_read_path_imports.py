@@ -19,20 +19,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# portalloc's own: the entry point, settings, the ledger's lock-free read, the lease
-# rules and values, the renderers, the facts a reclaim asks. Not the allocator (asked
-# only where a project file's profile applies), not profile.py (only where a project
-# file is found), not the service, the host, the probe or any adapter's framework.
+# portalloc's own: the entry point, settings, the ledger's bytes and lock-free read
+# (codec), the lease rules and values, the renderers, the facts a reclaim asks, whether
+# the state dir is private (trust). Not the allocator (asked only where a project
+# file's profile applies), not profile.py (only where a project file is found), not
+# ledger.py (the lock, the index), the service, the host, the probe or any framework.
 PORTALLOC = {
     "portalloc",
     "portalloc.adapters",
     "portalloc.adapters.common",
     "portalloc.adapters.entry",
+    "portalloc.codec",
     "portalloc.config",
     "portalloc.errors",
     "portalloc.facts",
     "portalloc.fs",
-    "portalloc.ledger",
     "portalloc.models",
     "portalloc.records",
     "portalloc.render",

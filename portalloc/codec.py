@@ -1,0 +1,252 @@
+"""The ledger's bytes: the raw on-disk shapes, a lease to and from its raw form (the
+lease rules applied on the way in), the CRC-32 save() ends a file with, and the read of
+one lease without the lock.
+
+Apart from ledger.py (lock, load, save, the index, quarantine) because the read path
+(`portalloc env`) needs only this: every module it imports is start-up time
+(bench/README.md).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import zlib
+
+from portalloc.fs import UnsafeFile, read_bytes
+from portalloc.models import Lease, Owner, isoformat, parse_iso
+from portalloc.records import TypedDict
+from portalloc.rules import lease_problem
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+
+LEDGER_VERSION = 3
+
+
+class RawOwner(TypedDict):
+    pid: int
+    started: float | None
+
+
+class RawLease(TypedDict):
+    session_id: str
+    start: int
+    span: int
+    ports: dict[str, int]
+    env: dict[str, str]
+    compose_project_name: str
+    created_at: str
+    expires_at: str
+    ttl_minutes: int
+    owner: RawOwner | None
+    worktree: str | None
+    guests: list[RawOwner]
+    slug: str | None
+    bare: str | None
+
+
+class RawFile(TypedDict):
+    kind: str
+    path: str
+
+
+class RawLedger(TypedDict):
+    version: int
+    leases: list[RawLease]
+    homes: dict[str, int]
+    files: dict[str, list[RawFile]]
+
+
+class _Malformed(Exception):
+    """The file parses but does not have the ledger's shape."""
+
+
+def _owner_to_raw(owner: Owner) -> RawOwner:
+    return {"pid": owner.pid, "started": owner.started}
+
+
+def _owner_from_raw(raw: object) -> Owner:
+    if type(raw) is dict and not raw.keys() <= {"pid", "started"}:
+        raise _Malformed("an owner holds unknown keys")
+    pid = raw.get("pid") if type(raw) is dict else None
+    started = raw.get("started") if type(raw) is dict else None
+    if type(pid) is not int or (started is not None and type(started) not in (int, float)):
+        raise _Malformed("an owner must hold an integer pid and a start time")
+    return Owner(pid=pid, started=None if started is None else float(started))
+
+
+def lease_to_raw(lease: Lease) -> RawLease:
+    return {
+        "session_id": lease.session_id,
+        "start": lease.start,
+        "span": lease.span,
+        "ports": dict(lease.ports),
+        "env": dict(lease.env),
+        "compose_project_name": lease.compose_project_name,
+        "created_at": isoformat(lease.created_at),
+        "expires_at": isoformat(lease.expires_at),
+        "ttl_minutes": lease.ttl_minutes,
+        "owner": None if lease.owner is None else _owner_to_raw(lease.owner),
+        "worktree": lease.worktree,
+        "guests": [_owner_to_raw(guest) for guest in lease.guests],
+        "slug": lease.slug,
+        "bare": lease.bare,
+    }
+
+
+def _all_typed(mapping: object, value_type: type) -> bool:
+    # type() rather than isinstance(): bool is not an int here. Keys of a JSON object
+    # are always strings; map() keeps the per-value check in C, which matters on a
+    # ledger with a thousand leases.
+    return type(mapping) is dict and (
+        not mapping or set(map(type, mapping.values())) == {value_type}
+    )
+
+
+LEASE_KEYS = frozenset(RawLease.__annotations__)
+_LEASE_ORDER = list(RawLease.__annotations__)  # as lease_to_raw() makes them
+_NEXT_LEASE = b',{"session_id":'
+DOCUMENT_KEYS = frozenset({*RawLedger.__annotations__, "crc32"})
+
+
+def lease_from_raw(raw: object) -> Lease:
+    if type(raw) is not dict:
+        raise _Malformed("a lease is not an object")
+    if not raw.keys() <= LEASE_KEYS:
+        # Nothing rides along: a key save() does not write is not carried back out
+        # either (and could hide an object the read path would take for a lease).
+        raise _Malformed(f"a lease holds unknown keys {sorted(raw.keys() - LEASE_KEYS)}")
+    try:
+        ports, env = raw["ports"], raw["env"]
+        if not _all_typed(ports, int) or not _all_typed(env, str):
+            raise _Malformed("'ports' must map names to integers and 'env' names to strings")
+        start, span, ttl = raw["start"], raw["span"], raw["ttl_minutes"]
+        if not (type(start) is int and type(span) is int and type(ttl) is int):
+            raise _Malformed("'start', 'span' and 'ttl_minutes' must be integers")
+        session_id, compose = raw["session_id"], raw["compose_project_name"]
+        created, expires = raw["created_at"], raw["expires_at"]
+        if not all(type(text) is str for text in (session_id, compose, created, expires)):
+            raise _Malformed("ids, names and timestamps must be strings")
+        worktree = raw.get("worktree")
+        if worktree is not None and type(worktree) is not str:
+            raise _Malformed("'worktree' must be a string")
+        owner_raw = raw.get("owner")
+        owner = None if owner_raw is None else _owner_from_raw(owner_raw)
+        guests_raw = raw["guests"]
+        if type(guests_raw) is not list:
+            raise _Malformed("'guests' must be a list")
+        guests = tuple(map(_owner_from_raw, guests_raw))
+        slug, bare = raw.get("slug"), raw.get("bare")
+        if not (slug is None or type(slug) is str) or not (bare is None or type(bare) is str):
+            raise _Malformed("'slug' and 'bare' must be strings")
+        # Positional: a thousand keyword constructions cost a few milliseconds more.
+        lease = Lease(
+            session_id,
+            start,
+            span,
+            tuple(ports.items()),
+            tuple(env.items()),
+            compose,
+            parse_iso(created),
+            parse_iso(expires),
+            ttl,
+            owner,
+            worktree,
+            guests,
+            slug,
+            bare,
+        )
+    except KeyError as exc:
+        raise _Malformed(f"a lease lacks {exc.args[0]!r}") from None
+    except (ValueError, OverflowError, TypeError) as exc:
+        # fromisoformat past year 9999 with its offset, and the like
+        raise _Malformed(str(exc)) from None
+    _check_rules(lease)
+    return lease
+
+
+def _check_rules(lease: Lease) -> None:
+    """The lease rules (rules.lease_problem), before anything of a lease from the file is
+    printed: in a shared state dir, other users can write this file."""
+    problem = lease_problem(lease)
+    if problem is not None:
+        raise _Malformed(problem)
+
+
+# How save() starts the file, and each lease in it: the read path finds one lease by
+# its first key without decoding the others.
+_PREFIX = f'{{"version":{LEDGER_VERSION},"leases":['
+_LEASE_START = '{"session_id":'
+_LEASE_WINDOW = 1 << 20
+# save() ends the document with a CRC-32 of everything before it, so the read path can
+# tell a file save() wrote, whole, from one edited by hand (which the locked path
+# checks in full). The locked path ignores it.
+_CRC_KEY = b',"crc32":"'
+
+
+# One encoder for every piece: json.dumps() with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _json(value: object) -> bytes:
+    return _ENCODER.encode(value).encode("utf-8")
+
+
+def _with_crc(body: bytes) -> bytes:
+    return body[:-1] + _CRC_KEY + b"%08x" % zlib.crc32(body) + b'"}'
+
+
+def dump(document: RawLedger) -> bytes:
+    """The bytes save() writes: compact JSON, its CRC-32 as the last key."""
+    return _with_crc(_json(document))
+
+
+def _intact(data: bytes) -> bool:
+    """Whether DATA is a document dump() wrote, unchanged since."""
+    trailer = len(_CRC_KEY) + 10  # the key, 8 hex digits, `"}`
+    if len(data) <= trailer or data[-trailer:-10] != _CRC_KEY or not data.endswith(b'"}'):
+        return False
+    try:
+        expected = int(data[-10:-2], 16)
+    except ValueError:
+        return False
+    # A memoryview: no copy of a ledger of thousands of leases just to check it.
+    crc = zlib.crc32(b"}", zlib.crc32(memoryview(data)[:-trailer]))
+    return crc == expected
+
+
+def read_lease(path: Path | str, session_id: str) -> Lease | None:
+    """The session's lease as last written, read without the lock (the file is only ever
+    replaced whole), decoding that lease alone; None when unsure, for the locked path.
+
+    Only a file save() wrote, unchanged since (its CRC-32 says so), qualifies. In such
+    a file every lease holds only the keys save() writes, the others being objects of
+    integers and strings, and inside JSON strings every `"` is escaped: so
+    `{"session_id":<id>,` starts that session's lease in the leases list and nothing
+    else. Anything else is left to the locked path, which checks the whole document
+    (and refuses a ledger that is a symlink, a FIFO or a device).
+    """
+    try:
+        data = read_bytes(path, follow=False)
+    except (OSError, UnsafeFile):
+        return None
+    if not _intact(data) or not data.startswith(_PREFIX.encode()):
+        return None
+    needle = (_LEASE_START + json.dumps(session_id, ensure_ascii=False) + ",").encode("utf-8")
+    start = data.find(needle)
+    if start < 0 or data.find(needle, start + 1) >= 0:
+        return None
+    # Decode only from the lease on, as far as a lease can reach (a 4096-character id
+    # and its variables fit many times over); a lease cut off there fails to parse and
+    # goes the locked way.
+    try:
+        # final=False: a character cut at the window's end is left out, not an error;
+        # a byte that is not UTF-8 anywhere else still is one.
+        text, _used = codecs.utf_8_decode(data[start : start + _LEASE_WINDOW], "strict", False)
+        raw, _end = json.JSONDecoder().raw_decode(text)
+        lease = lease_from_raw(raw)
+    except (ValueError, RecursionError, _Malformed):
+        return None
+    return lease if lease.session_id == session_id else None
