@@ -46,34 +46,50 @@ def table(leases: Iterable[Lease]) -> list[Route]:
     return routes
 
 
+# The placeholder the name table fills with the port of the name asked for.
+PORT_PLACEHOLDER = "{portalloc.port}"
+
+
 def caddy_routes(routes: Iterable[Route]) -> list[dict[str, Any]]:
-    """The routes of Caddy's server: one per name, then 404 for every other name."""
-    return [*map(_reverse_proxy, routes), _not_found()]
+    """The routes of Caddy's server: a table from name to port (one lookup per request
+    whatever the number of leases, and one small configuration to load), a reverse proxy
+    to that port on loopback, and 404 for every name not in the table."""
+    table = {
+        "handler": "map",
+        "source": "{http.request.host}",
+        "destinations": [PORT_PLACEHOLDER],
+        "mappings": [{"input": route.host, "outputs": [str(route.port)]} for route in routes],
+        "defaults": [""],
+    }
+    return [
+        {"handle": [table]},
+        {
+            "match": [{"not": [{"vars": {PORT_PLACEHOLDER: [""]}}]}],
+            "handle": [_reverse_proxy()],
+            "terminal": True,
+        },
+        _not_found(),
+    ]
 
 
-def _reverse_proxy(route: Route) -> dict[str, Any]:
+def _reverse_proxy() -> dict[str, Any]:
     # Both loopback addresses: dev servers listen on 127.0.0.1, on ::1 (Node's
     # `localhost` on some systems) or on both. Round robin with one retry: a refused
     # dial to the one not listening goes to the other at once; no health state, so a
     # server that just started answers the very next request.
     return {
-        "match": [{"host": [route.host]}],
-        "handle": [
-            {
-                "handler": "reverse_proxy",
-                "upstreams": [
-                    {"dial": f"127.0.0.1:{route.port}"},
-                    {"dial": f"[::1]:{route.port}"},
-                ],
-                "load_balancing": {"selection_policy": {"policy": "round_robin"}, "retries": 1},
-                "stream_close_delay": STREAM_CLOSE_DELAY,
-            }
+        "handler": "reverse_proxy",
+        "upstreams": [
+            {"dial": f"127.0.0.1:{PORT_PLACEHOLDER}"},
+            {"dial": f"[::1]:{PORT_PLACEHOLDER}"},
         ],
-        "terminal": True,
+        "load_balancing": {"selection_policy": {"policy": "round_robin"}, "retries": 1},
+        "stream_close_delay": STREAM_CLOSE_DELAY,
     }
 
 
 def _not_found() -> dict[str, Any]:
+    # A fixed body: the Host header is the client's, and is never echoed back.
     return {
         "handle": [
             {
@@ -123,15 +139,15 @@ def document(port: int, ipv6: bool, directory: Path, routes: Iterable[Route]) ->
 
 
 def served(config_routes: object) -> list[tuple[str, int]]:
-    """(host, port) of each route in Caddy's answer for the server's routes."""
+    """(host, port) of each name in Caddy's answer for the server's routes."""
     found: list[tuple[str, int]] = []
-    if not isinstance(config_routes, list):
+    try:
+        mappings = config_routes[0]["handle"][0]["mappings"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
         return found
-    for route in config_routes:
+    for mapping in mappings if isinstance(mappings, list) else ():
         try:
-            host = route["match"][0]["host"][0]
-            dial = route["handle"][0]["upstreams"][0]["dial"]
-            found.append((str(host), int(str(dial).rsplit(":", 1)[1])))
+            found.append((str(mapping["input"]), int(mapping["outputs"][0])))
         except (KeyError, IndexError, TypeError, ValueError):
             continue
     return found
