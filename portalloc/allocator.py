@@ -362,6 +362,11 @@ def follow_profile(
         # directory, an MCP client; settings from the environment alone): the lease
         # keeps the profile it has.
         return None
+    if existing.worktree is not None and not _worktree_file(config.project_file, existing):
+        # A worktree's lease follows the worktree's own project file only: not one in a
+        # package below its top (a monorepo's web/portalloc.toml), nor the file of
+        # whatever directory a server or another shell asks from.
+        return None
     start = existing.start
     ports = _ports(profile, start)
     name = existing.compose_project_name
@@ -487,6 +492,18 @@ def new_lease(
         slug=slug,
         bare=profile.bare_name,
     )
+
+
+def _worktree_file(project_file: str | None, lease: Lease) -> bool:
+    """Whether PROJECT_FILE is one found walking up from LEASE's worktree top: in the top
+    itself or a directory above it."""
+    import os.path
+
+    if project_file is None or lease.worktree is None:
+        return False
+    here = os.path.realpath(os.path.dirname(project_file))  # noqa: PTH120
+    tree = os.path.realpath(lease.worktree)
+    return tree == here or tree.startswith(here.rstrip(os.sep) + os.sep)
 
 
 def _ports(profile: Profile, start: int) -> tuple[tuple[str, int], ...]:

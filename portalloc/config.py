@@ -240,6 +240,16 @@ class PortAllocatorConfig:
         )
 
     @property
+    def project_file(self) -> str | None:
+        """The project file this config's profile or settings came from, if any."""
+        if self.profile.source is not None:
+            return str(self.profile.source)
+        for source in self.sources.values():
+            if ": " in source:
+                return source.rsplit(": ", 1)[0]
+        return None
+
+    @property
     def min_range(self) -> int:
         return max(MINIMUMS["range"], self.profile.span_needed)
 

@@ -425,3 +425,59 @@ def test_profile_edits_never_leave_a_lease_the_ledger_refuses(
         spans = sorted((a.block_start, a.block_end) for a in reader.status())
         assert all(end < start for (_s, end), (start, _e) in pairwise(spans))
     assert not [w for w in warnings if "aside" in w or "corrupt" in w]
+
+
+def test_a_package_below_the_worktree_top_does_not_pull_the_lease_back_and_forth(
+    tmp_path: Path,
+) -> None:
+    """A monorepo: the top's portalloc.toml and web/portalloc.toml with other settings.
+    `env` in web/ is the same worktree session; it must not move the worktree's lease
+    (the review saw it move 31000 <-> 31050 at every call)."""
+    import subprocess
+
+    top = tmp_path / "mono"
+    (top / "web").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(top)], check=True)
+    (top / "portalloc.toml").write_text("base = 31000\n[ports]\nweb = 0\n")
+    (top / "web" / "portalloc.toml").write_text("base = 31050\n[ports]\nworker = 0\n")
+    skip = {"PORTALLOC_SKIP_PORT_CHECK": "1"}
+    first = run_cli("env", "--format", "json", cwd=top, env=skip)
+    assert first.returncode == 0, first.stderr
+    for _ in range(2):
+        below = run_cli("env", "--format", "json", cwd=top / "web", env=skip)
+        again = run_cli("env", "--format", "json", cwd=top, env=skip)
+        assert below.stdout == again.stdout == first.stdout
+        assert "MOVED" not in below.stderr + again.stderr
+        assert "follows its profile" not in below.stderr + again.stderr
+
+
+def test_a_server_in_another_worktree_does_not_rewrite_this_worktrees_lease(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    """`portalloc serve` (or any command) run in worktree h2 allocating h1's session: h1's
+    lease keeps its own profile and its env file is left alone."""
+    import subprocess
+
+    from portalloc import PortAllocatorConfig, PortAllocatorService
+
+    h1, h2 = tmp_path / "h1", tmp_path / "h2"
+    for tree in (h1, h2):
+        tree.mkdir()
+        subprocess.run(["git", "init", "-q", str(tree)], check=True)
+    (h1 / "portalloc.toml").write_text('env_file = ".env"\n[ports]\nweb = 0\napi = 1\n')
+    (h2 / "portalloc.toml").write_text("[ports]\nadmin = 0\n")
+    skip = {"PORTALLOC_SKIP_PORT_CHECK": "1"}
+    assert run_cli("env", cwd=h1, env=skip).returncode == 0
+    env_file = (h1 / ".env").read_bytes()
+    config = PortAllocatorConfig.from_env({"PORTALLOC_STATE_DIR": str(state_dir), **skip}, cwd=h2)
+    warnings: list[str] = []
+    allocation = PortAllocatorService(config, on_warning=warnings.append).allocate(
+        str(h1.resolve())
+    )
+    assert set(allocation.ports) == {"web", "api"}
+    assert (h1 / ".env").read_bytes() == env_file
+    assert not [w for w in warnings if "follows" in w or "MOVED" in w]
+    # In h1 itself a profile edit is still followed.
+    (h1 / "portalloc.toml").write_text('env_file = ".env"\n[ports]\nweb = 0\napi = 1\ncache = 2\n')
+    followed = run_cli("env", "--format", "json", cwd=h1, env=skip)
+    assert "CACHE_PORT" in followed.stdout and "follows its profile" in followed.stderr
