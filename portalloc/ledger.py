@@ -9,6 +9,7 @@ import stat
 import sys
 import time
 import zlib
+from array import array
 from bisect import bisect_right
 from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from datetime import UTC, datetime
@@ -190,9 +191,10 @@ def _check_written(session_id: str, lease: Lease) -> None:
 # The index: what save() knew of each lease of the file it wrote, kept beside the file
 # for the user who wrote it. With it a write at ten thousand leases parses only the
 # leases it touches and copies the others into the new file as the bytes they were.
-_INDEX_MAGIC = b"portalloc-index 2 python %d.%d marshal %d\n" % (
+_INDEX_MAGIC = b"portalloc-index 3 python %d.%d marshal %d %s\n" % (
     *sys.version_info[:2],
     marshal.version,
+    sys.byteorder.encode(),  # the integer columns are machine words
 )
 _DIGEST_SIZE = 32  # SHA-256
 # Below this many leases a full parse costs less than keeping an index (under 1 ms
@@ -213,6 +215,82 @@ class _Index(NamedTuple):
     homes: dict[str, int]  # as in the file, from leases_end + len(_HOMES) on
     files_at: int  # where `,"files":` starts
     slugs: list[str]  # each lease's slug, '' for none
+
+
+# The index's columns as a few long strings rather than lists of ten thousand objects:
+# marshal writes and reads those one object at a time, which cost a write at 10,000
+# leases about 10 ms more (bench/README.md). Session ids, compose names and slugs never
+# hold a NUL (the lease rules refuse control characters), so NUL separates them.
+_SEP = "\0"
+
+
+def _words(values: list[int]) -> bytes:
+    return array("q", values).tobytes()
+
+
+def _from_words(data: bytes) -> list[int]:
+    column = array("q")
+    column.frombytes(data)
+    return column.tolist()
+
+
+def _joined(texts: Iterable[str]) -> str:
+    return _SEP.join(texts)
+
+
+def _split(text: str, count: int) -> list[str]:
+    return text.split(_SEP) if count else []
+
+
+def _pack_index(index: _Index) -> tuple[int | str | bytes, ...]:
+    return (
+        len(index.ids),
+        _joined(index.ids),
+        _words(index.starts),
+        _words(index.ends),
+        _joined(index.names),
+        _words(index.due),
+        _words(index.bounds),
+        index.leases_end,
+        len(index.homes),
+        _joined(index.homes),
+        _words(list(index.homes.values())),
+        index.files_at,
+        _joined(index.slugs),
+    )
+
+
+def _unpack_index(packed: object) -> _Index:
+    """The index _pack_index() made; ValueError or TypeError for anything else."""
+    if type(packed) is not tuple or len(packed) != 13:
+        raise ValueError("not an index")
+    count, ids, starts, ends, names, due, bounds, leases_end, homes_count, homes, home_starts = (
+        packed[:11]
+    )
+    files_at, slugs = packed[11:]
+    texts, words = (ids, names, homes, slugs), (starts, ends, due, bounds, home_starts)
+    if not all(type(column) is str for column in texts) or not all(
+        type(column) is bytes for column in words
+    ):
+        raise TypeError("columns")
+    if not all(type(number) is int for number in (count, homes_count, leases_end, files_at)):
+        raise TypeError("counts")
+    home_ids = _split(homes, homes_count)
+    home_blocks = _from_words(home_starts)
+    if len(home_ids) != homes_count or len(home_blocks) != homes_count:
+        raise ValueError("homes")
+    return _Index(
+        _split(ids, count),
+        _from_words(starts),
+        _from_words(ends),
+        _split(names, count),
+        _from_words(due),
+        _from_words(bounds),
+        leases_end,
+        dict(zip(home_ids, home_blocks, strict=True)),
+        files_at,
+        _split(slugs, count),
+    )
 
 
 def _stat_key(info: os.stat_result) -> tuple[int, ...]:
@@ -944,8 +1022,8 @@ class Ledger:
             return None
         try:
             # Bytes this user wrote (owner and mode checked above), whole (digest).
-            index = _Index(*marshal.loads(payload))  # noqa: S302
-        except (ValueError, TypeError, EOFError):
+            index = _unpack_index(marshal.loads(payload))  # noqa: S302
+        except (ValueError, TypeError, EOFError, UnicodeDecodeError):
             return None
         count = len(index.ids)
         columns = (*index[1:5], index.slugs)
@@ -966,7 +1044,7 @@ class Ledger:
             return
         import hashlib
 
-        blob = marshal.dumps(tuple(index))
+        blob = marshal.dumps(_pack_index(index))
         try:
             content = b"".join(
                 [
