@@ -1,3 +1,3 @@
-from portalloc.adapters.entry import main
+from portalloc.adapters.entry import run
 
-raise SystemExit(main())
+run()
