@@ -8,8 +8,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__version__ = "0.1.0"
-
 __all__ = [
     "ConfigError",
     "InvalidSessionId",
@@ -47,6 +45,7 @@ _HOMES = {
 }
 
 if TYPE_CHECKING:
+    __version__: str
     from portalloc.config import PortAllocatorConfig
     from portalloc.errors import (
         ConfigError,
@@ -62,6 +61,17 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        # From the installed package's metadata (pyproject.toml's version, once), and
+        # only when asked: importlib.metadata costs every `portalloc env` milliseconds.
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("portalloc")
+        except PackageNotFoundError:  # a source tree on sys.path, never installed
+            found = "0+unknown"
+        globals()["__version__"] = found
+        return found
     if name in _HOMES:
         import importlib
 

@@ -1,4 +1,8 @@
-"""Expected failures: each carries its data and the exit code the CLI maps it to."""
+"""Expected failures: each carries its data and the exit code the CLI maps it to.
+
+A built-in base where one fits, as filelock's errors have: a lock timeout is a
+TimeoutError, an unusable ledger an OSError, so code that knows only the built-ins
+still catches them. Their message is theirs: errno, strerror and filename stay None."""
 
 from __future__ import annotations
 
@@ -155,7 +159,7 @@ class LeaseNotFound(PortallocError):
         super().__init__(f"no active lease for session {session_id!r}")
 
 
-class LedgerError(PortallocError):
+class LedgerError(PortallocError, OSError):
     """The ledger cannot be read or written."""
 
     exit_code = 1
@@ -167,7 +171,7 @@ class LedgerError(PortallocError):
         super().__init__(f"ledger {path}: {reason}")
 
 
-class LockTimeout(PortallocError):
+class LockTimeout(PortallocError, TimeoutError):
     """Another process held the ledger lock past the timeout."""
 
     exit_code = 1

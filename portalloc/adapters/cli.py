@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 from typer.core import TyperCommand
 
-from portalloc import __version__
 from portalloc.adapters.common import (
     DEFAULT_HTTP_PORT,
     allocate_body,
@@ -159,7 +158,9 @@ def _errors(json_output: bool = False) -> Iterator[None]:
 
 def _version(value: bool) -> None:
     if value:
-        _out(f"portalloc {__version__}\n")
+        import portalloc  # its version comes from package metadata, read only when asked
+
+        _out(f"portalloc {portalloc.__version__}\n")
         raise typer.Exit(0)
 
 

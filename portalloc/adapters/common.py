@@ -154,6 +154,10 @@ def summary(allocation: PortAllocation) -> str:
 
 def unexpected(exc: Exception) -> int:
     """An exception no command turned into a message of its own: one line, exit 1."""
+    if isinstance(exc, PortallocError):
+        # An expected failure, first: LedgerError and LockTimeout are OSErrors too.
+        say(exc.message)
+        return exc.exit_code
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
         if exc.filename:

@@ -20,8 +20,21 @@ def report(exc: BaseException) -> str:
 
     where = "nowhere (cannot write a temp file)"
     try:
-        where = write_report("portalloc-crash-", "".join(traceback.format_exception(exc)))
+        text = about() + "".join(traceback.format_exception(exc))
+        where = write_report("portalloc-crash-", text)
     except OSError:
         pass
     kind = type(exc).__name__
     return f"internal error ({kind}); this is a bug in portalloc, traceback written to {where}"
+
+
+def about() -> str:
+    """The first line of a crash file: what a bug report needs to reproduce it."""
+    import platform
+
+    import portalloc
+
+    return (
+        f"portalloc {portalloc.__version__}, Python {platform.python_version()} "
+        f"({platform.python_implementation()}), {platform.platform()}\n"
+    )
