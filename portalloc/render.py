@@ -1,16 +1,26 @@
-"""The environment block as sh, fish, dotenv or JSON, quoted so no value can execute."""
+"""The environment block in each output format, quoted so no value can execute.
+
+FORMATS, at the end, is the one list of them: `env --format`'s choices, its help and
+completion, the read path and the tests all read it. A format is a function from the
+variables to text, and one entry there.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
-from collections.abc import Mapping
 
 from portalloc.errors import UsageError
+
+# NamedTuple without importing typing: the read path (`portalloc env`) renders.
+from portalloc.records import NamedTuple
 from portalloc.rules import SHELL_NAME
 
-FORMATS = ("sh", "fish", "dotenv", "json")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
 _BARE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 # fish also expands a leading `%` (`%self` is its own PID in older releases).
 _FISH_BARE = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
@@ -79,13 +89,46 @@ def render_json(env: Mapping[str, str]) -> str:
     return json.dumps(dict(env), indent=2) + "\n"
 
 
+# What PowerShell takes for a single quote (its language specification, 2.3.5.2,
+# single-quote-character): the apostrophe and the typographic U+2018 to U+201B.
+POWERSHELL_QUOTES = "'\u2018\u2019\u201a\u201b"
+_POWERSHELL_QUOTE = re.compile(f"[{POWERSHELL_QUOTES}]")
+
+
+def powershell_quote(value: str) -> str:
+    """VALUE as a PowerShell verbatim (single-quoted) string: nothing inside expands,
+    neither `$` nor a backtick; a quote character inside is written twice."""
+    return "'" + _POWERSHELL_QUOTE.sub(lambda quote: quote.group() * 2, value) + "'"
+
+
+def render_powershell(env: Mapping[str, str]) -> str:
+    return "".join(
+        f"$env:{name} = {powershell_quote(value)}\n" for name, value in _checked(env).items()
+    )
+
+
+class Format(NamedTuple):
+    """An output format of `portalloc env --format`."""
+
+    name: str
+    note: str  # who reads it, for --help ("" when the name says it)
+    render: Callable[[Mapping[str, str]], str]
+
+
+FORMATS: dict[str, Format] = {
+    entry.name: entry
+    for entry in (
+        Format("sh", "bash, zsh, dash", render_sh),
+        Format("fish", "", render_fish),
+        Format("dotenv", "docker compose, python-dotenv", render_dotenv),
+        Format("json", "", render_json),
+        Format("powershell", "$env:NAME = '...'", render_powershell),
+    )
+}
+
+
 def render(env: Mapping[str, str], fmt: str) -> str:
-    if fmt == "sh":
-        return render_sh(env)
-    if fmt == "fish":
-        return render_fish(env)
-    if fmt == "dotenv":
-        return render_dotenv(env)
-    if fmt == "json":
-        return render_json(env)
-    raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    found = FORMATS.get(fmt)
+    if found is None:
+        raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return found.render(env)

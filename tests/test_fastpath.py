@@ -19,6 +19,7 @@ import pytest
 from portalloc.adapters import cli, entry
 from portalloc.ledger import LEDGER_VERSION, dump
 from portalloc.models import isoformat
+from portalloc.render import FORMATS
 
 SESSIONS = ["s", "/home/me/my worktree", "=ls", "ünï 🚀", 'it\'s "q" $(x)']
 
@@ -110,7 +111,7 @@ def _started(pid: int) -> float:
 
 INVOCATIONS = [
     *(["env", s] for s in SESSIONS),
-    *(["env", "s", "--format", f] for f in ("sh", "fish", "dotenv", "json")),
+    *(["env", "s", "--format", f] for f in FORMATS),
     ["env", "s", "-f", "fish"],
     ["env", "--format=json", "s"],
     ["env"],

@@ -21,6 +21,7 @@ import typer
 from portalloc import hooks
 from portalloc.adapters import cli
 from portalloc.adapters.views import shorten_left
+from portalloc.render import FORMATS
 from tests.helpers import invoke, needs_fish, run_cli
 
 LONG_SESSION = "/home/someone/src/projects/shop-backend-feature-with-a-long-branch-name"
@@ -120,7 +121,7 @@ def test_run_usage_line_and_format_choices() -> None:
         "Usage: portalloc run [OPTIONS] SESSION [--] COMMAND [ARGS]...\n"
     )
     env_help = run_cli("env", "--help").stdout
-    assert "--format [sh|fish|dotenv|json]" in env_help
+    assert f"--format [{'|'.join(FORMATS)}]" in env_help
     assert env_help.startswith("Usage: portalloc env [OPTIONS] [SESSION]\n")
     bad = run_cli("env", "s", "--format", "xml")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "xml" in bad.stderr
@@ -202,7 +203,7 @@ def test_bash_completion_offers_sessions_keys_and_formats(
         "rest_port",
         "realtime_port",
     ]
-    assert _bash_complete("portalloc env --format ") == ["sh", "fish", "dotenv", "json"]
+    assert _bash_complete("portalloc env --format ") == list(FORMATS)
     assert "x$(touch /tmp/pwn)" not in _bash_complete("portalloc release ")
     assert not Path("/tmp/pwn").exists()
 
@@ -253,7 +254,7 @@ def test_fish_completion_offers_formats() -> None:
         env=env,
         check=True,
     )
-    assert sorted(out.stdout.split()) == ["dotenv", "fish", "json", "sh"]
+    assert sorted(out.stdout.split()) == sorted(FORMATS)
 
 
 # --- status at any width -----------------------------------------------------------------

@@ -131,7 +131,15 @@ OptionalSessionArg = Annotated[
         autocompletion=_complete_session,
     ),
 ]
-Format = Literal["sh", "fish", "dotenv", "json"]
+if TYPE_CHECKING:
+    Format = str
+else:
+    # render.FORMATS' names: Typer makes them the choices, their completion and the error
+    # for any other; the help below lists them too. A format registered there is here.
+    Format = Literal[tuple(FORMATS)]
+FORMAT_HELP = "Output format: " + ", ".join(
+    f"{entry.name} ({entry.note})" if entry.note else entry.name for entry in FORMATS.values()
+)
 
 
 _err = say
@@ -261,6 +269,7 @@ def status(json_output: JsonOpt = False) -> None:
   portalloc env worktree-1
   portalloc env worktree-1 --format fish | source
   portalloc env worktree-1 --format dotenv > .env.ports
+  portalloc env worktree-1 -f powershell | Out-String | Invoke-Expression
   portalloc env --write .                             # also .worktree-ports.json
 """,
     )
@@ -269,7 +278,7 @@ def env(
     session: OptionalSessionArg = None,
     fmt: Annotated[
         Format,
-        typer.Option("--format", "-f", help="Output format.", metavar="[sh|fish|dotenv|json]"),
+        typer.Option("--format", "-f", help=FORMAT_HELP, metavar=f"[{'|'.join(FORMATS)}]"),
     ] = "sh",
     ttl: TtlOpt = None,
     pid: PidOpt = None,
