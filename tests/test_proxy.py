@@ -310,6 +310,13 @@ def test_proxy_answers_each_worktree_by_name_and_404_for_the_rest(named: Named, 
     for allocation, who in ((a, "a"), (b, "b")):
         assert get(named.port, host_of(allocation["urls"]["web"])) == (200, who)
         assert get(named.port, host_of(allocation["url"])) == (200, who)
+    # Many at once, as a browser asks: each reaches its server, whichever address it is on.
+    from concurrent.futures import ThreadPoolExecutor
+
+    hosts = [host_of(a["urls"]["web"]), host_of(b["urls"]["web"])] * 20
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda host: get(named.port, host), hosts))
+    assert answers == [(200, "a"), (200, "b")] * 20
     # curl resolves *.localhost by itself, as browsers do.
     if shutil.which("curl"):
         out = subprocess.run(

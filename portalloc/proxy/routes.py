@@ -65,26 +65,41 @@ def caddy_routes(routes: Iterable[Route]) -> list[dict[str, Any]]:
         {"handle": [table]},
         {
             "match": [{"not": [{"vars": {PORT_PLACEHOLDER: [""]}}]}],
-            "handle": [_reverse_proxy()],
+            "handle": [_reverse_proxy("127.0.0.1")],
             "terminal": True,
         },
         _not_found(),
     ]
 
 
-def _reverse_proxy() -> dict[str, Any]:
-    # Both loopback addresses: dev servers listen on 127.0.0.1, on ::1 (Node's
-    # `localhost` on some systems) or on both. Round robin with one retry: a refused
-    # dial to the one not listening goes to the other at once; no health state, so a
-    # server that just started answers the very next request.
+def _reverse_proxy(address: str) -> dict[str, Any]:
     return {
         "handler": "reverse_proxy",
-        "upstreams": [
-            {"dial": f"127.0.0.1:{PORT_PLACEHOLDER}"},
-            {"dial": f"[::1]:{PORT_PLACEHOLDER}"},
-        ],
-        "load_balancing": {"selection_policy": {"policy": "round_robin"}, "retries": 1},
+        "upstreams": [{"dial": f"{address}:{PORT_PLACEHOLDER}"}],
         "stream_close_delay": STREAM_CLOSE_DELAY,
+    }
+
+
+def ipv6_fallback() -> dict[str, Any]:
+    """The server's error routes: a name whose port refuses on 127.0.0.1 is tried on ::1.
+
+    Dev servers listen on 127.0.0.1, on ::1 (Node's `localhost` on some systems) or on
+    both. Caddy's load balancing cannot say "the other one" under concurrent requests
+    (round robin hands a retry to whichever comes next), so the second address is
+    tried here, once, and only after a failed dial: nothing of the request was sent."""
+    return {
+        "routes": [
+            {
+                "match": [
+                    {
+                        "vars_regexp": {
+                            "{http.error.message}": {"pattern": r"^dial tcp 127\.0\.0\.1:"}
+                        }
+                    }
+                ],
+                "handle": [_reverse_proxy("[::1]")],
+            }
+        ]
     }
 
 
@@ -131,6 +146,7 @@ def document(port: int, ipv6: bool, directory: Path, routes: Iterable[Route]) ->
                         "protocols": ["h1", "h2", "h2c"],
                         "automatic_https": {"disable": True},
                         "routes": caddy_routes(routes),
+                        **({"errors": ipv6_fallback()} if ipv6 else {}),
                     }
                 }
             }
