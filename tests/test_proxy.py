@@ -16,6 +16,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -628,3 +629,93 @@ class _Chromium:
                 self.process.wait()
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
+
+
+# --- names follow every lease change ---
+
+
+def test_names_follow_reclaim_move_and_a_profile_change(
+    named: Named, serve: Any, free_block: FreeBlock
+) -> None:
+    start(named)
+    a = worktree_lease(named, named.a)
+    serve(a["web_port"], "a")
+    assert get(named.port, host_of(a["url"])) == (200, "a")
+    # The profile changes: the bare name goes to another port, and a port is added.
+    (named.a / "portalloc.toml").write_text(
+        PROFILE.replace('bare_name = "web"', 'bare_name = "ws"') + "admin = 2\n"
+    )
+    trust(named.a / "portalloc.toml")
+    followed = worktree_lease(named, named.a)
+    assert followed["slug"] == "shop" and followed["urls"]["admin"].startswith("http://admin.")
+    assert followed["env"]["ADMIN_URL"] == followed["urls"]["admin"]
+    assert get(named.port, host_of(followed["url"]))[0] == 502  # ws: nothing listens
+    assert get(named.port, host_of(followed["urls"]["web"])) == (200, "a")
+    # Reclaimed: the worktree is gone, the next command drops its lease and names.
+    gone = named.b
+    b = worktree_lease(named, gone)
+    shutil.rmtree(gone)
+    assert run_cli("prune", env=named.env).returncode == 0
+    assert get(named.port, host_of(b["urls"]["web"]))[0] == 404
+    # Moved: a foreign server on its home block's port; the name goes where the lease goes.
+    assert run_cli("release", str(named.a), env=named.env).returncode == 0
+    code = (
+        "import socket, time; s = socket.socket(); "
+        f"s.bind(('127.0.0.1', {followed['admin_port']})); s.listen(); "
+        "print('up', flush=True); time.sleep(60)"
+    )
+    squatter = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=named.state.parent, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "up\n"
+        moved = worktree_lease(named, named.a)
+    finally:
+        squatter.kill()
+        squatter.wait()
+        if squatter.stdout is not None:
+            squatter.stdout.close()
+    assert moved["block_start"] != followed["block_start"]
+    assert moved["slug"] == "shop"  # the same name, stable for the session
+    assert (host_of(moved["urls"]["web"]), moved["web_port"]) in [
+        (route["host"], route["port"]) for route in _served(named)
+    ]
+
+
+def test_why_and_status_name_the_urls(named: Named) -> None:
+    a = worktree_lease(named, named.a)
+    why = run_cli("why", str(a["web_port"]), env=named.env)
+    assert f"url: {a['urls']['web']}" in why.stdout
+    shown = json.loads(run_cli("why", str(a["web_port"]), "--json", env=named.env).stdout)
+    assert shown["url"] == a["urls"]["web"]
+    status = run_cli("status", env={**named.env, "COLUMNS": "60"})
+    assert f"http://<port>.shop.localhost:{named.port}" in status.stdout
+    listed = json.loads(run_cli("status", "--json", env=named.env).stdout)
+    assert listed[0]["urls"] == a["urls"] and listed[0]["url"] == a["url"]
+
+
+def test_urls_from_an_untrusted_file_wait_and_a_forbidden_name_is_refused(
+    tmp_path: Path,
+) -> None:
+    from portalloc.errors import ProfileError
+    from portalloc.profile import load_project_file
+
+    untrusted = tmp_path / "portalloc.toml"
+    untrusted.write_text(PROFILE)
+    project = load_project_file(untrusted)
+    assert project.profile is not None and project.profile.urls
+    assert [variable for variable, _ in project.waiting] == ["WEB_URL", "WS_URL"]
+    assert all(not variable.endswith("_URL") for variable, _ in project.profile.env)
+    hostile = tmp_path / "hostile.toml"
+    hostile.write_text("urls = true\n[ports]\npip_index = 0\n")
+    with pytest.raises(ProfileError, match="urls"):
+        load_project_file(hostile, trust_all=True)
+    for bad, key in (('urls = "yes"', "urls"), ('bare_name = "nope"', "bare_name")):
+        broken = tmp_path / "broken.toml"
+        broken.write_text(f"{bad}\n[ports]\nweb = 0\n")
+        with pytest.raises(ProfileError, match=key):
+            load_project_file(broken)
+    templated = tmp_path / "templated.toml"
+    templated.write_text('[ports]\nweb = 0\n[env]\nORIGIN = "{web_url}/app"\n')
+    profile = load_project_file(templated, trust_all=True).profile
+    assert profile is not None and profile.env == (("ORIGIN", "{web_url}/app"),)
