@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from portalloc import blocks
 from portalloc.compose import (
     NAME,
     ComposeFile,
@@ -51,7 +52,6 @@ _VARIABLE_RANGE = re.compile(
 CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 # The container_name init writes: `${DB_CONTAINER_NAME:-db}`.
 _CONTAINER_VARIABLE = re.compile(r"\$\{(" + NAME.pattern + r"):?-([^}]*)\}")
-_ASSIGNMENT = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
 DEFAULT_RANGE = 100
 DEFAULT_BASE = 10000
 DEFAULT_MAX_SESSIONS = 20
@@ -483,7 +483,7 @@ def _dotenv_names(directories: Iterable[Path]) -> set[str]:
     reads the one in its project directory (the first file's) when it interpolates,
     so a variable init introduces must not be one of them: with no portalloc
     variable set, the file would read the `.env` value."""
-    from portalloc.outputs import BLOCK_BEGIN, BLOCK_END
+    from portalloc.outputs import dotenv_key
 
     names: set[str] = set()
     for directory in dict.fromkeys(directories):
@@ -492,12 +492,11 @@ def _dotenv_names(directories: Iterable[Path]) -> set[str]:
             lines = read_bytes(path).decode("utf-8", "replace").splitlines()
         except (OSError, UnsafeFile):  # none, or a FIFO or directory: no names
             continue
-        inside = False
-        for line in lines:
-            if line.startswith((BLOCK_BEGIN, BLOCK_END)):
-                inside = line.startswith(BLOCK_BEGIN)
-            elif not inside and (match := _ASSIGNMENT.match(line)):
-                names.add(match.group(1).upper())
+        ours = blocks.inside(lines)
+        for index, line in enumerate(lines):
+            key = None if index in ours else dotenv_key(line)
+            if key is not None:
+                names.add(key.upper())
     return names
 
 
@@ -944,15 +943,9 @@ def hard_coded(plan_: Plan) -> list[str]:
             lines = read_text(path, follow=False).splitlines()
         except (OSError, UnsafeFile, UnicodeDecodeError):
             continue
-        inside = False
+        ours = blocks.inside(lines)
         for number, line in enumerate(lines, 1):
-            if line.startswith("# >>> portalloc >>>"):
-                inside = True
-            elif line.startswith("# <<< portalloc <<<"):
-                inside = False
-            if inside:
-                continue
-            if len(line) > MAX_SCANNED_LINE:
+            if number - 1 in ours or len(line) > MAX_SCANNED_LINE:
                 continue
             for match in _ENV_PORT.finditer(line):
                 if match.group(1) and "PORT" not in match.group(1).upper():

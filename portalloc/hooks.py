@@ -28,12 +28,11 @@ import subprocess
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from portalloc import fs
+from portalloc import blocks, fs
+from portalloc.blocks import BEGIN, END
 from portalloc.errors import UsageError, printable
 from portalloc.fs import read_bytes
 
-BEGIN = "# >>> portalloc >>>"
-END = "# <<< portalloc <<<"
 TOOLS = ("git", "direnv", "claude", "gemini", "codex", "conductor", "worktrunk", "mise")
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
 
@@ -147,10 +146,8 @@ class Created(NamedTuple):
 
 def _block_created(text: str) -> Created:
     """The created mark inside portalloc's blocks in TEXT."""
-    from portalloc.outputs import block_spans
-
     lines = text.splitlines()
-    for span in block_spans(lines, BEGIN, END):
+    for span in blocks.spans(lines):
         for index in span:
             line = lines[index].rstrip("\r\n")
             if line.startswith(f"# {CREATED}"):
@@ -340,10 +337,8 @@ def merged(existing: str | None, block: str) -> str:
 def without(text: str) -> str:
     """TEXT with portalloc's blocks (marker lines included) taken out; a begin marker
     without an end is left as it is, with everything after it."""
-    from portalloc.outputs import block_spans
-
     lines = text.splitlines(keepends=True)
-    ours = {index for span in block_spans(lines, BEGIN, END) for index in span}
+    ours = blocks.inside(lines)
     return "".join(line for index, line in enumerate(lines) if index not in ours)
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from portalloc import fs
+from portalloc import blocks, fs
 from portalloc.errors import PortallocError, UsageError, printable
 from portalloc.fs import read_bytes
 
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 MANIFEST_NAME = ".worktree-ports.json"
 MANIFEST = "manifest"
 ENV_FILE = "env_file"
-BLOCK_BEGIN = "# >>> portalloc >>>"
-BLOCK_END = "# <<< portalloc <<<"
 OWNER_PREFIX = "# session sha256:"
 _OWNER_LINE = re.compile(r"# session sha256:([0-9a-f]{32})")
 MANIFEST_MAX_BYTES = 1 << 20
@@ -122,23 +120,6 @@ def write_manifest(path: Path, allocation: PortAllocation) -> None:
     fs.atomic_write(path, data, mode=0o644)
 
 
-def block_spans(lines: list[str], begin: str = BLOCK_BEGIN, end: str = BLOCK_END) -> list[range]:
-    """The line ranges of portalloc's blocks: a begin marker with an end marker after it.
-
-    Each end marker closes the nearest begin marker before it; a begin marker without
-    an end is no block: the lines after it are someone's, and are never swallowed."""
-    spans: list[range] = []
-    opened: int | None = None
-    for index, line in enumerate(lines):
-        marker = line.rstrip("\r\n")
-        if marker == begin:
-            opened = index
-        elif marker == end and opened is not None:
-            spans.append(range(opened, index + 1))
-            opened = None
-    return spans
-
-
 def owner_line(session_id: str) -> str:
     """The comment line that marks a managed block as SESSION_ID's (no newline)."""
     digest = hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
@@ -149,7 +130,7 @@ def block_owner(text: str) -> str | None:
     """The owner line of TEXT's (first) managed block; "" for a block without one (an
     older portalloc's); None when TEXT holds no block."""
     lines = text.splitlines()
-    spans = block_spans(lines)
+    spans = blocks.spans(lines)
     if not spans:
         return None
     for index in spans[0]:
@@ -162,7 +143,7 @@ def block_owner(text: str) -> str | None:
 def _block_value(text: str, name: str) -> str | None:
     """NAME's value as written inside TEXT's first managed block (None if absent)."""
     lines = text.splitlines()
-    spans = block_spans(lines)
+    spans = blocks.spans(lines)
     for index in spans[0] if spans else ():
         key, sep, value = lines[index].partition("=")
         if sep and key.strip() == name:
@@ -173,11 +154,11 @@ def _block_value(text: str, name: str) -> str | None:
 def merge_block(existing: str | None, block: str) -> str:
     """EXISTING with its managed block replaced by BLOCK (lines, each ending in a newline),
     or BLOCK appended, every byte outside the block kept as it was."""
-    managed = f"{BLOCK_BEGIN}\n{block}{BLOCK_END}\n"
+    managed = f"{blocks.BEGIN}\n{block}{blocks.END}\n"
     if not existing:
         return managed
     lines = existing.splitlines(keepends=True)
-    spans = block_spans(lines)
+    spans = blocks.spans(lines)
     if spans:
         first = spans[0]
         return "".join(lines[: first.start]) + managed + "".join(lines[first.stop :])
@@ -185,17 +166,23 @@ def merge_block(existing: str | None, block: str) -> str:
     return existing + separator + managed
 
 
+# A dotenv line that sets a variable, as docker compose and python-dotenv read one:
+# `NAME=...` or `export NAME = ...`; comments and anything else set nothing.
+_DOTENV_KEY = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
+
+
+def dotenv_key(line: str) -> str | None:
+    """The variable a dotenv LINE sets, or None."""
+    match = _DOTENV_KEY.match(line)
+    return match.group(1) if match else None
+
+
 def keys_outside(text: str) -> set[str]:
     """Variables a dotenv file sets outside portalloc's managed block."""
     lines = text.splitlines()
-    inside = {index for span in block_spans(lines) for index in span}
-    keys: set[str] = set()
-    for index, raw in enumerate(lines):
-        line = raw.strip()
-        if index not in inside and line and not line.startswith("#") and "=" in line:
-            name = line.split("=", 1)[0].strip()
-            keys.add(name.removeprefix("export ").strip())
-    return keys
+    ours = blocks.inside(lines)
+    found = (dotenv_key(line) for index, line in enumerate(lines) if index not in ours)
+    return {key for key in found if key is not None}
 
 
 def write_env_file(

@@ -14,7 +14,9 @@ from dotenv import dotenv_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portalloc.outputs import BLOCK_BEGIN, BLOCK_END, merge_block
+from portalloc.blocks import BEGIN as BLOCK_BEGIN
+from portalloc.blocks import END as BLOCK_END
+from portalloc.outputs import merge_block
 from tests.helpers import run_cli
 
 USER_CONTENT = (

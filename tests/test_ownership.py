@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from portalloc.outputs import BLOCK_BEGIN, BLOCK_END, NOT_A_MANIFEST
+from portalloc.blocks import BEGIN as BLOCK_BEGIN
+from portalloc.blocks import END as BLOCK_END
+from portalloc.outputs import NOT_A_MANIFEST
 from tests.helpers import run_cli
 
 ENV = {"PORTALLOC_SKIP_PORT_CHECK": "1"}
