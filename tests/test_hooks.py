@@ -287,16 +287,39 @@ def test_gemini_session_start_hook_prints_only_json(tmp_path: Path) -> None:
     assert json.loads(settings.read_text()) == json.loads(original)
 
 
+def _json_command(tool: str) -> str:
+    from portalloc.hooks import TOOLS, JsonHook
+
+    spec = TOOLS[tool].spec
+    assert isinstance(spec, JsonHook)
+    return spec.command
+
+
+def _toml_commands(tool: str) -> dict[str, str]:
+    """TOOL's commands by `table.key` (`key` for a top-level one)."""
+    from portalloc.hooks import TOOLS, TomlHook
+
+    spec = TOOLS[tool].spec
+    assert isinstance(spec, TomlHook)
+    return {
+        f"{table}.{key}".lstrip("."): command
+        for table, keys in spec.tables.items()
+        for key, command in keys.items()
+    }
+
+
 def test_readme_shows_the_commands_hook_install_writes() -> None:
     """The README's per-tool blocks cannot drift from the templates."""
     from portalloc import hooks
+    from portalloc.hooks import direnv
+    from portalloc.hooks import git as git_hook
 
     readme = (ROOT / "README.md").read_text()
     for text in (
-        hooks.CLAUDE_COMMAND,
-        hooks.GEMINI_COMMAND,
-        *hooks.DIRENV_BLOCK.splitlines(),
-        *(line.strip() for line in hooks.GIT_BLOCK.splitlines() if "portalloc env" in line),
+        _json_command("claude"),
+        _json_command("gemini"),
+        *direnv.BLOCK.splitlines(),
+        *(line.strip() for line in git_hook.BLOCK.splitlines() if "portalloc env" in line),
     ):
         assert text in readme, text
     for tool in hooks.TOOLS:
@@ -307,8 +330,6 @@ def test_readme_shows_the_commands_hook_install_writes() -> None:
     shutil.which("mise") is None, reason="mise is not installed (npm install -g @jdxcode/mise)"
 )
 def test_the_real_mise_reads_the_hook(tmp_path: Path) -> None:
-    from portalloc import hooks
-
     repo = make_repo(tmp_path)
     (repo / "mise.toml").write_text('[tools]\nnode = "20"  # pinned\n')
     assert run_cli("hook", "install", "--for", "mise", cwd=repo).returncode == 0
@@ -322,16 +343,17 @@ def test_the_real_mise_reads_the_hook(tmp_path: Path) -> None:
             check=True, timeout=60, capture_output=True, text=True,
         ).stdout.strip()  # fmt: skip
 
-    assert get("hooks.enter") == hooks.TOML_HOOKS["mise"].keys["enter"]
+    assert get("hooks.enter") == _toml_commands("mise")["hooks.enter"]
     assert get("tools.node") == "20"
 
 
 def test_readme_shows_every_toml_command() -> None:
-    from portalloc import hooks
+    from portalloc.hooks import TOOLS
 
     readme = (ROOT / "README.md").read_text()
-    commands = [*hooks.CODEX_TABLES.values()]
-    commands += [c for spec in hooks.TOML_HOOKS.values() for c in spec.keys.values()]
+    tomls = [name for name, tool in TOOLS.items() if tool.kind == "toml_settings"]
+    assert tomls == ["codex", "conductor", "worktrunk", "mise"]
+    commands = [command for name in tomls for command in _toml_commands(name).values()]
     for command in commands:
         assert f"`{command}`" in readme, command
 
@@ -394,3 +416,50 @@ def test_a_hook_that_ends_in_exit_still_leases(tmp_path: Path) -> None:
     assert run_cli("hook", "install", cwd=repo).returncode == 0
     git("worktree", "add", "-q", tmp_path / "wt", cwd=repo)
     assert sessions() == [str((tmp_path / "wt").resolve())]
+
+
+# A tool registered in portalloc.hooks.TOOLS, then a command through the entry point.
+REGISTER = """
+import sys
+from portalloc import hooks
+hooks.TOOLS["fake"] = hooks.Tool(
+    "fake", "Fake", ".fake/settings.toml", "fake starts", "leases ports when fake starts",
+    "toml_settings", hooks.TomlHook({"hooks": {"start": "portalloc env >/dev/null || true"}}),
+)
+from portalloc.adapters.entry import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_registered_tool_is_in_the_help_the_completion_and_install(tmp_path: Path) -> None:
+    from portalloc.hooks import TOOLS
+
+    repo = make_repo(tmp_path)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+
+    def fake(*args: str, **env: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", REGISTER, *args],
+            cwd=repo,
+            env={**environ, "PYTHONPATH": str(ROOT), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+
+    names = ", ".join([*TOOLS, "fake"])
+    assert f"create worktrees: {names}." in " ".join(fake("hook", "--help").split())
+    shown = " ".join(fake("hook", "install", "--help").split())
+    assert f"--for TOOL Wire this tool: {names} (repeatable;" in shown
+    assert "fake: .fake/settings.toml, fake starts." in shown
+    assert f"Unwire this tool: {names} (" in " ".join(fake("hook", "uninstall", "--help").split())
+    words = "portalloc hook install --for f"
+    completed = fake(_PORTALLOC_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD="4")
+    assert completed.split() == ["fake"]
+    settings = repo / ".fake" / "settings.toml"
+    said = fake("hook", "install", "--for", "fake")
+    assert said == f"fake: {settings} leases ports when fake starts\n"
+    assert '[hooks]\nstart = "portalloc env >/dev/null || true"\n' in settings.read_text()
+    assert fake("hook", "uninstall", "--for", "fake") == f"fake: removed from {settings}\n"
+    assert not settings.parent.exists()  # install made the directory: uninstall removes it

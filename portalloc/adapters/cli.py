@@ -28,6 +28,7 @@ from portalloc.adapters.common import (
 )
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import MissingExtra, PortallocError, UsageError, printable
+from portalloc.hooks import TOOLS, Tool
 from portalloc.host import inside
 from portalloc.render import FORMATS, render
 from portalloc.rules import MAX_PID, MAX_TTL_MINUTES, has_unprintable
@@ -834,10 +835,8 @@ def untrust(
     _out(f"untrusted {found}\n" if removed else f"{found} was not trusted\n")
 
 
-# hooks.TOOLS, without importing hooks here (tests/test_help.py holds them equal).
-HOOK_TOOLS = ("git", "direnv", "claude", "gemini", "codex", "conductor", "worktrunk", "mise")
 hook_app = typer.Typer(
-    help=f"Wire portalloc into the tools that create worktrees: {', '.join(HOOK_TOOLS)}.",
+    help=f"Wire portalloc into the tools that create worktrees: {', '.join(TOOLS)}.",
     short_help="Wire portalloc into git, direnv and the tools that make worktrees.",
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -846,14 +845,14 @@ app.add_typer(hook_app, name="hook")
 
 
 def _complete_tool(incomplete: str) -> list[str]:
-    return [tool for tool in HOOK_TOOLS if tool.startswith(incomplete)]
+    return [tool for tool in TOOLS if tool.startswith(incomplete)]
 
 
 InstallToolOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--for",
-        help=f"Wire this tool: {', '.join(HOOK_TOOLS)} (repeatable; default git).",
+        help=f"Wire this tool: {', '.join(TOOLS)} (repeatable; default git).",
         metavar="TOOL",
         autocompletion=_complete_tool,
     ),
@@ -862,7 +861,7 @@ UninstallToolOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--for",
-        help=f"Unwire this tool: {', '.join(HOOK_TOOLS)} (repeatable; default git).",
+        help=f"Unwire this tool: {', '.join(TOOLS)} (repeatable; default git).",
         metavar="TOOL",
         autocompletion=_complete_tool,
     ),
@@ -873,19 +872,21 @@ RepoOpt = Annotated[
 ]
 
 
-def _tools(tools: list[str] | None) -> list[str]:
-    from portalloc.hooks import TOOLS
-
-    chosen = list(dict.fromkeys(tools or ["git"]))
-    unknown = [tool for tool in chosen if tool not in TOOLS]
+def _tools(names: list[str] | None) -> list[Tool]:
+    chosen = list(dict.fromkeys(names or ["git"]))
+    unknown = [name for name in chosen if name not in TOOLS]
     if unknown:
         raise UsageError(f"unknown tool {', '.join(unknown)} (supported: {', '.join(TOOLS)})")
-    return chosen
+    return [TOOLS[name] for name in chosen]
 
 
 @hook_app.command(
     "install",
     short_help="Give every new worktree its ports, with no command typed.",
+    help="Install portalloc's hook: a new worktree gets its ports with no command typed.\n\n"
+    + "Each tool's file (from the worktree top) and when it runs: "
+    + "; ".join(f"{tool.name}: {tool.file}, {tool.runs}" for tool in TOOLS.values())
+    + ".",
     **_command(
         "[OPTIONS]",
         """
@@ -896,29 +897,11 @@ def _tools(tools: list[str] | None) -> list[str]:
     ),
 )
 def hook_install(tools: InstallToolOpt = None, repo: RepoOpt = None) -> None:
-    """Install portalloc's hook: a new worktree gets its ports with no command typed."""
-    from portalloc import hooks
-
     with _errors():
         where = (repo or Path.cwd()).absolute()
         for tool in _tools(tools):
-            if tool == "git":
-                path = hooks.install_git(where)
-                _out(f"git: {path} leases ports for every new worktree\n")
-            elif tool == "direnv":
-                path = hooks.install_direnv(where)
-                _out(f"direnv: {path} exports the worktree's ports; run `direnv allow`\n")
-            elif tool in hooks.JSON_HOOKS:
-                path = hooks.install_json(where, tool)
-                _out(f"{tool}: {path} leases the worktree's ports when a session starts\n")
-            else:
-                path = hooks.install_toml(where, tool)
-                what = (
-                    "refreshes the lease on every entry into the worktree"
-                    if tool == "mise"
-                    else f"leases ports when {tool} makes a worktree, releases them after"
-                )
-                _out(f"{tool}: {path} {what}\n")
+            path = tool.install(where)
+            _out(f"{tool.name}: {path} {tool.installed}\n")
 
 
 @hook_app.command(
@@ -932,20 +915,11 @@ def hook_install(tools: InstallToolOpt = None, repo: RepoOpt = None) -> None:
 )
 def hook_uninstall(tools: UninstallToolOpt = None, repo: RepoOpt = None) -> None:
     """Remove portalloc's part of the hooks, and nothing else."""
-    from portalloc import hooks
-
     with _errors():
         where = (repo or Path.cwd()).absolute()
         for tool in _tools(tools):
-            if tool in hooks.TOML_HOOKS:
-                path = hooks.uninstall_toml(where, tool)
-            elif tool in hooks.JSON_HOOKS:
-                path = hooks.uninstall_json(where, tool)
-            elif tool == "git":
-                path = hooks.uninstall_git(where)
-            else:
-                path = hooks.uninstall_direnv(where)
-            _out(f"{tool}: {'removed from ' + str(path) if path else 'nothing to remove'}\n")
+            path = tool.uninstall(where)
+            _out(f"{tool.name}: {'removed from ' + str(path) if path else 'nothing to remove'}\n")
 
 
 proxy_app = typer.Typer(
