@@ -11,7 +11,16 @@ import time
 import zlib
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    MutableSequence,
+    ValuesView,
+)
 from datetime import UTC, datetime
 from itertools import chain, compress, islice
 from operator import eq
@@ -35,6 +44,7 @@ from portalloc.codec import (
 )
 from portalloc.codec import dump as dump
 from portalloc.codec import read_lease as read_lease
+from portalloc.config import LEDGER_NAME
 from portalloc.errors import InvalidSessionId, LeaseRefused, LedgerError, LockTimeout
 from portalloc.fs import Chunk, UnsafeFile, lstat_regular, read_with_stat
 
@@ -206,11 +216,12 @@ class _Index(NamedTuple):
     """Each lease of a file save() wrote, in file order, as columns."""
 
     ids: list[str]
-    starts: list[int]
-    ends: list[int]
+    # Integer columns: lists as save() builds them, arrays as read back (see _words).
+    starts: MutableSequence[int]
+    ends: MutableSequence[int]
     names: list[str]  # compose project names
-    due: list[int]  # a reclaim looks at the lease from this epoch second on (0: always)
-    bounds: list[int]  # lease i is file[bounds[2 * i] : bounds[2 * i + 1]]
+    due: MutableSequence[int]  # a reclaim looks at the lease from this epoch second on (0: always)
+    bounds: MutableSequence[int]  # lease i is file[bounds[2 * i] : bounds[2 * i + 1]]
     leases_end: int  # where the `]` closing the leases list sits
     homes: dict[str, int]  # as in the file, from leases_end + len(_HOMES) on
     files_at: int  # where `,"files":` starts
@@ -224,14 +235,14 @@ class _Index(NamedTuple):
 _SEP = "\0"
 
 
-def _words(values: list[int]) -> bytes:
+def _words(values: Iterable[int]) -> bytes:
     return array("q", values).tobytes()
 
 
-def _from_words(data: bytes) -> list[int]:
+def _from_words(data: bytes) -> array[int]:
     column = array("q")
-    column.frombytes(data)
-    return column.tolist()
+    column.frombytes(data)  # not tolist(): 10,000 ints a column, 2 ms at 10,000 leases
+    return column
 
 
 def _joined(texts: Iterable[str]) -> str:
@@ -813,11 +824,11 @@ class Ledger:
         clock: Callable[[], datetime],
     ) -> None:
         self.state_dir = state_dir
-        self.path = state_dir / "leases.json"
-        self.lock_path = state_dir / "leases.json.lock"
+        self.path = state_dir / LEDGER_NAME
+        self.lock_path = state_dir / f"{LEDGER_NAME}.lock"
         # Per user: only an index this user wrote, and nobody else can have, is believed.
         self.index_path = (
-            state_dir / f"leases.json.index-{os.geteuid()}" if hasattr(os, "geteuid") else None
+            state_dir / f"{LEDGER_NAME}.index-{os.geteuid()}" if hasattr(os, "geteuid") else None
         )
         self.lock_timeout = lock_timeout
         self._warn = on_warning
