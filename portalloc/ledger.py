@@ -33,7 +33,6 @@ from portalloc.codec import (
     _NEXT_LEASE,
     _PREFIX,
     DOCUMENT_KEYS,
-    LEDGER_VERSION,
     RawFile,
     RawLease,
     _all_typed,
@@ -42,6 +41,7 @@ from portalloc.codec import (
     lease_from_raw,
     lease_to_raw,
 )
+from portalloc.codec import LEDGER_VERSION as LEDGER_VERSION
 from portalloc.codec import dump as dump
 from portalloc.codec import read_lease as read_lease
 from portalloc.errors import InvalidSessionId, LeaseRefused, LedgerError, LockTimeout
