@@ -36,6 +36,7 @@ from portalloc.compose import (
     scalars,
     services,
 )
+from portalloc.config import DEFAULT_BASE, DEFAULT_MAX_SESSIONS, DEFAULT_RANGE
 from portalloc.errors import AdoptError, printable
 from portalloc.fs import UnsafeFile, atomic_write, check_within, read_bytes, read_text
 from portalloc.rules import COMPOSE_NAME, SHELL_NAME, forbidden_variable
@@ -52,9 +53,6 @@ _VARIABLE_RANGE = re.compile(
 CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 # The container_name init writes: `${DB_CONTAINER_NAME:-db}`.
 _CONTAINER_VARIABLE = re.compile(r"\$\{(" + NAME.pattern + r"):?-([^}]*)\}")
-DEFAULT_RANGE = 100
-DEFAULT_BASE = 10000
-DEFAULT_MAX_SESSIONS = 20
 PROFILE_NAME = "portalloc.toml"
 HEADER = "# Written by `portalloc init`: the host ports and container names of the compose files."
 

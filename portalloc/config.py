@@ -31,6 +31,15 @@ ENV_SKIP_PORT_CHECK = "PORTALLOC_SKIP_PORT_CHECK"
 ENV_PROXY_PORT = "PORTALLOC_PROXY_PORT"
 # The smallest value each integer setting accepts (range also needs the profile's span).
 MINIMUMS = {"base": 1024, "range": 4, "ttl_minutes": 1, "max_sessions": 1, "proxy_port": 1}
+# What a setting nobody gave is (`portalloc init` plans with them too).
+DEFAULT_BASE = 10000
+DEFAULT_RANGE = 100
+DEFAULT_TTL_MINUTES = 120
+DEFAULT_MAX_SESSIONS = 20
+# The files portalloc names: the ledger in the state dir (its lock and index beside it
+# take its name), and the manifest `env --write DIR` writes in DIR.
+LEDGER_NAME = "leases.json"
+MANIFEST_NAME = ".worktree-ports.json"
 
 
 def default_state_dir() -> Path:
@@ -69,10 +78,10 @@ class PortAllocatorConfig:
 
     def __init__(
         self,
-        base: int = 10000,
-        range: int = 100,
-        ttl_minutes: int = 120,
-        max_sessions: int = 20,
+        base: int = DEFAULT_BASE,
+        range: int = DEFAULT_RANGE,
+        ttl_minutes: int = DEFAULT_TTL_MINUTES,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
         state_dir: Path | str | None = None,  # None: default_state_dir()
         lock_timeout: float = 10.0,
         skip_port_check: bool = False,
@@ -255,12 +264,12 @@ class PortAllocatorConfig:
 
     @property
     def ledger_path(self) -> Path:
-        return self.state_dir / "leases.json"
+        return self.state_dir / LEDGER_NAME
 
     @property
     def ledger_file(self) -> str:
         """The ledger's path as a string: what the read path opens, without pathlib."""
-        return os.path.join(self.__dict__["_state_dir"], "leases.json")  # noqa: PTH118
+        return os.path.join(self.__dict__["_state_dir"], LEDGER_NAME)  # noqa: PTH118
 
     @property
     def span_end(self) -> int:

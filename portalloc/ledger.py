@@ -44,6 +44,7 @@ from portalloc.codec import (
 from portalloc.codec import LEDGER_VERSION as LEDGER_VERSION
 from portalloc.codec import dump as dump
 from portalloc.codec import read_lease as read_lease
+from portalloc.config import LEDGER_NAME
 from portalloc.errors import InvalidSessionId, LeaseRefused, LedgerError, LockTimeout
 from portalloc.fs import Chunk, UnsafeFile, lstat_regular, read_with_stat
 
@@ -823,11 +824,11 @@ class Ledger:
         clock: Callable[[], datetime],
     ) -> None:
         self.state_dir = state_dir
-        self.path = state_dir / "leases.json"
-        self.lock_path = state_dir / "leases.json.lock"
+        self.path = state_dir / LEDGER_NAME
+        self.lock_path = state_dir / f"{LEDGER_NAME}.lock"
         # Per user: only an index this user wrote, and nobody else can have, is believed.
         self.index_path = (
-            state_dir / f"leases.json.index-{os.geteuid()}" if hasattr(os, "geteuid") else None
+            state_dir / f"{LEDGER_NAME}.index-{os.geteuid()}" if hasattr(os, "geteuid") else None
         )
         self.lock_timeout = lock_timeout
         self._warn = on_warning

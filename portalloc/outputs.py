@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from portalloc import blocks, fs
+from portalloc.config import LEDGER_NAME, MANIFEST_NAME
 from portalloc.errors import PortallocError, UsageError, printable
 from portalloc.fs import read_bytes
 
 if TYPE_CHECKING:
     from portalloc.models import PortAllocation
 
-MANIFEST_NAME = ".worktree-ports.json"
 MANIFEST = "manifest"
 ENV_FILE = "env_file"
 OWNER_PREFIX = "# session sha256:"
@@ -60,7 +60,7 @@ def check_writable(path: Path, option: str, state_dir: Path) -> None:
     if info is not None and not stat.S_ISREG(info.st_mode):
         kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a regular file"
         raise UsageError(f"{option} {path}: refusing to write, it is {kind}")
-    ledger = (state_dir / "leases.json").absolute()
+    ledger = (state_dir / LEDGER_NAME).absolute()
     if path.parent.resolve() == ledger.parent.resolve() and path.name.startswith(ledger.name):
         raise UsageError(f"{option} {path}: refusing to overwrite portalloc's ledger")
     if option == "--write" and info is not None:

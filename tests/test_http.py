@@ -585,3 +585,21 @@ def test_openapi_documents_every_answer(schema_server: Server, route: str) -> No
         case.call_and_validate(headers=X_KEY)
 
     check()
+
+
+def test_one_key_check_reads_both_headers() -> None:
+    """`authorized` is what the guard, the routes' dependency and the invalid-request
+    handler all ask."""
+    from portalloc.adapters.http import authorized
+
+    def scope(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
+        return {"type": "http", "headers": list(headers)}
+
+    key = b"s3cret"
+    assert authorized(scope((b"x-api-key", key)), key)
+    assert authorized(scope((b"authorization", b"Bearer " + key)), key)
+    assert authorized(scope((b"Authorization", b"bEaReR " + key)), key)
+    assert not authorized(scope((b"authorization", b"Basic " + key)), key)
+    assert not authorized(scope((b"x-api-key", b"s3cre")), key)
+    assert not authorized(scope(), key)
+    assert not authorized(scope((b"x-api-key", b"")), b"")  # no key set: nothing matches

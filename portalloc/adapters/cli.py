@@ -26,7 +26,7 @@ from portalloc.adapters.common import (
     warn_ephemeral_overlap,
     worktree_top,
 )
-from portalloc.config import PortAllocatorConfig
+from portalloc.config import DEFAULT_TTL_MINUTES, MANIFEST_NAME, PortAllocatorConfig
 from portalloc.errors import MissingExtra, PortallocError, UsageError, printable
 from portalloc.hooks import TOOLS, Tool
 from portalloc.host import inside
@@ -84,13 +84,12 @@ def _command(usage: str, examples: str) -> dict[str, Any]:
 
 MAX_WAIT_SECONDS = 86_400  # `check --wait`: a day; `inf` would wait forever
 MAX_COLUMNS = 500  # `status` lays out at most this wide, whatever COLUMNS says
-MANIFEST_NAME = ".worktree-ports.json"  # outputs.MANIFEST_NAME, without importing it here
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 TtlOpt = Annotated[
     int | None,
     typer.Option(
         "--ttl",
-        help="Lease lifetime in minutes (default 120).",
+        help=f"Lease lifetime in minutes (default {DEFAULT_TTL_MINUTES}).",
         min=1,
         max=MAX_TTL_MINUTES,
         metavar="MINUTES",

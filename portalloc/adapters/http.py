@@ -208,23 +208,22 @@ _warn = warn
 _info = say
 
 
-def _key_matches(candidate: str | None, expected: bytes) -> bool:
-    if candidate is None or not expected:
-        return False
-    try:
-        # Starlette decodes header bytes as latin-1; encoding back gives the bytes sent.
-        presented = candidate.encode("latin-1")
-    except UnicodeEncodeError:
+def _key_matches(presented: bytes | None, expected: bytes) -> bool:
+    if not presented or not expected:
         return False
     return hmac.compare_digest(presented, expected)
 
 
-def _authorized(
-    api_key: str | None, bearer: HTTPAuthorizationCredentials | None, expected: bytes
-) -> bool:
-    # Check both, so the time taken does not say which header was close.
-    by_header = _key_matches(api_key, expected)
-    by_bearer = _key_matches(bearer.credentials if bearer else None, expected)
+def authorized(scope: Scope, expected: bytes) -> bool:
+    """The one key check, which the guard, the routes' dependency and the invalid-request
+    handler all ask: the request's X-API-Key, or its `Authorization: Bearer` token, is
+    EXPECTED (the key's bytes as sent; an empty key matches nothing)."""
+    headers = {name.lower(): value for name, value in scope.get("headers", [])}
+    authorization = headers.get(b"authorization", b"")
+    token = authorization[7:] if authorization[:7].lower() == b"bearer " else None
+    # Both compared, so the time taken does not say which header was close.
+    by_header = _key_matches(headers.get(b"x-api-key"), expected)
+    by_bearer = _key_matches(token, expected)
     return by_header or by_bearer
 
 
@@ -269,18 +268,15 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
-        if scope["path"] in PROTECTED_PATHS and scope["method"] == "POST":
-            bearer = headers.get(b"authorization", b"").decode("latin-1")
-            token = bearer[7:] if bearer[:7].lower() == "bearer " else None
-            key = headers.get(b"x-api-key", b"").decode("latin-1") or None
-            if not (_key_matches(key, self.expected) | _key_matches(token, self.expected)):
-                await _send_json(
-                    send,
-                    401,
-                    {"success": False, "error": "unauthorized", "message": UNAUTHORIZED_MESSAGE},
-                    **{"WWW-Authenticate": "Bearer"},
-                )
-                return
+        is_post = scope["path"] in PROTECTED_PATHS and scope["method"] == "POST"
+        if is_post and not authorized(scope, self.expected):
+            await _send_json(
+                send,
+                401,
+                {"success": False, "error": "unauthorized", "message": UNAUTHORIZED_MESSAGE},
+                **{"WWW-Authenticate": "Bearer"},
+            )
+            return
         too_big = {
             "success": False,
             "error": "body_too_large",
@@ -290,7 +286,6 @@ class _Guard:
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             await _send_json(send, 413, too_big, Connection="close")
             return
-        is_post = scope["path"] in PROTECTED_PATHS and scope["method"] == "POST"
         # Read the body here, at most MAX_BODY_BYTES of it, then hand it on: a chunked
         # upload without Content-Length is cut off as soon as it passes the limit.
         body = bytearray()
@@ -394,10 +389,13 @@ def create_app(
         )
 
     async def require_api_key(
-        header_key: Annotated[str | None, Security(API_KEY_HEADER)],
-        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+        request: Request,
+        # Declared for the OpenAPI document's security schemes; the check reads the
+        # headers itself, as the guard does.
+        _header_key: Annotated[str | None, Security(API_KEY_HEADER)],
+        _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
     ) -> None:
-        if not _authorized(header_key, bearer, expected):
+        if not authorized(request.scope, expected):
             raise _Unauthorized
 
     @app.exception_handler(_Unauthorized)
@@ -408,9 +406,7 @@ def create_app(
     async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # A body that does not parse fails before the key check would run; an
         # unauthenticated caller still gets 401, not a description of its mistake.
-        if request.url.path in PROTECTED_PATHS and not _authorized(
-            await API_KEY_HEADER(request), await BEARER(request), expected
-        ):
+        if request.url.path in PROTECTED_PATHS and not authorized(request.scope, expected):
             return _unauthorized()
         detail = _validation_details(exc.errors())
         on_session = any(tuple(d["loc"][:2]) == ("body", "session_id") for d in detail)
