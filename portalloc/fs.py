@@ -306,3 +306,25 @@ def null_stream(fd: int) -> TextIO:
         os.dup2(devnull, fd)
         os.close(devnull)
     return open(fd, "w", encoding="utf-8", closefd=False)
+
+
+def open_directory(path: Path | str) -> int:
+    """A descriptor of the directory PATH (never through a symlink), to reach an entry of
+    it by a short name (`/proc/self/fd/N/name`: an AF_UNIX path holds 108 bytes)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+    return os.open(path, flags | NOFOLLOW)
+
+
+def open_append(path: Path | str, mode: int = 0o600) -> int:
+    """A descriptor appending to the regular file PATH, made MODE when missing and never
+    opened through a symlink: a child process's output (Caddy's)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags | NOFOLLOW, mode)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _refuse(path, info)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from portalloc.errors import PortallocError
-from portalloc.fs import atomic_write, read_bytes
+from portalloc.fs import atomic_write, open_append, open_directory, read_bytes
 from portalloc.models import Lease
 from portalloc.proxy import private
 from portalloc.proxy.routes import ADMIN_SOCKET, SERVER, Route, caddy_routes, document, served
@@ -151,7 +151,7 @@ def _socket_path(files: Files) -> Iterator[str]:
     if len(path.encode()) <= MAX_SOCKET_PATH or not Path("/proc/self/fd").is_dir():
         yield path
         return
-    fd = os.open(files.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = open_directory(files.directory)
     try:
         yield f"/proc/self/fd/{fd}/{ADMIN_SOCKET}"
     finally:
@@ -257,7 +257,8 @@ def start(directory: Path, port: int, routes: list[Route]) -> tuple[Status, bool
         ipv6 = _has_ipv6()
         config = json.dumps(document(port, ipv6, directory, routes), indent=1).encode()
         atomic_write(files.config, config, 0o600)
-        with open(files.output, "ab") as output:  # noqa: PTH123 (handed to the child)
+        output = open_append(files.output)
+        try:
             child = subprocess.Popen(
                 [caddy, "run", "--config", str(files.config)],
                 cwd=directory,
@@ -266,6 +267,8 @@ def start(directory: Path, port: int, routes: list[Route]) -> tuple[Status, bool
                 stderr=output,
                 start_new_session=True,  # a Ctrl-C in the shell that started it stays there
             )
+        finally:
+            os.close(output)
         # Kept: a Popen dropped while its process runs warns, and this one outlives
         # the call (a long-lived process, such as a test run, reaps it at `stop`).
         _CHILDREN.append(child)
