@@ -26,7 +26,6 @@ NAME = re.compile(r"[_A-Za-z][_A-Za-z0-9]*")
 _BRACED = re.compile(r"([_A-Za-z][_A-Za-z0-9]*)(?:(:?[-+?])(.*))?", re.DOTALL)
 MERGE_TAG = "tag:yaml.org,2002:merge"
 MAX_EXPANDED_NODES = 1_000_000
-PORT = re.compile(r"[0-9]{1,5}")
 PORT_RANGE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 
 

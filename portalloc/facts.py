@@ -1,5 +1,5 @@
 """The facts a read asks of the outside world: the time, whether a path still exists,
-whether a process still runs.
+whether a process still runs, which worktree a directory is in.
 
 `host.Host` defaults to these. They live apart from host.py so that `portalloc env`
 for a live lease reads them without importing what the rest of the host needs (the
@@ -11,8 +11,12 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 
+from portalloc.fs import stat_or_none
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from portalloc.models import Owner
 
 
@@ -57,3 +61,22 @@ def owner_alive(owner: Owner) -> bool:
         return False
     except (psutil.AccessDenied, OSError, ValueError, OverflowError):
         return True  # it exists; it is just not ours to inspect
+
+
+def worktree_top(start: Path) -> Path:
+    """The directory holding `.git` (file or folder) above START, else START itself."""
+    from pathlib import Path
+
+    return Path(worktree_of(str(start)))
+
+
+def worktree_of(start: str) -> str:
+    """worktree_top() of an absolute path, as a string, without importing pathlib."""
+    directory = start
+    while True:
+        if stat_or_none(os.path.join(directory, ".git")) is not None:  # noqa: PTH118
+            return directory
+        parent = os.path.dirname(directory)  # noqa: PTH120
+        if parent == directory:
+            return start
+        directory = parent

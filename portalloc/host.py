@@ -1,6 +1,9 @@
-"""The outside world behind one object: the clock, the port probe, process and path facts.
+"""The outside world behind one object: the clock, the port probe, process and path
+facts, docker, who holds the lock.
 
-The core asks `Host` and nothing else, so a test can fake the whole world in one value.
+The service takes every such fact from its `Host` (and hands the ledger the one it
+needs), so a test can fake them in one value. Files go through fs.py; the read path
+asks facts.py directly, without building a Host.
 """
 
 from __future__ import annotations
@@ -75,7 +78,10 @@ def shorten(line: str, limit: int) -> str:
 
 
 def lock_holder(path: Path) -> str | None:
-    """Who holds the flock on PATH now, as "pid N: command" (Linux; None elsewhere)."""
+    """Who holds the flock on PATH now, as "pid N: command" (Linux; None elsewhere).
+
+    Asked of the kernel, not of a pid file: a pid written by the last holder goes stale,
+    and a process that is not portalloc (`flock leases.json.lock ...`) writes none."""
     pids = probe.lock_holders(path)
     if not pids:
         return None
@@ -309,3 +315,5 @@ class Host:
     is_descendant: Callable[[int, Owner], bool] = is_descendant
     compose_publishes: Callable[[str, int], bool] = compose_publishes
     path_exists: Callable[[str], bool] = path_exists
+    # Who holds the ledger's lock (`pid N: command`), for a lock timeout's message.
+    lock_holder: Callable[[Path], str | None] = lock_holder

@@ -1,4 +1,6 @@
-"""The JSON ledger on disk: lock, load, migrate, validate, atomic save, quarantine."""
+"""The ledger's store: the lock, load (migrations, validation, the per-user index of a
+large file), save (encoded and written by fs.atomic_write), quarantine. The file's bytes
+(raw shapes, lease rules, the CRC, the lock-free read) are codec.py's."""
 
 from __future__ import annotations
 
@@ -822,6 +824,7 @@ class Ledger:
         lock_timeout: float,
         on_warning: Callable[[str], None],
         clock: Callable[[], datetime],
+        lock_holder: Callable[[Path], str | None] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.path = state_dir / LEDGER_NAME
@@ -833,6 +836,7 @@ class Ledger:
         self.lock_timeout = lock_timeout
         self._warn = on_warning
         self._clock = clock
+        self._lock_holder = lock_holder  # the host's: the ledger asks nothing of the world
         self._known: dict[int, tuple[Lease, Any]] = {}
         # The last load left leases out: the next transaction writes the file back.
         self.dirty = False
@@ -929,11 +933,7 @@ class Ledger:
             delay = min(delay * 2, LOCK_POLL_CAP_SECONDS)
 
     def _holder(self) -> str | None:
-        # Asked of the kernel, not of a pid file: a pid written by the last holder goes
-        # stale, and a process that is not portalloc (`flock leases.json.lock ...`) writes none.
-        from portalloc.host import lock_holder
-
-        return lock_holder(self.lock_path)
+        return None if self._lock_holder is None else self._lock_holder(self.lock_path)
 
     def _file_key(self) -> tuple[int, ...] | None:
         try:

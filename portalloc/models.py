@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 # NamedTuple and a frozen dataclass without importing typing and dataclasses: the read
 # path (`portalloc env`) imports this module.
 from portalloc.records import NamedTuple, dataclass, field
-from portalloc.render import render_sh
 from portalloc.rules import DEFAULT_PROXY_PORT, URL_DOMAIN, port_label
 
 TYPE_CHECKING = False
@@ -146,9 +145,6 @@ class Lease(NamedTuple):
     @property
     def end(self) -> int:
         return self.start + self.span - 1
-
-    def overlaps(self, start: int, end: int) -> bool:
-        return self.start <= end and start <= self.end
 
     def expired(self, now: datetime) -> bool:
         return now >= self.expires_at
@@ -316,10 +312,6 @@ class PortAllocation:
                 found: str = urls[name[: -len("_url")]]
                 return found
         raise AttributeError(name)
-
-    @property
-    def env_snippet(self) -> str:
-        return render_sh(self.env)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"session_id": self.session_id}

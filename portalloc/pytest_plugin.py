@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from portalloc.adapters.common import worktree_top
 from portalloc.config import PortAllocatorConfig
+from portalloc.facts import worktree_top
 from portalloc.service import PortAllocatorService
 
 _PORT_TEMPLATE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)_port\}$")

@@ -1,5 +1,6 @@
 """The rules every name, number and id must meet wherever it comes from: flags, the
-environment, a project file or the ledger. The bottom of the import graph."""
+environment, a project file or the ledger. Above errors.py only: the bottom of the
+import graph."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ COMPOSE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 # a project file in a cloned repository must not set them in its users' shells, and a
 # shared ledger must not carry them into another user's. Compared upper-cased (zsh
 # ties lowercase `path`, `cdpath`, `fpath`... to the uppercase ones). Besides this
-# list, every variable's template must use a field of the lease (see config.py), so
+# list, every variable's template must use a field of the lease (see profile.py), so
 # no variable can carry a fixed command.
 FORBIDDEN_VARIABLES = frozenset(
     {

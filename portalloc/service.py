@@ -76,7 +76,11 @@ class PortAllocatorService:
         self.host = replace(host or Host(), **overrides)
         self.on_warning = on_warning
         self.ledger = Ledger(
-            self.config.state_dir, self.config.lock_timeout, on_warning, self.clock
+            self.config.state_dir,
+            self.config.lock_timeout,
+            on_warning,
+            self.clock,
+            self.host.lock_holder,
         )
 
     def clock(self) -> datetime:
@@ -88,8 +92,10 @@ class PortAllocatorService:
         *,
         routes: bool = False,
     ) -> Outcome:
-        """The one way to touch the ledger: under its lock, load, reclaim what is dead,
-        let DECIDE return the new state and a value, and save only if the state changed.
+        """Every operation's one transaction: under the ledger's lock, load, reclaim what
+        is dead, let DECIDE return the new state and a value, and save only if the state
+        changed. (The read path, adapters/entry.py, and shell completion read the file
+        without the lock and never write it.)
 
         A saved change (or ROUTES) hands the proxy its routes, still under the lock, so
         route tables reach it in the order the ledger changed."""

@@ -15,6 +15,7 @@ from portalloc import (
 )
 from portalloc.errors import InvalidSessionId, LeaseNotFound
 from portalloc.host import Host
+from portalloc.render import render
 from tests.helpers import FakeClock
 
 
@@ -265,7 +266,7 @@ def test_get_port_allocator_is_process_wide_and_reads_env(
     allocation = svc.allocate("api")
     assert isinstance(allocation, PortAllocation)
     assert allocation.rest_port == 20001
-    assert "export AGENT_COORDINATOR_REST_PORT=20001\n" in allocation.env_snippet
+    assert "export AGENT_COORDINATOR_REST_PORT=20001\n" in render(allocation.env, "sh")
     assert (state_dir / "leases.json").exists()
 
 

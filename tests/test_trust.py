@@ -308,7 +308,7 @@ def test_arbitrary_ledger_strings_are_used_only_when_safe(
         (allocation,) = leases
         assert allocation.session_id == session_id
         for shell in SH_SHELLS[:1]:
-            assert eval_in(shell, allocation.env_snippet, name) == value
+            assert eval_in(shell, render_sh(allocation.env), name) == value
 
 
 # --- session ids, property-based, through real shells -----------------------------------

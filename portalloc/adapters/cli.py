@@ -24,10 +24,10 @@ from portalloc.adapters.common import (
     unexpected,
     warn,
     warn_ephemeral_overlap,
-    worktree_top,
 )
 from portalloc.config import DEFAULT_TTL_MINUTES, MANIFEST_NAME, PortAllocatorConfig
 from portalloc.errors import MissingExtra, PortallocError, UsageError, printable
+from portalloc.facts import worktree_top
 from portalloc.hooks import TOOLS, Tool
 from portalloc.host import inside
 from portalloc.render import FORMATS, render

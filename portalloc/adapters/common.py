@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from portalloc.errors import (
@@ -14,12 +13,12 @@ from portalloc.errors import (
     UsageError,
     printable,
 )
-from portalloc.fs import UnsafeFile, read_bytes, silence, stat_or_none
+from portalloc.fs import UnsafeFile, read_bytes, silence
+from portalloc.render import render_sh
 
 # typing and pathlib cost the read path (`portalloc env`) start-up time.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pathlib import Path
     from typing import Any
 
     from portalloc.config import PortAllocatorConfig
@@ -52,7 +51,7 @@ def allocate_body(allocation: PortAllocation) -> dict[str, Any]:
     return {
         "success": True,
         "allocation": allocation.to_dict(),
-        "env_snippet": allocation.env_snippet,
+        "env_snippet": render_sh(allocation.env),  # a value does not format itself
     }
 
 
@@ -76,25 +75,6 @@ def say(message: str) -> None:
 
 def warn(message: str) -> None:
     say(f"warning: {message}")
-
-
-def worktree_top(start: Path) -> Path:
-    """The directory holding `.git` (file or folder) above START, else START itself."""
-    from pathlib import Path
-
-    return Path(worktree_of(str(start)))
-
-
-def worktree_of(start: str) -> str:
-    """worktree_top() of an absolute path, as a string, without importing pathlib."""
-    directory = start
-    while True:
-        if stat_or_none(os.path.join(directory, ".git")) is not None:  # noqa: PTH118
-            return directory
-        parent = os.path.dirname(directory)  # noqa: PTH120
-        if parent == directory:
-            return start
-        directory = parent
 
 
 def warn_ephemeral_overlap(config: PortAllocatorConfig) -> None:
