@@ -720,3 +720,15 @@ def test_urls_from_an_untrusted_file_wait_and_a_forbidden_name_is_refused(
     templated.write_text('[ports]\nweb = 0\n[env]\nORIGIN = "{web_url}/app"\n')
     profile = load_project_file(templated, trust_all=True).profile
     assert profile is not None and profile.env == (("ORIGIN", "{web_url}/app"),)
+
+
+def test_a_proxy_port_in_use_is_one_line_and_no_caddy(named: Named) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", named.port))
+        taken.listen()
+        result = run_cli("proxy", "start", env=named.env, process=True)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"portalloc: proxy: cannot listen on 127.0.0.1 port {named.port}: Address already in use\n"
+    )
+    assert not caddy.Files(proxy.directory(named.state)).pid.exists()

@@ -255,20 +255,27 @@ def start(directory: Path, port: int, routes: list[Route]) -> tuple[Status, bool
             raise MissingExtra("proxy", "caddy")
         _clean(files)
         ipv6 = _has_ipv6()
-        config = json.dumps(document(port, ipv6, directory, routes), indent=1).encode()
-        atomic_write(files.config, config, 0o600)
-        output = open_append(files.output)
+        sockets = _bind(port, ipv6)
         try:
-            child = subprocess.Popen(
-                [caddy, "run", "--config", str(files.config)],
-                cwd=directory,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=output,
-                start_new_session=True,  # a Ctrl-C in the shell that started it stays there
-            )
+            listen = [f"fd/{sock.fileno()}" for sock in sockets]
+            config = json.dumps(document(listen, ipv6, directory, routes), indent=1).encode()
+            atomic_write(files.config, config, 0o600)
+            output = open_append(files.output)
+            try:
+                child = subprocess.Popen(
+                    [caddy, "run", "--config", str(files.config)],
+                    cwd=directory,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=output,
+                    pass_fds=[sock.fileno() for sock in sockets],
+                    start_new_session=True,  # a Ctrl-C in the shell that started it stays there
+                )
+            finally:
+                os.close(output)
         finally:
-            os.close(output)
+            for sock in sockets:
+                sock.close()
         # Kept: a Popen dropped while its process runs warns, and this one outlives
         # the call (a long-lived process, such as a test run, reaps it at `stop`).
         _CHILDREN.append(child)
@@ -280,11 +287,40 @@ def start(directory: Path, port: int, routes: list[Route]) -> tuple[Status, bool
             started = time.time()
         record = {"pid": child.pid, "started": started, "port": port, "binary": caddy}
         atomic_write(files.pid, json.dumps(record).encode() + b"\n", 0o600)
-        _wait_ready(files, child, port)
+        _wait_ready(files, child)
         return status(directory), True
 
 
-def _wait_ready(files: Files, child: subprocess.Popen[bytes], port: int) -> None:
+def _bind(port: int, ipv6: bool) -> list[socket.socket]:
+    """Listening sockets on 127.0.0.1 and ::1 at PORT, for Caddy to inherit.
+
+    Caddy's own TCP listeners are new SO_REUSEPORT sockets at every configuration it
+    loads, and closing the old one resets the connections queued on it: a request
+    arriving while the routes change would fail. Inherited sockets (`fd/N`) are the same
+    socket across every reload."""
+    found: list[socket.socket] = []
+    try:
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            if family == socket.AF_INET6 and not ipv6:
+                continue
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            found.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise ProxyError(f"cannot listen on {host} port {port}: {exc.strerror}") from None
+            sock.listen(1024)
+    except BaseException:
+        for sock in found:
+            sock.close()
+        raise
+    return found
+
+
+def _wait_ready(files: Files, child: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if child.poll() is not None:
@@ -292,8 +328,6 @@ def _wait_ready(files: Files, child: subprocess.Popen[bytes], port: int) -> None
             raise ProxyError(f"caddy exited at start: {_last_error(files)}")
         try:
             code, _answer = admin(files, "GET", ROUTES_PATH, timeout=1.0)
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                pass
             if code == 200:
                 return
         except OSError:

@@ -117,11 +117,13 @@ def _not_found() -> dict[str, Any]:
     }
 
 
-def document(port: int, ipv6: bool, directory: Path, routes: Iterable[Route]) -> dict[str, Any]:
-    """Caddy's whole configuration: the server on loopback at PORT, the admin endpoint on
-    a unix socket in DIRECTORY (mode 0200: its owner alone may connect), its storage and
-    log there too, nothing written anywhere else."""
-    listen = [f"127.0.0.1:{port}", *([f"[::1]:{port}"] if ipv6 else [])]
+def document(
+    listen: list[str], ipv6: bool, directory: Path, routes: Iterable[Route]
+) -> dict[str, Any]:
+    """Caddy's whole configuration: the server on LISTEN (`fd/N`: loopback sockets
+    portalloc bound and handed over), the admin endpoint on a unix socket in DIRECTORY
+    (mode 0200: its owner alone may connect), its storage and log there too, nothing
+    written anywhere else."""
     return {
         "admin": {"listen": f"unix/{ADMIN_SOCKET}", "config": {"persist": False}},
         "logging": {
