@@ -16,14 +16,15 @@ from datetime import UTC, datetime, timedelta
 
 # NamedTuple and a frozen dataclass without importing typing and dataclasses: the read
 # path (`portalloc env`) imports this module.
-from portalloc.records import NamedTuple, dataclass, field
+from portalloc.records import NamedTuple, TypedDict, dataclass, field
 from portalloc.rules import DEFAULT_PROXY_PORT, URL_DOMAIN, port_label
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
-    from typing import Any, Literal
+    from typing import Annotated, Any, Literal
 
+    # HELD_WHILE's three, for a type checker (it cannot take a Literal from a tuple).
     HeldWhile = Literal["pid", "worktree", "ttl"]
     ReclaimReason = Literal["expired", "owner_dead", "worktree_gone"]
 
@@ -314,6 +315,8 @@ class PortAllocation:
         raise AttributeError(name)
 
     def to_dict(self) -> dict[str, Any]:
+        """The allocation object: AllocationJSON's keys, and `<name>_port` for each port
+        after session_id."""
         data: dict[str, Any] = {"session_id": self.session_id}
         for name, port in self.ports.items():
             data[f"{name}_port"] = port
@@ -335,6 +338,41 @@ class PortAllocation:
             env=self.env,
         )
         return data
+
+
+# What keeps a lease, as held_while says: its owner process, its worktree, only its TTL.
+HELD_WHILE = ("pid", "worktree", "ttl")
+
+
+class AllocationJSON(TypedDict):
+    """The allocation object as JSON, as `allocate --json`, the manifest, the HTTP API and
+    the MCP tools answer it: each field, its type and what it means. Each port of the
+    profile adds a `<name>_port` field (db_port, ...), an int. The HTTP and MCP schemas
+    are built from this class (adapters/schema.py)."""
+
+    session_id: Annotated[str, "The session the lease is for: any string, e.g. a path."]
+    compose_project_name: Annotated[str, "COMPOSE_PROJECT_NAME of the session's stack."]
+    created_at: Annotated[str, "When the lease was made, UTC: 2026-11-22T10:00:00Z."]
+    expires_at: Annotated[str, "When its TTL runs out, UTC; every refresh moves it."]
+    ttl_remaining_minutes: Annotated[float, "Minutes until expires_at."]
+    block_start: Annotated[int, "The first port of the session's block."]
+    block_end: Annotated[int, "The last port of the block."]
+    pid: Annotated[int | None, "The process the lease ends with (--pid), if any."]
+    worktree: Annotated[str | None, "The worktree the lease ends with, if any."]
+    held_while: Annotated[
+        HeldWhile, "What keeps the lease: its owner process, its worktree, or its TTL."
+    ]
+    guests: Annotated[list[int], "PIDs of `portalloc run` processes using the lease."]
+    home_block: Annotated[int | None, "The first block the session was granted."]
+    slug: Annotated[str | None, "The lease's name: its ports answer at <port>.<slug>.localhost."]
+    urls: Annotated[
+        dict[str, str],
+        "Port name -> http://<port>.<slug>.localhost:<proxy port> (portalloc proxy).",
+    ]
+    url: Annotated[
+        str | None, "The URL of the bare name <slug>.localhost, if the profile sets one."
+    ]
+    env: Annotated[dict[str, str], "The environment block as NAME -> value."]
 
 
 FileRecord = tuple[str, str]  # (kind, absolute path)

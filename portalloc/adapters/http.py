@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +27,7 @@ from portalloc.adapters.common import (
     say,
     warn,
 )
+from portalloc.adapters.schema import Allocation
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import (
     ConfigError,
@@ -69,39 +70,6 @@ class SessionRequest(BaseModel):
             return validate_session_id(value)
         except InvalidSessionId as exc:
             raise ValueError(exc.message) from None
-
-
-class Allocation(BaseModel):
-    """A lease; each named port of the profile adds a `<name>_port` field (db_port, ...)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    session_id: str
-    compose_project_name: str
-    created_at: str = Field(examples=["2026-11-22T10:00:00Z"])
-    expires_at: str = Field(examples=["2026-11-22T12:00:00Z"])
-    ttl_remaining_minutes: float
-    block_start: int
-    block_end: int
-    pid: int | None = None
-    worktree: str | None = None
-    held_while: Literal["pid", "worktree", "ttl"] = Field(
-        description="What keeps the lease: its owner process, its worktree, or its TTL."
-    )
-    guests: list[int] = Field(description="PIDs of `portalloc run` processes using the lease.")
-    home_block: int | None = Field(description="The first block the session was granted.")
-    slug: str | None = Field(
-        default=None, description="The lease's name: its ports answer at <port>.<slug>.localhost."
-    )
-    urls: dict[str, str] = Field(
-        default_factory=dict,
-        description="Port name -> http://<port>.<slug>.localhost:<proxy port> (portalloc proxy).",
-    )
-    url: str | None = Field(
-        default=None,
-        description="The URL of the bare name <slug>.localhost, if the profile sets one.",
-    )
-    env: dict[str, str] = Field(description="The environment block as NAME -> value.")
 
 
 class AllocateResponse(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, NotRequired, TypedDict
+from typing import Annotated, NotRequired, TypedDict
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -12,6 +12,7 @@ from pydantic import Field
 
 from portalloc import __version__
 from portalloc.adapters.common import allocate_body, error_body, warn
+from portalloc.adapters.schema import Allocation
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable, PortallocError
 from portalloc.service import PortAllocatorService
@@ -74,7 +75,7 @@ class AllocateResult(TypedDict):
     """The session's lease and its shell block, or why none could be granted."""
 
     success: bool
-    allocation: NotRequired[dict[str, Any]]
+    allocation: NotRequired[Allocation]
     env_snippet: NotRequired[str]
     error: NotRequired[str]
 
@@ -127,7 +128,7 @@ def release_ports(session_id: SessionId) -> ReleaseResult:
     return {"success": True}
 
 
-def ports_status() -> Annotated[CallToolResult, list[dict[str, Any]]]:
+def ports_status() -> Annotated[CallToolResult, list[Allocation]]:
     try:
         allocations = [allocation.to_dict() for allocation in _service().status()]
     except PortallocError as exc:
