@@ -20,6 +20,7 @@ from portalloc.adapters import cli, entry
 from portalloc.ledger import LEDGER_VERSION, dump
 from portalloc.models import isoformat
 from portalloc.render import FORMATS
+from portalloc.rules import slug_for
 
 SESSIONS = ["s", "/home/me/my worktree", "=ls", "ünï 🚀", 'it\'s "q" $(x)']
 
@@ -46,7 +47,7 @@ def lease(session_id: str, start: int, **changes: object) -> dict[str, object]:
         "owner": None,
         "worktree": None,
         "guests": [],
-        "slug": None,
+        "slug": slug_for(session_id, None, set()),
         "bare": None,
     }
     raw.update(changes)
@@ -122,6 +123,9 @@ INVOCATIONS = [
     ["get", "s", "API_PORT"],
     ["get", "s", "compose_project_name"],
     ["get", "s", "session_id"],
+    ["get", "s", "api_url"],  # the named URL: the slug, and the proxy port of the settings
+    ["get", "s", "slug"],
+    ["get", "s", "url"],  # no bare name: an unknown key on both paths
     ["get", "s", "nope"],
     ["get", "=ls", "rest"],
     ["get", "missing", "api"],
