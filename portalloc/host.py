@@ -8,14 +8,16 @@ asks facts.py directly, without building a Host.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import NamedTuple
+from pathlib import Path, PurePath
+from typing import Any, NamedTuple
 
 from portalloc import probe
+from portalloc.errors import printable
 
 # The facts a read needs, importable without this module (the read path's budget).
 from portalloc.facts import START_TOLERANCE as START_TOLERANCE
@@ -23,6 +25,7 @@ from portalloc.facts import owner_alive as owner_alive
 from portalloc.facts import path_exists as path_exists
 from portalloc.facts import utcnow as utcnow
 from portalloc.models import Owner
+from portalloc.rules import COMPOSE_NAME
 
 
 class Listener(NamedTuple):
@@ -137,28 +140,127 @@ def is_descendant(pid: int, ancestor: Owner) -> bool:
 # Docker's own labels on every container `docker compose` makes.
 PROJECT_LABEL = "com.docker.compose.project"
 WORKDIR_LABEL = "com.docker.compose.project.working_dir"
+# How long one operation waits for docker in all: the port check runs under the
+# ledger's lock, and `status` should answer at once whatever the daemon does.
+DOCKER_BUDGET = 2.0
+# What holds a port docker publishes, where it is not dockerd itself: when docker
+# does not answer, a listener of these (or one the OS does not name) may be the
+# session's own stack.
+FORWARDERS = frozenset(
+    {
+        "docker-proxy",
+        "dockerd",
+        "rootlesskit",
+        "rootlessport",
+        "slirp4netns",
+        "pasta",
+        "pasta.avx2",
+        "conmon",
+        "gvproxy",
+        "vpnkit",
+        "com.docker.backend",
+    }
+)
 
 
-def _docker(*args: str, timeout: float) -> str | None:
-    """`docker ARGS`'s stdout, or None where docker is missing, fails or is slow."""
+def forwarder(command: str | None) -> bool:
+    """Whether COMMAND (a listener's command line) is a process docker, Podman or a
+    rootless port driver publishes ports with."""
+    program = (command or "").split(" ", 1)[0]
+    return PurePath(program).name in FORWARDERS
+
+
+class Reply(NamedTuple):
+    """What one `docker` command said: its exit code (127: no docker), stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+class DockerCLI:
+    """`docker` for one operation: all its calls share one time budget, and once docker
+    has not answered it is not asked again (a hung daemon costs the budget once, not
+    once per port). A call that runs out of time is killed with its whole process
+    group, so nothing it started is left behind."""
+
+    def __init__(self, budget: float = DOCKER_BUDGET) -> None:
+        self.budget = budget
+        self.answered = True  # False once a call ran out of time
+        self._deadline: float | None = None
+
+    def __call__(self, *args: str) -> Reply | None:
+        """ARGS's reply, or None when docker did not answer in time (now or before)."""
+        import time
+
+        if not self.answered:
+            return None
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self.budget
+        reply = run_docker(args, self._deadline - now)
+        if reply is None:
+            self.answered = False
+        return reply
+
+
+def run_docker(args: Sequence[str], timeout: float) -> Reply | None:
+    """`docker ARGS` within TIMEOUT seconds; None if it did not end in time (then it and
+    every process it started are killed)."""
+    import signal
     import subprocess
 
-    try:
-        result = subprocess.run(
-            ["docker", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.SubprocessError, ValueError):
+    if timeout <= 0:
         return None
-    return result.stdout if result.returncode == 0 else None
+    try:
+        process = subprocess.Popen(
+            ["docker", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # its own process group, killed as one
+        )
+    except (OSError, ValueError) as exc:
+        return Reply(127, "", str(exc))
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process, signal.SIGKILL)
+        # A grandchild in a session of its own may still hold the pipes: do not wait
+        # for them to close, only for docker itself.
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            process.wait(timeout=1)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        return None
+    return Reply(process.returncode, out, err)
 
 
-def compose_publishes(project: str, port: int) -> bool:
-    """Whether a running container of compose project PROJECT publishes host PORT.
+def _kill_group(process: Any, signum: int) -> None:
+    killpg = getattr(os, "killpg", None)
+    try:
+        if killpg is not None:
+            killpg(process.pid, signum)
+        else:  # pragma: no cover (Windows)
+            process.kill()
+    except OSError:
+        pass
+
+
+def _filter_unsupported(reply: Reply) -> bool:
+    """Whether docker refused a `--filter` it does not know (an older podman's
+    `publish is an invalid filter`), not a value or a daemon it cannot reach."""
+    text = reply.err.lower()
+    return reply.code not in (0, 127) and "invalid filter" in text
+
+
+def compose_publishes(project: str, port: int, docker: DockerCLI | None = None) -> bool | None:
+    """Whether a running container of compose project PROJECT publishes host PORT; None
+    when docker did not answer within DOCKER's budget.
 
     Docker's answer, not a process name: the socket is held by `docker-proxy`, by
     dockerd itself (`--userland-proxy=false`) or by a rootless port driver, none of
@@ -166,21 +268,26 @@ def compose_publishes(project: str, port: int) -> bool:
     matches PORT inside published ranges (`21302-21303->21302-21303/tcp`) too.
     """
     # It runs under the ledger's lock, only when something listens on a home port:
-    # a slow daemon must not hold everyone else up for long.
-    found = _docker(
+    # a slow daemon must not hold everyone else up for long (DockerCLI's budget).
+    docker = docker or DockerCLI()
+    reply = docker(
         "ps",
         "--quiet",
         "--filter",
         f"label={PROJECT_LABEL}={project}",
         "--filter",
         f"publish={port}",
-        timeout=2,
     )
-    if found is not None:
-        return bool(found.strip())
+    if reply is None:
+        return None
+    if reply.code == 0:
+        return bool(reply.out.strip())
+    if not _filter_unsupported(reply):
+        return False  # no docker, or no daemon to ask: no container publishes anything
     # A docker-compatible CLI without the publish filter (older podman): its own
     # record of the project's port bindings.
-    return any(port in stack.ports for stack in compose_stacks(project))
+    stacks = compose_stacks(project, docker)
+    return None if stacks is None else any(port in stack.ports for stack in stacks)
 
 
 class Stack(NamedTuple):
@@ -192,28 +299,43 @@ class Stack(NamedTuple):
     containers: tuple[str, ...]
 
 
-def compose_stacks(project: str | None = None, timeout: float = 5) -> list[Stack]:
-    """Running compose projects (or only PROJECT), from `docker ps` and `docker inspect`.
+def compose_stacks(
+    project: str | None = None, docker: DockerCLI | None = None
+) -> list[Stack] | None:
+    """Running compose projects (or only PROJECT), from `docker ps` and `docker inspect`;
+    [] where docker is missing or has no daemon, None where it did not answer in time.
 
-    [] where docker is missing or its daemon does not answer.
+    A project label that is no compose project name (`Victim`: compose would make it
+    `victim`, and `docker compose -p Victim` acts on the project `victim`) is not one
+    of compose's stacks: it is left out, never shown, named or stopped.
     """
     import json
 
+    docker = docker or DockerCLI()
     label = PROJECT_LABEL if project is None else f"{PROJECT_LABEL}={project}"
-    ids = _docker("ps", "--quiet", "--no-trunc", "--filter", f"label={label}", timeout=timeout)
-    if not ids or not ids.split():
+    listed = docker("ps", "--quiet", "--no-trunc", "--filter", f"label={label}")
+    if listed is None:
+        return None
+    ids = listed.out.split() if listed.code == 0 else []
+    if not ids:
         return []
-    raw = _docker("inspect", *ids.split(), timeout=timeout)
+    raw = docker("inspect", *ids)
+    if raw is None:
+        return None
     try:
-        records = json.loads(raw) if raw else []
+        records = json.loads(raw.out) if raw.code == 0 and raw.out else []
     except ValueError:
         return []
     by_project: dict[str, tuple[str | None, set[int], list[str]]] = {}
     for record in records if isinstance(records, list) else []:
         try:
             labels = record["Config"]["Labels"] or {}
-            name = str(labels[PROJECT_LABEL])
+            name = labels[PROJECT_LABEL]
             workdir = labels.get(WORKDIR_LABEL)
+            if not isinstance(name, str) or not COMPOSE_NAME.fullmatch(name):
+                continue
+            if project is not None and name != project:
+                continue
             bindings = (record.get("NetworkSettings") or {}).get("Ports") or {}
             ports = {
                 int(binding["HostPort"])
@@ -224,7 +346,8 @@ def compose_stacks(project: str | None = None, timeout: float = 5) -> list[Stack
             container = str(record.get("Name", "")).lstrip("/") or str(record.get("Id", ""))[:12]
         except (KeyError, TypeError, AttributeError, ValueError):
             continue
-        entry = by_project.setdefault(name, (None if workdir is None else str(workdir), set(), []))
+        shown_dir = workdir if isinstance(workdir, str) and workdir else None
+        entry = by_project.setdefault(name, (shown_dir, set(), []))
         entry[1].update(ports)
         entry[2].append(container)
     return [
@@ -233,50 +356,19 @@ def compose_stacks(project: str | None = None, timeout: float = 5) -> list[Stack
     ]
 
 
-def orphan_stacks(
-    span: range | None = None, exists: Callable[[str], bool] = path_exists
-) -> list[Stack]:
-    """Compose stacks still running after their working directory was removed (a
-    worktree deleted while its stack was up): nothing but `docker compose -p NAME
-    down` stops them, and their ports sit in what was the worktree's block.
-
-    Only stacks that publish a port in SPAN (portalloc's blocks) when given, and whose
-    directory's parent still exists: a stack on a remote daemon (a docker context)
-    records a directory of another machine, which is no orphan of this one.
-    """
-    found = []
-    for stack in compose_stacks():
-        workdir = stack.working_dir
-        if not workdir or not Path(workdir).is_absolute() or exists(workdir):
-            continue
-        if not exists(str(Path(workdir).parent)):
-            continue
-        if span is not None and not any(port in span for port in stack.ports):
-            continue
-        found.append(stack)
-    return found
-
-
 def compose_down(project: str, timeout: float = 120) -> str | None:
     """`docker compose -p PROJECT down`: docker's own way to stop a stack; None if it
     worked, else what went wrong (one line)."""
-    import subprocess
-
-    try:
-        result = subprocess.run(
-            ["docker", "compose", "-p", project, "down"],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        return str(exc) or type(exc).__name__
-    if result.returncode == 0:
+    if not COMPOSE_NAME.fullmatch(project):
+        # compose would act on the name lower-cased: another, maybe live, project
+        return f"{printable(project)} is no compose project name"
+    reply = run_docker(("compose", "-p", project, "down"), timeout)
+    if reply is None:
+        return f"`docker compose -p {project} down` did not end in {timeout:g} s"
+    if reply.code == 0:
         return None
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return shorten(" ".join((lines[-1] if lines else f"exit {result.returncode}").split()), 200)
+    lines = [line for line in reply.err.splitlines() if line.strip()]
+    return printable(shorten(" ".join((lines[-1] if lines else f"exit {reply.code}").split()), 200))
 
 
 def inside(path: str, directory: str) -> bool:
@@ -313,7 +405,9 @@ class Host:
     owner_of: Callable[[int], Owner] = owner_of
     owner_alive: Callable[[Owner], bool] = owner_alive
     is_descendant: Callable[[int, Owner], bool] = is_descendant
-    compose_publishes: Callable[[str, int], bool] = compose_publishes
+    # Whether a container of the project publishes the port; None: docker did not
+    # answer within the operation's budget (one DockerCLI per operation).
+    compose_publishes: Callable[[str, int, DockerCLI], bool | None] = compose_publishes
     path_exists: Callable[[str], bool] = path_exists
     # Who holds the ledger's lock (`pid N: command`), for a lock timeout's message.
     lock_holder: Callable[[Path], str | None] = lock_holder

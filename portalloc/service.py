@@ -14,7 +14,7 @@ from portalloc import allocator, outputs, probe
 from portalloc.allocator import Follow, Grant, PortCheck, Reclaimed, Request
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import LeaseNotFound, UsageError
-from portalloc.host import Host, Listener, in_worktree
+from portalloc.host import DOCKER_BUDGET, DockerCLI, Host, Listener, forwarder, in_worktree
 from portalloc.ledger import Ledger
 from portalloc.models import Lease, LedgerState, Owner, PortAllocation
 from portalloc.rules import MAX_PID, validate_session_id
@@ -203,7 +203,8 @@ class PortAllocatorService:
         return released
 
     def _grant(self, request: Request) -> Held:
-        check = None if request.config.skip_port_check else self._port_check(request)
+        unanswered: list[int] = []  # home ports kept while docker did not answer
+        check = None if request.config.skip_port_check else self._port_check(request, unanswered)
         # Import and probe-set-up now, not under the lock: with 200 processes starting at
         # once the holder gets a sliver of the CPU, and every millisecond inside the
         # lock is multiplied by the number of runnable processes.
@@ -240,15 +241,26 @@ class PortAllocatorService:
                         self.on_warning(f"rewrote {path} with the new ports")
         if follow is not None and moved is None:
             self.on_warning(_follow_line(request.session_id, follow, allocation, rewritten))
+        if unanswered and moved is None:
+            kept = sorted(set(unanswered))
+            ports = f"port {kept[0]} is" if len(kept) == 1 else f"ports {_joined(kept)} are"
+            self.on_warning(
+                f"docker did not answer within {DOCKER_BUDGET:g} s, so the block stays: "
+                f"{ports} held by docker's port forwarder, taken for the session's own "
+                f"compose stack (`portalloc why {kept[0]}` tells once docker answers)"
+            )
         return Held(allocation, result.created)
 
-    def _port_check(self, request: Request) -> PortCheck:
+    def _port_check(self, request: Request, unanswered: list[int]) -> PortCheck:
         host = self.host
         anchor = request.owner or request.user
         profile = request.config.profile
         project = allocator.compose_project_name(request.session_id, profile.compose_prefix, set())
 
-        published: dict[int, bool] = {}
+        published: dict[int, bool | None] = {}
+        # One budget for every docker question of this grant: it runs under the lock,
+        # and a daemon that did not answer once is not asked again.
+        docker = DockerCLI()
 
         def own(listener: Listener, port: int) -> bool:
             pid, cwd, worktree = listener.pid, listener.cwd, request.worktree
@@ -264,8 +276,18 @@ class PortAllocatorService:
             # dockerd itself with --userland-proxy=false, a rootless port driver). Asked
             # once per port.
             if port not in published:
-                published[port] = host.compose_publishes(project, port)
-            return published[port]
+                published[port] = host.compose_publishes(project, port, docker)
+            answer = published[port]
+            if answer is not None:
+                return answer
+            # Docker did not answer: a port held by docker's own forwarder (or by a
+            # process the OS does not name, as root's docker-proxy is to a user) may be
+            # the session's stack. The block stays, and a warning says why; a move
+            # on a slow daemon's account would outlast it.
+            if pid is None or forwarder(listener.command):
+                unanswered.append(port)
+                return True
+            return False
 
         def check(port: int, allow_own: bool) -> str | None:
             if host.port_is_free(port):
@@ -298,6 +320,12 @@ class PortAllocatorService:
         outcome = self._read()
         leases = sorted(outcome.state.leases.values(), key=lambda lease: lease.start)
         return [self._allocation(lease, outcome) for lease in leases]
+
+    def remembered(self) -> frozenset[str]:
+        """Every session the ledger knows: those with a lease and those that held a
+        block (their home blocks), the only ones whose compose stacks can be orphans."""
+        state = self._read().state
+        return frozenset(state.homes).union(state.leases.keys())
 
     def get(self, session_id: str) -> PortAllocation:
         """The session's active lease, unchanged; raise LeaseNotFound without one."""
@@ -332,6 +360,10 @@ def _follow_line(
         )
     files = f"; rewrote {', '.join(rewritten)}" if rewritten else ""
     return f"session {session_id!r}: lease follows its profile ({follow.changes}{files})"
+
+
+def _joined(ports: list[int]) -> str:
+    return ", ".join(map(str, ports))
 
 
 def _with_value(result: Grant) -> tuple[LedgerState, Grant]:

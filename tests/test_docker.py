@@ -438,7 +438,7 @@ esac
 def test_without_the_publish_filter_docker_inspect_answers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from portalloc.host import compose_publishes, orphan_stacks
+    from portalloc.host import Stack, compose_publishes, compose_stacks
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -461,16 +461,11 @@ def test_without_the_publish_filter_docker_inspect_answers(
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     assert compose_publishes("shop-1", 21403) and compose_publishes("shop-1", 21412)
     assert not compose_publishes("shop-1", 9000) and not compose_publishes("other", 21403)
-    orphans = orphan_stacks()
-    assert [(o.project, o.working_dir, o.ports) for o in orphans] == [
-        ("shop-1", str(gone), (21402, 21403, 21412))
+    assert compose_stacks() == [
+        Stack("shop-1", str(gone), (21402, 21403, 21412), ("shop-1-web-1",))
     ]
-    # Only stacks on portalloc's blocks, when they are given.
-    assert orphan_stacks(range(21400, 21500)) == orphans
-    assert orphan_stacks(range(30000, 30100)) == []
-    gone.mkdir()
-    assert orphan_stacks() == []
-    # A directory of another machine (a stack on a remote daemon) is no orphan here.
-    labels["com.docker.compose.project.working_dir"] = str(tmp_path / "elsewhere" / "app")
+    # A label compose would never write (`docker compose -p Shop-1` acts on `shop-1`)
+    # is no compose project: left out.
+    labels["com.docker.compose.project"] = "Shop-1"
     (bin_dir / "inspect.json").write_text(json.dumps([record]))
-    assert orphan_stacks() == []
+    assert compose_stacks() == []

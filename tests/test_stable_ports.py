@@ -213,7 +213,7 @@ def test_descendant_of_pid_owner_is_own(state_dir: Path, clock: FakeClock) -> No
         port_is_free=lambda port: port not in busy,
         listeners=lambda _port: [Listener(me + 1, "python -m http.server", "/")],
         is_descendant=lambda pid, owner: pid == me + 1 and owner.pid == me,
-        compose_publishes=lambda _project, _port: False,
+        compose_publishes=lambda _project, _port, _docker: False,
     )
     svc = PortAllocatorService(PortAllocatorConfig(state_dir=state_dir), host=host)
     assert svc.allocate("s", pid=me).db_port == 10000
@@ -233,7 +233,7 @@ def test_docker_proxy_of_the_sessions_compose_project_is_own(
         now=clock,
         port_is_free=lambda port: port not in busy,
         listeners=lambda port: [Listener(77, f"/usr/bin/docker-proxy -host-port {port}", "/")],
-        compose_publishes=lambda project, port: port in published.get(project, set()),
+        compose_publishes=lambda project, port, _docker: port in published.get(project, set()),
     )
     tree = tmp_path / "tree"
     tree.mkdir()

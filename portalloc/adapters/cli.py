@@ -34,7 +34,9 @@ from portalloc.render import FORMATS, render
 from portalloc.rules import MAX_PID, MAX_TTL_MINUTES, has_unprintable
 
 if TYPE_CHECKING:
+    from portalloc.host import Stack
     from portalloc.models import PortAllocation
+    from portalloc.service import PortAllocatorService
 
 app = typer.Typer(
     name="portalloc",
@@ -256,9 +258,8 @@ def status(json_output: JsonOpt = False) -> None:
         status_view(allocations, service.config.max_sessions, service.ledger.path, console.width)
     )
     from portalloc.adapters.views import orphans_text
-    from portalloc.host import orphan_stacks
 
-    _out(orphans_text(orphan_stacks(_blocks(service.config))))  # stacks whose worktree is gone
+    _out(orphans_text(_orphans(service) or []))  # stacks whose worktree is gone
 
 
 @app.command(
@@ -476,27 +477,28 @@ def prune(
 ) -> None:
     """Reclaim expired and dead leases; name orphaned compose stacks.
 
-    An orphan is a compose stack still running after its working directory (the
-    worktree) was removed. --stop stops each with `docker compose -p NAME down`.
+    An orphan is a compose stack portalloc named for a session of this ledger, still
+    running after its worktree was removed (not moved), publishing here. --stop
+    stops each with `docker compose -p NAME down` and checks that it is gone.
     """
     from portalloc.adapters import views
-    from portalloc.host import compose_down, orphan_stacks
 
     with _errors(json_output):
         service = cli_service()
         reclaimed = service.prune()
     # A stack whose worktree was removed while it ran: its lease is reclaimed above,
     # its containers still hold the block's ports. Only docker's own command stops it.
-    orphans = orphan_stacks(_blocks(service.config))
+    found = _orphans(service)
+    orphans = found or []
     failed: dict[str, str] = {}
     for stack in orphans if stop else ():
-        problem = compose_down(stack.project)
+        problem = _stop_stack(stack)
         if problem is not None:
             failed[stack.project] = problem
     if json_output:
         _print_json(
             {
-                "success": not failed,
+                "success": not failed and not (stop and found is None),
                 "reclaimed": [
                     {
                         "session_id": item.lease.session_id,
@@ -516,14 +518,71 @@ def prune(
             _out(f"reclaimed {item.lease.session_id} ({item.reason}, block {item.lease.start})\n")
         _out(views.orphans_text(orphans, stop, failed))
     for project, why in failed.items():
-        _err(f"could not stop {project}: {why}")
-    if failed:
+        _err(f"could not stop {printable(project)}: {why}")
+    if failed or (stop and found is None):  # asked to stop, and docker did not answer
         raise typer.Exit(1)
 
 
 def _blocks(config: PortAllocatorConfig) -> range:
     """Every port of every block portalloc hands out with CONFIG."""
     return range(config.base, config.base + config.range * config.max_sessions)
+
+
+DOCKER_WAIT = 2.5  # seconds `status`, `prune` and `why` wait for docker in all
+
+
+def _stacks() -> list[Stack] | None:
+    """The running compose stacks, or None (said on stderr) when docker did not answer
+    within DOCKER_WAIT: a hung daemon does not hang `status`."""
+    from portalloc.host import DockerCLI, compose_stacks
+
+    stacks = compose_stacks(None, DockerCLI(DOCKER_WAIT))
+    if stacks is None:
+        _err(f"docker did not answer within {DOCKER_WAIT:g} s: compose stacks not looked at")
+    return stacks
+
+
+def _orphans(service: PortAllocatorService) -> list[Stack] | None:
+    """The compose stacks of removed worktrees of SERVICE's ledger (portalloc.orphans);
+    None when docker did not answer."""
+    from portalloc import orphans
+
+    stacks = _stacks()
+    if not stacks:
+        return stacks
+    return orphans.find(stacks, service.remembered(), _blocks(service.config))
+
+
+def _stop_stack(stack: Stack) -> str | None:
+    """`docker compose -p NAME down`, then docker's and the OS's word that its
+    containers and ports are gone: None, or what is still there."""
+    import time
+
+    from portalloc.host import DockerCLI, compose_down, compose_stacks
+    from portalloc.probe import port_is_free
+
+    problem = compose_down(stack.project)
+    if problem is not None:
+        return problem
+    left = compose_stacks(stack.project, DockerCLI(10))
+    if left is None:
+        return "docker did not answer after `down`: its containers may still run"
+    containers = sorted({name for item in left for name in item.containers})
+    if containers:
+        return (
+            f"`docker compose -p {stack.project} down` left its containers running: "
+            + ", ".join(map(printable, containers))
+        )
+    # docker-proxy lets go of a port as its container goes: a moment at most.
+    deadline = time.monotonic() + 3
+    while True:
+        held = [port for port in stack.ports if not port_is_free(port)]
+        if not held or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if held:
+        return f"ports {', '.join(map(str, held))} are still in use after `down`"
+    return None
 
 
 def _session_or_worktree(session: str | None) -> str:
@@ -624,8 +683,9 @@ def why(
     json_output: JsonOpt = False,
 ) -> None:
     """Tell which lease holds PORT and which process listens on it."""
+    from portalloc import orphans
     from portalloc.adapters import views
-    from portalloc.host import compose_stacks, listeners, path_exists
+    from portalloc.host import listeners
     from portalloc.probe import is_listening
 
     with _errors(json_output):
@@ -634,11 +694,10 @@ def why(
     processes = [(item.pid, item.command or "") for item in listeners(port) if item.pid]
     listening = bool(processes) or is_listening(port)
     # Docker's word on who publishes it: the listener is docker-proxy or dockerd.
-    stacks = [
-        views.Published(stack, not stack.working_dir or path_exists(stack.working_dir))
-        for stack in (compose_stacks() if listening else ())
-        if port in stack.ports
-    ]
+    stacks_now = (_stacks() or []) if listening else []
+    publishing = [stack for stack in stacks_now if port in stack.ports]
+    orphaned = orphans.find(publishing, service.remembered(), _blocks(service.config))
+    stacks = [views.Published(stack, stack in orphaned) for stack in publishing]
     found = views.Why(port, holder, processes, listening, stacks)
     if json_output:
         _print_json(found.to_json())

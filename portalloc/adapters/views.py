@@ -10,6 +10,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from portalloc.errors import printable
+
 if TYPE_CHECKING:
     from portalloc.host import Stack
     from portalloc.models import PortAllocation
@@ -232,7 +234,7 @@ class Why(NamedTuple):
             "processes": [{"pid": pid, "command": cmd} for pid, cmd in self.processes],
             "compose_projects": [
                 {"compose_project": item.stack.project, "working_dir": item.stack.working_dir}
-                | ({} if item.worktree_exists else {"orphan": True})
+                | ({"orphan": True} if item.orphan else {})
                 for item in self.stacks
             ],
         }
@@ -257,24 +259,26 @@ class Why(NamedTuple):
         else:
             lines.append("  something listens on it (the OS does not say which process)")
         for item in self.stacks:
+            # Docker's labels are anyone's text: escaped before they reach a terminal.
             stack = item.stack
-            line = f"  published by compose project {stack.project}"
-            if stack.working_dir and item.worktree_exists:
-                line += f" (started in {stack.working_dir})"
-            elif stack.working_dir:
+            line = f"  published by compose project {printable(stack.project)}"
+            if item.orphan:
                 line += (
-                    f": an orphan, its worktree {stack.working_dir} is gone; "
+                    f": an orphan, its worktree {printable(stack.working_dir)} is gone; "
                     "`portalloc prune --stop` stops it"
                 )
+            elif stack.working_dir:
+                line += f" (started in {printable(stack.working_dir)})"
             lines.append(line)
         return "\n".join(lines) + "\n"
 
 
 class Published(NamedTuple):
-    """A compose stack docker says publishes a port, and whether its worktree exists."""
+    """A compose stack docker says publishes a port, and whether it is an orphan of
+    this ledger (portalloc.orphans)."""
 
     stack: Stack
-    worktree_exists: bool
+    orphan: bool
 
 
 def _ports_text(ports: Sequence[int]) -> str:
@@ -288,18 +292,20 @@ def orphans_text(
     whether `prune --stop` stopped it."""
     lines = []
     for stack in orphans:
-        where = f"worktree {stack.working_dir} is gone"
+        # Docker's labels are anyone's text: escaped before they reach a terminal.
+        project = printable(stack.project)
+        where = f"worktree {printable(stack.working_dir)} is gone"
         if not stopped:
             lines.append(
-                f"orphaned stack {stack.project} ({where}): ports {_ports_text(stack.ports)}; "
+                f"orphaned stack {project} ({where}): ports {_ports_text(stack.ports)}; "
                 "stop it with `portalloc prune --stop`"
             )
         elif failed and stack.project in failed:
-            lines.append(f"orphaned stack {stack.project} ({where}): not stopped")
+            lines.append(f"orphaned stack {project} ({where}): not stopped")
         else:
             lines.append(
-                f"stopped orphaned stack {stack.project} ({where}): "
-                f"`docker compose -p {stack.project} down` freed ports {_ports_text(stack.ports)}"
+                f"stopped orphaned stack {project} ({where}): "
+                f"`docker compose -p {project} down` freed ports {_ports_text(stack.ports)}"
             )
     return "".join(line + "\n" for line in lines)
 
