@@ -732,3 +732,34 @@ def test_a_proxy_port_in_use_is_one_line_and_no_caddy(named: Named) -> None:
         f"portalloc: proxy: cannot listen on 127.0.0.1 port {named.port}: Address already in use\n"
     )
     assert not caddy.Files(proxy.directory(named.state)).pid.exists()
+
+
+def test_the_git_hook_gives_a_new_worktree_its_names_unchanged(
+    named: Named, serve: Any, tmp_path: Path
+) -> None:
+    """`git worktree add` runs the post-checkout block as it always did: the lease it
+    makes is a write, and the write hands the proxy the new worktree's names."""
+    start(named)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {
+        **os.environ,
+        **named.env,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # the hook's portalloc
+    }
+
+    def git(*args: str) -> None:
+        subprocess.run(
+            ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
+            cwd=repo, env=env, check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+
+    git("init", "-q", "-b", "main")
+    git("commit", "-q", "--allow-empty", "-m", "init")
+    installed = run_cli("hook", "install", "--for", "git", "--repo", str(repo), env=named.env)
+    assert installed.returncode == 0, installed.stderr
+    git("worktree", "add", "-q", "-b", "feat-x", str(tmp_path / "feat-x"))
+    hosts = {route["host"]: route["port"] for route in _served(named)}
+    assert "db.feat-x.localhost" in hosts
+    serve(hosts["db.feat-x.localhost"], "feat-x")
+    assert get(named.port, "db.feat-x.localhost") == (200, "feat-x")
