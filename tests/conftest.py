@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from portalloc.service import PortAllocatorService, get_port_allocator
 from tests import foreign_listeners
 from tests.helpers import FakeClock, FreeBlock
 
-FOREIGN = pytest.StashKey[list[socket.socket]]()
+FOREIGN = pytest.StashKey[foreign_listeners.Listeners]()
 
 ENV_VARS = (
     "PORT_ALLOC_BASE",
@@ -41,19 +40,27 @@ pytest_plugins = ["portalloc.pytest_plugin", "tests.docker_env"]  # docker_env: 
 
 def pytest_configure(config: pytest.Config) -> None:
     """PORTALLOC_TEST_FOREIGN_LISTENERS=1: other stacks listen on the default ports for
-    the whole run. Opened once, by the process that runs or controls the session (an
-    xdist worker has `workerinput`), and closed when it ends."""
+    the whole run, in a process of their own (not this one: here they would be the
+    test's own listeners), started once by the process that runs or controls the
+    session (an xdist worker has `workerinput`) and stopped by its PID when it ends."""
     if foreign_listeners.enabled() and not hasattr(config, "workerinput"):
-        config.stash[FOREIGN] = foreign_listeners.start()
+        listeners = foreign_listeners.launch(Path(__file__).resolve().parent.parent)
+        config.stash[FOREIGN] = listeners
+        os.environ[foreign_listeners.PID_VAR] = str(listeners.pid)  # workers inherit it
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    foreign_listeners.stop(config.stash.get(FOREIGN, []))
+    listeners = config.stash.get(FOREIGN, None)
+    if listeners is not None:
+        listeners.stop()
+        os.environ.pop(foreign_listeners.PID_VAR, None)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
-    socks = config.stash.get(FOREIGN, None)
-    return None if socks is None else foreign_listeners.describe(len(socks))
+    listeners = config.stash.get(FOREIGN, None)
+    if listeners is None:
+        return None
+    return f"{foreign_listeners.describe(listeners.count)}, pid {listeners.pid}"
 
 
 @pytest.fixture(scope="session")

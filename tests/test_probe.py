@@ -233,3 +233,19 @@ def test_foreign_listeners_are_up_for_the_whole_run() -> None:
     for ports in foreign_listeners.RANGES:
         assert not any(port_is_free(port) for port in ports)
     assert is_listening(10000) and is_listening(10001) and is_listening(21203)
+    # ... by a process of their own, foreign to every test: not this one (its PID, its
+    # working directory, its process group), alive for the whole run.
+    holder = psutil.Process(int(os.environ[foreign_listeners.PID_VAR]))
+    assert holder.pid != os.getpid() and holder.is_running()
+    assert os.getpid() not in [parent.pid for parent in holder.parents()]  # no descendant
+    assert holder.cwd() == "/" and os.getpgid(holder.pid) != os.getpgid(0)
+    held = [c.laddr for c in holder.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    spans = foreign_listeners.RANGES
+    assert held and all(any(addr.port in span for span in spans) for addr in held)
+    assert not [c for c in psutil.Process().net_connections("tcp") if c.laddr in held]
+    if ipv6_available():
+        # Servers on ::1 alone, and on both loopbacks, are there too.
+        alone = [a.port for a in held if a.ip == "::1" and a.port % 4 == 3]
+        both = [a.port for a in held if a.ip == "::1" and a.port % 4 == 2]
+        assert alone and both
+        assert not port_is_free(alone[0]) and is_listening(alone[0])
