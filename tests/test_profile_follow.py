@@ -236,6 +236,26 @@ def test_a_range_that_no_longer_fits_moves_once_loudly(state_dir: Path, tmp_path
     assert variables(again)["DB_PORT"] == "26200" and not lines(again, "MOVED")
 
 
+def test_the_moved_line_names_the_ports_where_they_are_now(state_dir: Path, tmp_path: Path) -> None:
+    """A profile change that moves the lease: the added and re-placed ports are named
+    in the block the lease moved to, not where they would have been in the old one."""
+    tree = worktree(tmp_path)
+    profile(tree, {"db": 0, "api": 1})
+    assert run_cli("allocate", "other", env={**QUIET, "PORT_ALLOC_BASE": str(BASE)}).returncode == 0
+    assert variables(env(tree))["DB_PORT"] == "26100"
+    profile(tree, {"db": 0, "api": 5, "cache": 7}, "range = 200")
+    result = env(tree)
+    after = variables(result)
+    assert (after["DB_PORT"], after["API_PORT"], after["CACHE_PORT"]) == ("26200", "26205", "26207")
+    [line] = lines(result, "MOVED")
+    assert line == (
+        f"portalloc: warning: session {str(tree)!r} MOVED from block 26100-26199 to "
+        "26200-26399: its profile changed (added cache 26207, CACHE_PORT; moved api "
+        "26101->26205; changed API_PORT; range 100->200) and base 26000, range 200 and "
+        "max sessions 20 have no block at 26100"
+    )
+
+
 def test_a_block_grown_into_another_lease_moves(state_dir: Path, tmp_path: Path) -> None:
     tree = worktree(tmp_path)
     profile(tree, {"db": 0})
@@ -275,7 +295,8 @@ def test_a_new_port_held_by_a_foreign_listener_moves(state_dir: Path, tmp_path: 
         assert after["CACHE_PORT"] == str(int(after["DB_PORT"]) + 2) != str(busy)
         [line] = lines(result, "MOVED")
         assert f"MOVED from block {base}-{base + 99}" in line
-        assert f"its profile changed (added cache {busy}, CACHE_PORT)" in line
+        # The change names the port where it is now; the reason, the busy one it left.
+        assert f"its profile changed (added cache {after['CACHE_PORT']}, CACHE_PORT)" in line
         assert f"port {busy} (cache) is in use by pid {os.getpid()}" in line
 
 
