@@ -246,6 +246,48 @@ def test_a_body_that_is_not_json_is_400(client: httpx.Client, server: Server, pa
     assert leased(server) == before
 
 
+@pytest.mark.parametrize("path", ["/ports/allocate", "/ports/release"])
+def test_two_content_types_that_differ_are_400(
+    client: httpx.Client, server: Server, path: str
+) -> None:
+    """Starlette reads the first Content-Type, the guard read the last: whichever is
+    JSON, two that differ are no type at all."""
+    before = leased(server)
+    body = b'{"session_id": "two-types"}'
+    for types in (("text/plain", "application/json"), ("application/json", "text/plain")):
+        headers = [*X_KEY.items(), *(("Content-Type", value) for value in types)]
+        response = client.post(path, content=body, headers=headers)
+        assert response.status_code == 400, (types, response.text)
+        data = response.json()
+        assert data["error"] == "invalid_json"
+        assert "send one header, Content-Type: application/json (got 2" in data["message"]
+    same = [*X_KEY.items(), ("Content-Type", "application/json")]
+    same.append(("Content-Type", "application/json"))  # the same one twice is that one
+    assert client.post(path, content=body, headers=same).status_code == 200
+    if path == "/ports/allocate":
+        client.post("/ports/release", json={"session_id": "two-types"}, headers=X_KEY)
+    assert leased(server) == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/ports/allocate/"),
+        ("POST", "/ports/release/"),
+        ("GET", "/ports/status/"),
+        ("GET", "/healthz/"),
+    ],
+)
+def test_a_trailing_slash_is_404_not_a_redirect(
+    client: httpx.Client, method: str, path: str
+) -> None:
+    body = {"session_id": "slash"} if method == "POST" else None
+    response = client.request(method, path, json=body, headers=X_KEY)
+    assert response.status_code == 404, response.text
+    assert "location" not in response.headers
+    assert response.json()["error"] == "not_found"
+
+
 def test_full_is_409_with_the_contract_body(
     portalloc_ports: PortallocPorts, tmp_path: Path
 ) -> None:

@@ -150,9 +150,15 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: _RESPONSES[status] for status in sorted(statuses)}
 
 
-def _not_json(content_type: bytes | None, body: bytes) -> str | None:
-    """Why BODY, sent as CONTENT_TYPE, is not a JSON document (as RFC 8259 has it: UTF-8),
-    or None. The one reason for a 400; JSON of the wrong shape is the model's 422."""
+def _not_json(content_types: Sequence[bytes], body: bytes) -> str | None:
+    """Why BODY, sent with the Content-Type headers CONTENT_TYPES, is not a JSON document
+    (as RFC 8259 has it: UTF-8), or None. The one reason for a 400; JSON of the wrong
+    shape is the model's 422. Two Content-Type headers that differ are no type at all:
+    Starlette reads the first and this guard would read the last."""
+    if len(set(content_types)) > 1:
+        sent = ", ".join(repr(value.decode("latin-1")) for value in content_types)
+        return f"send one header, {JSON_TYPE} (got {len(content_types)} Content-Types: {sent})"
+    content_type = content_types[0] if content_types else None
     media = (content_type or b"").split(b";", 1)[0].strip().lower().decode("latin-1")
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
@@ -270,7 +276,10 @@ class _Guard:
                 return
         # A body that is not JSON is a 400 here, before FastAPI, which would answer
         # 422 for a syntax error and 400 for bytes that are not UTF-8.
-        problem = _not_json(headers.get(b"content-type"), bytes(body)) if is_post else None
+        content_types = [
+            value for name, value in scope.get("headers", []) if name.lower() == b"content-type"
+        ]
+        problem = _not_json(content_types, bytes(body)) if is_post else None
         if problem is not None:
             await _send_json(
                 send, 400, {"success": False, "error": "invalid_json", "message": problem}
@@ -343,6 +352,9 @@ def create_app(
         # a third party's code in the page. The schema itself is at /openapi.json.
         docs_url=None,
         redoc_url=None,
+        # `/ports/allocate/` is no route: 404, not a 307 to the route without the slash
+        # (which a client would follow with its body and key, or not at all).
+        redirect_slashes=False,
     )
     app.add_middleware(_Guard, expected=expected)
 
