@@ -117,13 +117,20 @@ def reclaim(
             changes[lease.session_id] = None
     if not changes:
         return state, []
-    return state.with_leases(state.leases.updated(changes)), gone
+    return _ended(state, changes, [reclaimed.lease for reclaimed in gone]), gone
 
 
 def release(state: LedgerState, session_id: str) -> tuple[LedgerState, bool]:
     if session_id not in state.leases:
         return state, False
-    return state.with_leases(state.leases.updated({session_id: None})), True
+    return _ended(state, {session_id: None}, [state.leases[session_id]]), True
+
+
+def _ended(state: LedgerState, changes: dict[str, Lease | None], ended: list[Lease]) -> LedgerState:
+    """STATE with CHANGES made, remembering the slug of each lease ENDED for its session."""
+    named = {lease.session_id: lease.slug for lease in ended if lease.slug is not None}
+    slugs = {**state.slugs, **named} if named else state.slugs
+    return LedgerState(state.leases.updated(changes), state.homes, state.files, slugs)
 
 
 def leave(
@@ -263,7 +270,8 @@ def _place(
         )
 
     if previous is None:
-        lease = new_lease(request, chosen, now, expires_at, leases.compose_names(), leases.slugs())
+        slug = _slug(state, request)
+        lease = new_lease(request, chosen, now, expires_at, leases.compose_names(), slug)
     else:
         ports = _ports(config.profile, chosen)
         lease = previous._replace(
@@ -285,12 +293,17 @@ def _place(
     homes_after = dict(state.homes)
     homes_after.pop(request.session_id, None)
     homes_after[request.session_id] = chosen if home is None else home
+    slugs = state.slugs  # the session's own slug is its lease's now
+    if request.session_id in slugs:
+        slugs = {key: value for key, value in slugs.items() if key != request.session_id}
     while len(homes_after) > HISTORY_LIMIT:
         forgotten = next(iter(homes_after))
         del homes_after[forgotten]
         if forgotten in files:
             files = {key: value for key, value in files.items() if key != forgotten}
-    new_state = LedgerState(leases.updated({request.session_id: lease}), homes_after, files)
+        if forgotten in slugs:
+            slugs = {key: value for key, value in slugs.items() if key != forgotten}
+    new_state = LedgerState(leases.updated({request.session_id: lease}), homes_after, files, slugs)
     return Grant(new_state, lease, created=previous is None, skipped=tuple(skipped), moved=moved)
 
 
@@ -327,14 +340,15 @@ def _refresh(
         else:
             joined = current._replace(guests=(*current.guests, request.user))
         leases = state.leases.updated({request.session_id: joined})
-        return Grant(LedgerState(leases, state.homes, files), joined, created=False, follow=follow)
+        joined_state = LedgerState(leases, state.homes, files, state.slugs)
+        return Grant(joined_state, joined, created=False, follow=follow)
     if current is existing and existing.refreshed(
         now, config.ttl_minutes, request.owner, request.worktree
     ):
         # Refreshed a moment ago: leave the leases alone.
         if files is state.files:
             return Grant(state, existing, created=False, follow=follow)
-        state = LedgerState(state.leases, state.homes, files)
+        state = LedgerState(state.leases, state.homes, files, state.slugs)
         return Grant(state, existing, created=False, follow=follow)
     refreshed = current._replace(
         expires_at=expires_at,
@@ -343,7 +357,8 @@ def _refresh(
         worktree=request.worktree or existing.worktree,
     )
     leases = state.leases.updated({request.session_id: refreshed})
-    return Grant(LedgerState(leases, state.homes, files), refreshed, created=False, follow=follow)
+    refreshed_state = LedgerState(leases, state.homes, files, state.slugs)
+    return Grant(refreshed_state, refreshed, created=False, follow=follow)
 
 
 def follow_profile(
@@ -462,19 +477,31 @@ def _is_block(start: int, config: PortAllocatorConfig) -> bool:
     )
 
 
+def _slug(state: LedgerState, request: Request) -> str:
+    """The name of the session's new lease: the one it had, unless an active lease took it
+    meanwhile; else a new one, never an active lease's or one another session keeps."""
+    active = state.leases.slugs()
+    mine = state.slugs.get(request.session_id)
+    if mine is not None and mine not in active:
+        return mine
+    kept = {slug for session, slug in state.slugs.items() if session != request.session_id}
+    return slug_for(request.session_id, request.worktree, active | kept)
+
+
 def new_lease(
     request: Request,
     start: int,
     now: datetime,
     expires_at: datetime,
     taken_names: set[str],
-    taken_slugs: set[str] | None = None,
+    slug: str | None = None,
 ) -> Lease:
     config = request.config
     profile = config.profile
     ports = _ports(profile, start)
     compose_name = compose_project_name(request.session_id, profile.compose_prefix, taken_names)
-    slug = slug_for(request.session_id, request.worktree, taken_slugs or set())
+    if slug is None:
+        slug = slug_for(request.session_id, request.worktree, set())
     env = _env(config, ports, compose_name, request.session_id, slug, profile.bare_name)
     return Lease(
         session_id=request.session_id,

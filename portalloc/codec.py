@@ -22,7 +22,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
-LEDGER_VERSION = 3
+LEDGER_VERSION = 4
 
 
 class RawOwner(TypedDict):
@@ -57,6 +57,7 @@ class RawLedger(TypedDict):
     leases: list[RawLease]
     homes: dict[str, int]
     files: dict[str, list[RawFile]]
+    slugs: dict[str, str]  # the slugs of sessions whose lease ended (v4)
 
 
 class _Malformed(Exception):

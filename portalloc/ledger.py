@@ -59,6 +59,7 @@ from portalloc.models import Lease, Leases, LedgerState
 # Not typing's: `allocate` imports this module, and start-up is its budget too.
 from portalloc.records import NamedTuple
 from portalloc.rules import (
+    DNS_LABEL,
     has_unprintable,
     lease_problem,
     slug_for,
@@ -140,8 +141,17 @@ def _v2_to_v3(document: dict[str, Any]) -> dict[str, Any]:
     return {**document, "version": 3, "leases": leases}
 
 
+def _v3_to_v4(document: dict[str, Any]) -> dict[str, Any]:
+    # v4 remembers the slug of each session whose lease ended, as v2 its home block.
+    return {**document, "version": 4, "slugs": {}}
+
+
 # version -> function turning that version's document into the next version's.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _v1_to_v2,
+    2: _v2_to_v3,
+    3: _v3_to_v4,
+}
 
 
 def migrate(document: object) -> dict[str, Any]:
@@ -645,7 +655,7 @@ class _Encoder:
         # Exactly what dump() makes of the whole document, a piece at a time, never
         # joined: five MiB copied once more shows in the bench.
         parts = self.parts
-        parts += [_HOMES, homes, _FILES, _json(files)]
+        parts += [_HOMES, homes, _FILES, _json(files), _SLUGS, _json(state.slugs)]
         crc = 0
         for part in parts:
             crc = zlib.crc32(part, crc)
@@ -658,6 +668,7 @@ class _Encoder:
 
 
 _HOMES = b'],"homes":'
+_SLUGS = b',"slugs":'
 _FILES = b',"files":'
 
 
@@ -774,12 +785,30 @@ def parse_document(document: object) -> Parsed:
     files = {key: records for key, records in _files_from_raw(raw_files).items() if _usable_id(key)}
     if len(homes) != len(raw_homes) or len(files) != len(raw_files):
         dropped.append("a home or file record names an unusable session id")
-    state = LedgerState(leases, homes, files)
+    raw_slugs = document.get("slugs", {})
+    # A remembered slug is a lease's name to come back to: held to the lease rules.
+    slugs = {
+        key: slug
+        for key, slug in _slugs_from_raw(raw_slugs).items()
+        if _usable_id(key) and key not in leases
+    }
+    if len(slugs) != len(raw_slugs):
+        dropped.append("a remembered slug names an unusable or active session")
+    state = LedgerState(leases, homes, files, slugs)
     try:
         validate(state)
     except AssertionError as exc:
         raise _Malformed(str(exc)) from None
     return Parsed(state, known, dropped)
+
+
+def _slugs_from_raw(raw: object) -> dict[str, str]:
+    """The remembered slugs: an object of session ids to DNS labels, the others left out."""
+    if type(raw) is not dict:
+        raise _Malformed("'slugs' is not an object")
+    return {
+        key: slug for key, slug in raw.items() if type(slug) is str and DNS_LABEL.fullmatch(slug)
+    }
 
 
 def _usable_id(session_id: str) -> bool:
@@ -1014,11 +1043,13 @@ class Ledger:
         if index is None:
             return None
         try:
-            # `,"files":{...},"crc32":"..."}` at the end of the file.
-            files = _files_from_raw(json.loads(b"{" + data[index.files_at + 1 :])["files"])
+            # `,"files":{...},"slugs":{...},"crc32":"..."}` at the end of the file.
+            tail = json.loads(b"{" + data[index.files_at + 1 :])
+            files = _files_from_raw(tail["files"])
+            slugs = _slugs_from_raw(tail["slugs"])
         except (ValueError, KeyError, TypeError, RecursionError, _Malformed):
             return None
-        return LedgerState(_IndexedLeases(_Written(data, index)), index.homes, files)
+        return LedgerState(_IndexedLeases(_Written(data, index)), index.homes, files, slugs)
 
     def _read_index(self, seal: bytes) -> _Index | None:
         if self.index_path is None:

@@ -477,17 +477,21 @@ class LedgerState:
     Treated as immutable: operations return a new state rather than changing one.
     """
 
-    __slots__ = ("files", "homes", "leases")
+    __slots__ = ("files", "homes", "leases", "slugs")
 
     def __init__(
         self,
         leases: Mapping[str, Lease] | None = None,
         homes: dict[str, int] | None = None,
         files: dict[str, tuple[FileRecord, ...]] | None = None,
+        slugs: dict[str, str] | None = None,
     ) -> None:
         self.leases: Leases = leases if isinstance(leases, Leases) else Leases(leases)
         self.homes: dict[str, int] = {} if homes is None else homes
         self.files: dict[str, tuple[FileRecord, ...]] = {} if files is None else files
+        # The slug of each session whose lease ended, kept like its home block: it gets
+        # the name back, and no other session takes it meanwhile.
+        self.slugs: dict[str, str] = {} if slugs is None else slugs
 
     def with_leases(self, leases: Mapping[str, Lease]) -> LedgerState:
-        return LedgerState(leases, self.homes, self.files)
+        return LedgerState(leases, self.homes, self.files, self.slugs)

@@ -124,7 +124,7 @@ def assert_raced(outcomes: Sequence[Outcome]) -> None:
 def load_ledger(state_dir: Path) -> dict[str, Any]:
     document = json.loads((state_dir / "leases.json").read_bytes())
     assert isinstance(document, dict)
-    assert document["version"] == 3
+    assert document["version"] == 4
     return document
 
 

@@ -170,7 +170,7 @@ def test_every_error_pickles_with_its_data_and_message() -> None:
         assert copy.__dict__ == error.__dict__
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_every_ledger_version_migrates_to_the_same_state(version: int, tmp_path: Path) -> None:
     from portalloc.ledger import LEDGER_VERSION, migrate, parse_document
 
@@ -182,6 +182,7 @@ def test_every_ledger_version_migrates_to_the_same_state(version: int, tmp_path:
     assert state.homes == {"gone": 10100, "/src/shop-a": 10000, "old": 10200}
     assert state.leases["/src/shop-a"].guests == ()
     assert state.leases["/src/shop-a"].slug == "shop-a"  # v3: every lease has a name
+    assert state.slugs == {}  # v4: the names of ended leases, none yet
 
 
 def test_v2_leases_get_distinct_names_in_file_order() -> None:

@@ -763,3 +763,29 @@ def test_the_git_hook_gives_a_new_worktree_its_names_unchanged(
     assert "db.feat-x.localhost" in hosts
     serve(hosts["db.feat-x.localhost"], "feat-x")
     assert get(named.port, "db.feat-x.localhost") == (200, "feat-x")
+
+
+def test_a_session_gets_its_name_back_and_nobody_takes_it_meanwhile(tmp_path: Path) -> None:
+    """Slugs are kept in the ledger like home blocks: a released or reclaimed lease's name
+    waits for its session, a newcomer of the same directory name gets another one."""
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.service import PortAllocatorService
+
+    service = PortAllocatorService(
+        PortAllocatorConfig(state_dir=tmp_path / "state", base=43000, skip_port_check=True)
+    )
+    first, second = tmp_path / "a" / "shop", tmp_path / "b" / "shop"
+    for tree in (first, second):
+        tree.mkdir(parents=True)
+    assert service.allocate(str(first), worktree=first).slug == "shop"
+    assert service.release(str(first))
+    newcomer = service.allocate(str(second), worktree=second).slug
+    assert newcomer is not None and newcomer.startswith("shop-")  # "shop" is kept for `first`
+    assert service.allocate(str(first), worktree=first).slug == "shop"  # back, the same name
+    shutil.rmtree(second)  # reclaimed by the next operation, its name kept for it
+    assert [gone.lease.session_id for gone in service.prune()] == [str(second)]
+    state = service.ledger.load()
+    assert state.slugs == {str(second): newcomer}
+    second.mkdir(parents=True)
+    assert service.allocate(str(second), worktree=second).slug == newcomer
+    assert service.ledger.load().slugs == {}

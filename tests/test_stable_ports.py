@@ -395,7 +395,7 @@ def test_version_1_ledger_is_migrated_and_history_becomes_home(
     # "old" held block 10200 under v1 and has no lease now: that is its home.
     assert svc.allocate("old").db_port == 10200
     written = ledger(state_dir)
-    assert written["version"] == 3 and "history" not in written
+    assert written["version"] == 4 and "history" not in written
     assert written["homes"] == {"gone": 10100, "/src/shop-a": 10000, "old": 10200}
     assert [lease["guests"] for lease in written["leases"]] == [[], []]
 

@@ -147,7 +147,7 @@ def test_sigkill_at_random_moments_never_loses_a_confirmed_lease(state_dir: Path
             last[name] = (op, proc.returncode if proc.returncode >= 0 else None)
         # After every round the ledger loads.
         document = json.loads((state_dir / "leases.json").read_bytes())
-        assert document["version"] == 3
+        assert document["version"] == 4
         assert spans_disjoint(document)
     assert kills >= 20  # the schedule really did interrupt commands
     present = {lease["session_id"] for lease in json.loads(run_cli("status", "--json").stdout)}
