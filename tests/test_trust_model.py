@@ -333,9 +333,14 @@ def test_deeply_nested_project_file_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_check_wait_has_an_upper_bound() -> None:
-    for value in ("inf", "nan", "1e300"):
+    for value in ("inf", "nan", "1e300", "-1", "86401", "soon"):
         result = run_cli("check", "s", "--wait", value, process=True)
         assert result.returncode == 2 and "Traceback" not in result.stderr, value
+        # One rule, whatever is wrong: nan was once "must be <= 86400".
+        assert (
+            "Invalid value for '--wait': must be a number of seconds between 0 and 86400, "
+            f"not '{value}'"
+        ) in result.stderr, value
 
 
 def test_a_huge_columns_value_does_not_write_megabytes(tmp_path: Path) -> None:

@@ -585,6 +585,22 @@ def _stop_stack(stack: Stack) -> str | None:
     return None
 
 
+def _wait_seconds(value: str) -> float:
+    """`check --wait`: a number of seconds from 0 to a day (not nan, inf or -1)."""
+    import math
+
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_WAIT_SECONDS:  # nan compares false
+        raise typer.BadParameter(
+            f"must be a number of seconds between 0 and {MAX_WAIT_SECONDS}, "
+            f"not {printable(value)!r}"
+        )
+    return seconds
+
+
 def _session_or_worktree(session: str | None) -> str:
     if session is not None:
         return session
@@ -611,9 +627,8 @@ def check(
         float | None,
         typer.Option(
             "--wait",
-            help="Wait up to SECONDS (at most a day) until every port answers.",
-            min=0,
-            max=MAX_WAIT_SECONDS,
+            help="Wait up to SECONDS (0 to 86400, a day) until every port answers.",
+            parser=_wait_seconds,
             metavar="SECONDS",
         ),
     ] = None,
