@@ -30,6 +30,12 @@ if [ -e "$tree" ]; then
         echo "$0: $tree exists and is not a git worktree" >&2
         exit 1
     fi
+    # `feat/x` and `feat-x` share a directory: reuse it only for the branch it holds.
+    held="$(git -C "$tree" symbolic-ref --short -q HEAD || true)"
+    if [ "$held" != "$name" ]; then
+        echo "$0: $tree holds ${held:+branch }${held:-a detached HEAD}, not branch $name (branch names that differ only in / and - share a directory); pick another NAME" >&2
+        exit 1
+    fi
     echo "$0: reusing the existing worktree $tree" >&2
 elif git show-ref --verify --quiet "refs/heads/$name"; then
     git worktree add "$tree" "$name"

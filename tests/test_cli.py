@@ -447,6 +447,21 @@ def test_every_command_parses_alone_as_in_the_full_app() -> None:
         assert alone.stdout.startswith(f"Usage: portalloc {name} [OPTIONS]")
 
 
+def test_run_of_an_empty_name_or_a_directory_is_126_as_documented(tmp_path: Path) -> None:
+    """What a shell answers: 127 not found, 126 found but not runnable; the README says
+    both (it once said only 127, and `run S ''` is 126)."""
+    for command in ("", str(tmp_path)):
+        result = run_cli("run", "s", "--", command)
+        assert result.returncode == 126, (command, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert run_cli("run", "s", "--", "no-such-command-anywhere").returncode == 127
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    assert (
+        "127 when the command is not found; 126 when it cannot be run: not executable, "
+        "a directory, or an empty name as in `portalloc run S ''`"
+    ) in readme
+
+
 def test_run_of_a_file_that_cannot_be_executed_is_one_line(tmp_path: Path) -> None:
     script = tmp_path / "no-shebang"
     script.write_text("echo hi\n")

@@ -181,6 +181,54 @@ def test_worktree_remove_of_a_worktree_already_gone(repo: Path, env: dict[str, s
     assert str(tree) not in ok("git", "worktree", "list", cwd=repo, env=env)
 
 
+def test_worktree_remove_of_a_worktree_that_never_was(repo: Path, env: dict[str, str]) -> None:
+    result = run(JUST, "worktree-remove", "never-was", cwd=repo, env=env)
+    assert result.returncode == 1
+    tree = repo.parent / "my repo-never-was"
+    assert f"there is no worktree {tree} (nothing to remove, no ports to release)" in result.stderr
+    assert "released" not in result.stdout + result.stderr.replace("no ports to release", "")
+
+
+def test_worktree_remove_quotes_the_branch_in_its_hint(repo: Path, env: dict[str, str]) -> None:
+    name = "o'neil$x"
+    ok(JUST, "worktree-new", name, cwd=repo, env=env)
+    out = ok(JUST, "worktree-remove", name, cwd=repo, env=env)
+    hint = out.split("git branch -d ", 1)[1].removesuffix(" deletes it)\n")
+    assert hint == "o\\'neil\\$x"
+    # The hint, pasted into a shell, deletes that branch and no other.
+    ok("bash", "-c", f"git branch -d {hint}", cwd=repo, env=env)
+    assert ok("git", "branch", "--list", name, cwd=repo, env=env) == ""
+
+
+def test_branches_that_share_a_directory_are_refused(repo: Path, env: dict[str, str]) -> None:
+    """`feat/x` and `feat-x` both map to ../<repo>-feat-x: the second is refused, and
+    the first one's worktree, branch and lease stay as they were."""
+    ok(JUST, "worktree-new", "feat/x", cwd=repo, env=env)
+    tree = repo.parent / "my repo-feat-x"
+    before = {session: ports(lease) for session, lease in leases(repo, env).items()}
+    refused = run(JUST, "worktree-new", "feat-x", cwd=repo, env=env)
+    assert refused.returncode == 1
+    assert (
+        f"worktree-new: {tree} holds branch feat/x, not branch feat-x (branch names that "
+        "differ only in / and - share a directory); pick another NAME"
+    ) in refused.stderr
+    assert ok("git", "branch", "--list", "feat-x", cwd=repo, env=env) == ""
+    assert {session: ports(lease) for session, lease in leases(repo, env).items()} == before
+    # The branch it holds reuses it, as before.
+    again = run(JUST, "worktree-new", "feat/x", cwd=repo, env=env)
+    assert again.returncode == 0 and "reusing the existing worktree" in again.stderr
+    # A detached HEAD is no branch of that name either.
+    ok("git", "checkout", "-q", "--detach", cwd=tree, env=env)
+    detached = run(JUST, "worktree-new", "feat/x", cwd=repo, env=env)
+    assert (
+        detached.returncode == 1 and "holds a detached HEAD, not branch feat/x" in detached.stderr
+    )
+    # examples/new-worktree.sh refuses the same way.
+    shutil.copytree(ROOT / "examples", repo / "examples")
+    script = run("bash", repo / "examples" / "new-worktree.sh", "feat-x", cwd=repo, env=env)
+    assert script.returncode == 1 and "holds a detached HEAD, not branch feat-x" in script.stderr
+
+
 def test_worktree_new_checks_out_an_existing_branch(repo: Path, env: dict[str, str]) -> None:
     ok("git", "branch", "already-there", cwd=repo, env=env)
     ok(JUST, "worktree-new", "already-there", cwd=repo, env=env)
