@@ -130,13 +130,23 @@ def read_with_stat(
     try:
         if info.st_size > limit:
             raise UnsafeFile(path, f"is {info.st_size} bytes, more than portalloc reads")
-        with open(fd, "rb", closefd=False) as stream:
-            data = stream.read(limit + 1)
-        if data is None:
-            raise UnsafeFile(path, "has nothing to read without waiting")
-        if len(data) > limit:
-            raise UnsafeFile(path, "grows past what portalloc reads")
-        return data, info
+        # In chunks: a /proc file says st_size 0, and one read of LIMIT bytes there
+        # fails with ENOMEM.
+        chunks: list[bytes] = []
+        total = 0
+        size = min(max(info.st_size + 1, 1 << 16), limit + 1)  # a regular file: one read
+        while True:
+            try:
+                chunk = os.read(fd, size)
+            except BlockingIOError:
+                raise UnsafeFile(path, "has nothing to read without waiting") from None
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise UnsafeFile(path, "grows past what portalloc reads")
+            chunks.append(chunk)
+        return b"".join(chunks), info
     finally:
         os.close(fd)
 

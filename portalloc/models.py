@@ -269,6 +269,9 @@ class PortAllocation:
     # Port name -> `http://<port>.<slug>.localhost:<proxy port>`, and the bare name's.
     urls: dict[str, str] = field(default_factory=dict)
     url: str | None = None
+    # The `sh` block of ENV (`export NAME=VALUE` lines), as the contract's Python API
+    # promises; rendered by whoever builds the allocation (the service), not by the value.
+    env_snippet: str = ""
 
     @classmethod
     def from_lease(
@@ -277,6 +280,7 @@ class PortAllocation:
         now: datetime,
         home: int | None = None,
         proxy_port: int = DEFAULT_PROXY_PORT,
+        env_snippet: str = "",
     ) -> PortAllocation:
         remaining = max(0.0, (lease.expires_at - now).total_seconds() / 60)
         names = lease.hosts()
@@ -298,6 +302,7 @@ class PortAllocation:
             slug=lease.slug,
             urls={name: url(host, proxy_port) for name, host in names.items() if name},
             url=url(names[""], proxy_port) if "" in names else None,
+            env_snippet=env_snippet,
         )
 
     def __getattr__(self, name: str) -> Any:

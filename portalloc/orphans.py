@@ -148,10 +148,12 @@ def _loose(name: str) -> str:
 
 
 def _read(path: Path) -> str | None:
+    from portalloc.errors import PortallocError
+    from portalloc.fs import read_bytes
+
     try:
-        with path.open("rb") as handle:
-            return handle.read(MAX_GIT_FILE).decode("utf-8", "surrogateescape").strip()
-    except OSError:
+        return read_bytes(path, limit=MAX_GIT_FILE).decode("utf-8", "surrogateescape").strip()
+    except (OSError, PortallocError):
         return None
 
 

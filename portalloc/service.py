@@ -311,8 +311,14 @@ class PortAllocatorService:
         if self._shared_ledger:
             # Another member of the group may have written this lease's variables.
             lease = lease._replace(env=allocator.screened_env(lease, self.config))
+        from portalloc.render import render_sh
+
         return PortAllocation.from_lease(
-            lease, outcome.now, outcome.state.homes.get(lease.session_id), self.config.proxy_port
+            lease,
+            outcome.now,
+            outcome.state.homes.get(lease.session_id),
+            self.config.proxy_port,
+            render_sh(dict(lease.env)),
         )
 
     def release(self, session_id: str) -> bool:

@@ -31,3 +31,15 @@ def test_the_set_up_command_leases_nothing() -> None:
     setup = readme[readme.index("## Set-up") : readme.index("## Quick start")]
     first = re.findall(r"```sh\n(.*?)```", setup, flags=re.DOTALL)[0]
     assert "portalloc env" not in first and "allocate" not in first
+
+
+def test_the_python_api_keeps_env_snippet(state_dir: Path) -> None:
+    """The contract's Python API: `a.env_snippet` is the `sh` block of `a.env`."""
+    from portalloc import PortAllocatorConfig, PortAllocatorService
+
+    svc = PortAllocatorService(PortAllocatorConfig(state_dir=state_dir, skip_port_check=True))
+    allocation = svc.allocate("api-user")
+    assert allocation.env_snippet.startswith("export AGENT_COORDINATOR_DB_PORT=")
+    assert f"export API_PORT={allocation.api_port}\n" in allocation.env_snippet
+    assert "env_snippet" not in allocation.to_dict()
+    assert svc.status()[0].env_snippet == allocation.env_snippet
