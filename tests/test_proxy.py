@@ -369,8 +369,8 @@ def test_start_twice_is_a_no_op_and_a_crashed_caddy_is_started_again(named: Name
     _wait_gone(first["pid"])
     # Nothing else fails while it is down: a lease is made and released, no warning.
     made = run_cli("allocate", "while-down", env=named.env)
-    assert made.returncode == 0 and made.stderr == ""
-    assert run_cli("release", "while-down", env=named.env).stderr == ""
+    assert made.returncode == 0 and quiet(made.stderr)
+    assert quiet(run_cli("release", "while-down", env=named.env).stderr)
     down = run_cli("proxy", "status", "--json", env=named.env, process=True)
     assert json.loads(down.stdout)["running"] is False
     assert json.loads(down.stdout)["crashed"] is True
@@ -728,9 +728,9 @@ def test_a_proxy_port_in_use_is_one_line_and_no_caddy(named: Named) -> None:
         taken.listen()
         result = run_cli("proxy", "start", env=named.env, process=True)
     assert result.returncode == 1
-    assert result.stderr == (
-        f"portalloc: proxy: cannot listen on 127.0.0.1 port {named.port}: Address already in use\n"
-    )
+    assert [line for line in result.stderr.splitlines() if "ephemeral range" not in line] == [
+        f"portalloc: proxy: cannot listen on 127.0.0.1 port {named.port}: Address already in use"
+    ]
     assert not caddy.Files(proxy.directory(named.state)).pid.exists()
 
 
@@ -789,3 +789,9 @@ def test_a_session_gets_its_name_back_and_nobody_takes_it_meanwhile(tmp_path: Pa
     second.mkdir(parents=True)
     assert service.allocate(str(second), worktree=second).slug == newcomer
     assert service.ledger.load().slugs == {}
+
+
+def quiet(stderr: str) -> bool:
+    """Nothing on stderr but the ephemeral-range warning: the plugin's test blocks
+    (40000-41999) lie inside Linux's default ephemeral range, and portalloc says so."""
+    return all("ephemeral range" in line for line in stderr.splitlines())
