@@ -406,7 +406,7 @@ def follow_profile(
     if same and in_geometry:
         return None
     lease = named._replace(span=config.range, ports=ports, env=env, compose_project_name=name)
-    changes = "" if same else _changes(existing, lease)
+    changes = "" if same else (describe_changes(existing, lease) or "reordered ports or variables")
     if not in_geometry:
         return Follow(
             changes,
@@ -432,10 +432,12 @@ def follow_profile(
     return Follow(changes, lease)
 
 
-def _changes(old: Lease, new: Lease) -> str:
-    """What re-deriving OLD changed, in a few words: `added cache 10004, CACHE_PORT`."""
+def describe_changes(old: Lease, new: Lease, env_of: Lease | None = None) -> str:
+    """What re-deriving OLD into NEW changed, in a few words: `added cache 10004,
+    CACHE_PORT`. Ports are named where NEW has them and compared by offset in their
+    block; variables are compared as ENV_OF (default NEW) has them."""
     old_ports, new_ports = dict(old.ports), dict(new.ports)
-    old_env, new_env = dict(old.env), dict(new.env)
+    old_env, new_env = dict(old.env), dict((env_of or new).env)
     groups = {
         "added": [f"{name} {port}" for name, port in new_ports.items() if name not in old_ports]
         + [variable for variable in new_env if variable not in old_env],
@@ -444,7 +446,7 @@ def _changes(old: Lease, new: Lease) -> str:
         "moved": [
             f"{name} {old_ports[name]}->{port}"
             for name, port in new_ports.items()
-            if name in old_ports and old_ports[name] != port
+            if name in old_ports and old_ports[name] - old.start != port - new.start
         ],
         "changed": [
             variable
@@ -461,7 +463,7 @@ def _changes(old: Lease, new: Lease) -> str:
         parts.append(f"name {new.slug}")
     if new.bare != old.bare:
         parts.append(f"bare name for {new.bare or 'no port'}")
-    return "; ".join(parts) or "reordered ports or variables"
+    return "; ".join(parts)
 
 
 def _some(names: list[str], limit: int = 4) -> str:

@@ -380,42 +380,11 @@ def _moved_reason(old: Lease, follow: Follow, lease: Lease) -> str:
     """Why OLD, following its changed profile, moved to LEASE: what changed, its ports
     named where they are now (not where they would have been in the block it left),
     and why the new profile did not fit there (that names the old block's ports)."""
-    old_ports, new_ports = dict(old.ports), dict(lease.ports)
-    old_env, new_env = dict(old.env), dict(follow.lease.env)  # both in the old block
-    groups = {
-        "added": [f"{name} {port}" for name, port in new_ports.items() if name not in old_ports]
-        + [variable for variable in new_env if variable not in old_env],
-        "removed": [name for name in old_ports if name not in new_ports]
-        + [variable for variable in old_env if variable not in new_env],
-        "moved": [
-            f"{name} {old_ports[name]}->{port}"
-            for name, port in new_ports.items()
-            if name in old_ports and old_ports[name] - old.start != port - lease.start
-        ],
-        "changed": [
-            variable
-            for variable, value in new_env.items()
-            if variable in old_env and old_env[variable] != value
-        ],
-    }
-    parts = [f"{verb} {_some(names)}" for verb, names in groups.items() if names]
-    if lease.compose_project_name != old.compose_project_name:
-        parts.append(f"compose project {lease.compose_project_name}")
-    if lease.span != old.span:
-        parts.append(f"range {old.span}->{lease.span}")
-    if lease.slug != old.slug:
-        parts.append(f"name {lease.slug}")
-    if lease.bare != old.bare:
-        parts.append(f"bare name for {lease.bare or 'no port'}")
-    if not parts:
+    # The variables as re-derived in the old block: what moved is said by the ports.
+    changed = allocator.describe_changes(old, lease, env_of=follow.lease)
+    if not changed:
         return follow.misfit
-    return f"its profile changed ({'; '.join(parts)}) and {follow.misfit}"
-
-
-def _some(names: list[str], limit: int = 4) -> str:
-    if len(names) <= limit:
-        return ", ".join(names)
-    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
+    return f"its profile changed ({changed}) and {follow.misfit}"
 
 
 def _joined(ports: list[int]) -> str:
