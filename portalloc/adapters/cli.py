@@ -828,6 +828,16 @@ def _leases_of_worktrees(top: Path) -> list[str]:
         return []
 
 
+ProjectPathArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="The project file, or a directory to look in (default: the current one).",
+        metavar="[PATH]",
+        show_default=False,
+    ),
+]
+
+
 @app.command(
     **_command(
         "[OPTIONS] [PATH]",
@@ -839,14 +849,7 @@ def _leases_of_worktrees(top: Path) -> list[str]:
     )
 )
 def trust(
-    path: Annotated[
-        Path | None,
-        typer.Argument(
-            help="The project file, or a directory to look in (default: the current one).",
-            metavar="[PATH]",
-            show_default=False,
-        ),
-    ] = None,
+    path: ProjectPathArg = None,
     show: Annotated[
         bool, typer.Option("--show", help="Only print what the file would set.")
     ] = False,
@@ -883,14 +886,7 @@ def trust(
     )
 )
 def untrust(
-    path: Annotated[
-        Path | None,
-        typer.Argument(
-            help="The project file, or a directory to look in (default: the current one).",
-            metavar="[PATH]",
-            show_default=False,
-        ),
-    ] = None,
+    path: ProjectPathArg = None,
 ) -> None:
     """Forget that a project file was trusted: only port variables apply again."""
     from portalloc import trust as trusting
