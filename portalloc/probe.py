@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 @cache
-def _has_ipv6() -> bool:
+def has_ipv6() -> bool:
     import socket
 
     if not socket.has_ipv6:
@@ -35,14 +35,14 @@ def _has_ipv6() -> bool:
 
 def prepare() -> None:
     """Import the socket module and learn whether the host has IPv6, before the lock."""
-    _has_ipv6()
+    has_ipv6()
 
 
 def _addresses() -> list[tuple[int, str]]:
     import socket
 
     addrs: list[tuple[int, str]] = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0")]
-    if _has_ipv6():
+    if has_ipv6():
         addrs += [(socket.AF_INET6, "::1"), (socket.AF_INET6, "::")]
     return addrs
 
@@ -76,7 +76,7 @@ def is_listening(port: int, timeout: float = 0.2) -> bool:
     """Whether something accepts TCP connections on PORT on the loopback addresses."""
     import socket
 
-    hosts = ["127.0.0.1", "::1"] if _has_ipv6() else ["127.0.0.1"]
+    hosts = ["127.0.0.1", "::1"] if has_ipv6() else ["127.0.0.1"]
     for host in hosts:
         try:
             with socket.create_connection((host, port), timeout=timeout):
@@ -108,7 +108,7 @@ def answering(
     import socket
 
     result = dict.fromkeys(ports, False)
-    hosts = ["127.0.0.1", "::1"] if _has_ipv6() else ["127.0.0.1"]
+    hosts = ["127.0.0.1", "::1"] if has_ipv6() else ["127.0.0.1"]
     for host in hosts:
         pending = [port for port, up in result.items() if not up]
         if not pending:

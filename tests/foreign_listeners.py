@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from portalloc.probe import has_ipv6
+
 ENV_VAR = "PORTALLOC_TEST_FOREIGN_LISTENERS"
 PID_VAR = "PORTALLOC_TEST_FOREIGN_PID"  # the listeners' process, for the tests that ask
 # The default blocks (base 10000: the first three) and the ports the probe tests once
@@ -36,17 +38,6 @@ READY_TIMEOUT = 60.0
 
 def enabled(environ: dict[str, str] | None = None) -> bool:
     return (os.environ if environ is None else environ).get(ENV_VAR, "") not in ("", "0")
-
-
-def has_ipv6() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def addresses(port: int, ipv6: bool) -> list[str]:

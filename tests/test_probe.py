@@ -16,18 +16,9 @@ import pytest
 
 from portalloc.host import listeners, owner_alive, owner_of
 from portalloc.models import Owner
-from portalloc.probe import is_listening, port_is_free
+from portalloc.probe import has_ipv6, is_listening, port_is_free
 from tests import foreign_listeners
 from tests.helpers import FreeBlock, run_cli
-
-
-def ipv6_available() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def listener(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
@@ -50,12 +41,12 @@ LISTENERS = [
     pytest.param(
         socket.AF_INET6,
         "::1",
-        marks=pytest.mark.skipif(not ipv6_available(), reason="host has no IPv6"),
+        marks=pytest.mark.skipif(not has_ipv6(), reason="host has no IPv6"),
     ),
     pytest.param(
         socket.AF_INET6,
         "::",
-        marks=pytest.mark.skipif(not ipv6_available(), reason="host has no IPv6"),
+        marks=pytest.mark.skipif(not has_ipv6(), reason="host has no IPv6"),
     ),
 ]
 
@@ -250,7 +241,7 @@ def test_foreign_listeners_are_up_for_the_whole_run() -> None:
     mine = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
     assert listening and not {pid for pid, _a in listening} & mine
     held = [a for _pid, a in listening]
-    if ipv6_available():
+    if has_ipv6():
         # Servers on ::1 alone, and on both loopbacks, are there too.
         alone = [a.port for a in held if a.ip == "::1" and a.port % 4 == 3]
         both = [a.port for a in held if a.ip == "::1" and a.port % 4 == 2]

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from portalloc.errors import PortallocError
 from portalloc.fs import atomic_write, open_append, open_directory, read_bytes
 from portalloc.models import Lease
+from portalloc.probe import has_ipv6
 from portalloc.proxy import private
 from portalloc.proxy.routes import ADMIN_SOCKET, SERVER, Route, caddy_routes, document, served
 
@@ -105,13 +106,7 @@ class Status(NamedTuple):
 
 
 def _listen(port: int) -> list[str]:
-    return [f"127.0.0.1:{port}", *([f"[::1]:{port}"] if _has_ipv6() else [])]
-
-
-def _has_ipv6() -> bool:
-    from portalloc.probe import _has_ipv6 as has
-
-    return has()
+    return [f"127.0.0.1:{port}", *([f"[::1]:{port}"] if has_ipv6() else [])]
 
 
 def binary() -> str | None:
@@ -254,7 +249,7 @@ def start(directory: Path, port: int, routes: list[Route]) -> tuple[Status, bool
 
             raise MissingExtra("proxy", "caddy")
         _clean(files)
-        ipv6 = _has_ipv6()
+        ipv6 = has_ipv6()
         sockets = _bind(port, ipv6)
         try:
             listen = [f"fd/{sock.fileno()}" for sock in sockets]
