@@ -15,7 +15,7 @@ from portalloc.allocator import Follow, Grant, PortCheck, Reclaimed, Request
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import LeaseNotFound, UsageError
 from portalloc.host import DOCKER_BUDGET, DockerCLI, Host, Listener, forwarder, in_worktree
-from portalloc.ledger import Ledger
+from portalloc.ledger.store import Ledger
 from portalloc.models import Lease, LedgerState, Owner, PortAllocation
 from portalloc.rules import MAX_PID, validate_session_id
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from portalloc.adapters import cli, entry
-from portalloc.ledger import LEDGER_VERSION, dump
+from portalloc.ledger.codec import LEDGER_VERSION, dump
 from portalloc.models import isoformat
 from portalloc.render import FORMATS
 from portalloc.rules import slug_for
@@ -187,7 +187,7 @@ def test_read_path_serves_without_typer_and_without_the_lock(state_dir: Path) ->
 
 
 def test_a_ledger_not_in_saves_shape_goes_the_locked_way(state_dir: Path) -> None:
-    from portalloc.ledger import read_lease
+    from portalloc.ledger.codec import read_lease
 
     save(state_dir, lease("s", 10000))
     path = state_dir / "leases.json"

@@ -309,7 +309,7 @@ def test_a_fifo_or_symlink_at_the_index_name_is_replaced_not_followed(
     state_dir: Path, tmp_path: Path
 ) -> None:
     from portalloc.config import PortAllocatorConfig
-    from portalloc.ledger import INDEX_MIN_LEASES
+    from portalloc.ledger.store import INDEX_MIN_LEASES
     from portalloc.service import PortAllocatorService
 
     many = {"PORT_ALLOC_MAX_SESSIONS": "100"}

@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule
 
 from portalloc import allocator
-from portalloc import ledger as ledger_module
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import PortallocError
+from portalloc.fs import atomic_write
 from portalloc.host import Host
-from portalloc.ledger import Ledger, atomic_write, dump, encode
+from portalloc.ledger import store as ledger_module
+from portalloc.ledger.codec import dump
+from portalloc.ledger.store import Ledger, encode
 from portalloc.models import Lease, Leases, LedgerState, Owner
 from portalloc.service import PortAllocatorService
 from tests.helpers import FakeClock

@@ -55,8 +55,8 @@ def _imports_any(module: str, prefixes: set[str]) -> set[str]:
     ("module", "forbidden"),
     [
         ("portalloc.models", {"portalloc.render"}),  # a value does not format itself
-        ("portalloc.ledger", {"portalloc.host", "portalloc.probe"}),  # handed the facts
-        ("portalloc.codec", {"portalloc.host", "portalloc.probe"}),
+        ("portalloc.ledger.store", {"portalloc.host", "portalloc.probe"}),  # handed the facts
+        ("portalloc.ledger.codec", {"portalloc.host", "portalloc.probe"}),
         ("portalloc.pytest_plugin", {"portalloc.adapters"}),
         ("portalloc.rules", {"portalloc.models", "portalloc.config", "portalloc.render"}),
     ],

@@ -67,9 +67,9 @@ def parse(args: list[str]) -> Read | None:
 def serve(read: Read) -> str | None:
     """What the full CLI would print for READ, if the ledger answers it without a write."""
     from portalloc.adapters.common import lookup, warn_ephemeral_overlap
-    from portalloc.codec import read_lease
     from portalloc.config import PortAllocatorConfig
     from portalloc.facts import owner_alive, path_exists, utcnow, worktree_of
+    from portalloc.ledger.codec import read_lease
     from portalloc.models import LedgerState, PortAllocation
     from portalloc.render import render
     from portalloc.rules import validate_session_id

@@ -27,9 +27,18 @@ from datetime import UTC, datetime
 from itertools import chain, compress, islice
 from operator import eq
 
+from portalloc.config import LEDGER_NAME
+from portalloc.errors import InvalidSessionId, LeaseRefused, LedgerError, LockTimeout
+from portalloc.fs import Chunk, UnsafeFile, lstat_regular, read_with_stat
+
+# Re-exported until every module imports them from portalloc.fs.
+from portalloc.fs import atomic_write as atomic_write
+from portalloc.fs import is_temp_name as is_temp_name
+from portalloc.fs import temp_name as temp_name
+
 # The ledger's bytes: codec.py, all the read path imports. dump and read_lease are
-# re-exported for the modules and tests that ask ledger.py for them.
-from portalloc.codec import (
+# re-exported for the modules and tests that ask store.py for them.
+from portalloc.ledger.codec import (
     _CRC_KEY,
     _LEASE_ORDER,
     _NEXT_LEASE,
@@ -43,17 +52,9 @@ from portalloc.codec import (
     lease_from_raw,
     lease_to_raw,
 )
-from portalloc.codec import LEDGER_VERSION as LEDGER_VERSION
-from portalloc.codec import dump as dump
-from portalloc.codec import read_lease as read_lease
-from portalloc.config import LEDGER_NAME
-from portalloc.errors import InvalidSessionId, LeaseRefused, LedgerError, LockTimeout
-from portalloc.fs import Chunk, UnsafeFile, lstat_regular, read_with_stat
-
-# Re-exported until every module imports them from portalloc.fs.
-from portalloc.fs import atomic_write as atomic_write
-from portalloc.fs import is_temp_name as is_temp_name
-from portalloc.fs import temp_name as temp_name
+from portalloc.ledger.codec import LEDGER_VERSION as LEDGER_VERSION
+from portalloc.ledger.codec import dump as dump
+from portalloc.ledger.codec import read_lease as read_lease
 from portalloc.models import Lease, Leases, LedgerState
 
 # Not typing's: `allocate` imports this module, and start-up is its budget too.

@@ -2,7 +2,7 @@
 lease rules applied on the way in), the CRC-32 save() ends a file with, and the read of
 one lease without the lock.
 
-Apart from ledger.py (lock, load, save, the index, quarantine) because the read path
+Apart from store.py (lock, load, save, the index, quarantine) because the read path
 (`portalloc env`) needs only this: every module it imports is start-up time
 (bench/README.md).
 """
