@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from portalloc.adapters import cli, entry
-from portalloc.ledger.codec import LEDGER_VERSION, dump
+from portalloc.ledger.codec import dump
+from portalloc.ledger.format import LEDGER_VERSION
 from portalloc.models import isoformat
 from portalloc.render import FORMATS
 from portalloc.rules import slug_for

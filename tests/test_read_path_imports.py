@@ -31,6 +31,7 @@ PORTALLOC = {
     "portalloc.adapters.entry",
     "portalloc.ledger",
     "portalloc.ledger.codec",
+    "portalloc.ledger.format",
     "portalloc.config",
     "portalloc.errors",
     "portalloc.facts",

@@ -1,6 +1,6 @@
-"""The ledger's bytes: the raw on-disk shapes, a lease to and from its raw form (the
-lease rules applied on the way in), the CRC-32 save() ends a file with, and the read of
-one lease without the lock.
+"""The ledger's bytes: a lease to and from its raw form (the lease rules applied on the
+way in), the CRC-32 save() ends a file with, and the read of one lease without the lock.
+The raw shapes themselves are format.py's.
 
 Apart from store.py (lock, load, save, the index, quarantine) because the read path
 (`portalloc env`) needs only this: every module it imports is start-up time
@@ -14,54 +14,15 @@ import json
 import zlib
 
 from portalloc.fs import UnsafeFile, read_bytes
+from portalloc.ledger.format import LEASE_KEYS, LEDGER_VERSION, _Malformed
 from portalloc.models import Lease, Owner, isoformat, parse_iso
-from portalloc.records import TypedDict
 from portalloc.rules import lease_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
-LEDGER_VERSION = 4
-
-
-class RawOwner(TypedDict):
-    pid: int
-    started: float | None
-
-
-class RawLease(TypedDict):
-    session_id: str
-    start: int
-    span: int
-    ports: dict[str, int]
-    env: dict[str, str]
-    compose_project_name: str
-    created_at: str
-    expires_at: str
-    ttl_minutes: int
-    owner: RawOwner | None
-    worktree: str | None
-    guests: list[RawOwner]
-    slug: str | None
-    bare: str | None
-
-
-class RawFile(TypedDict):
-    kind: str
-    path: str
-
-
-class RawLedger(TypedDict):
-    version: int
-    leases: list[RawLease]
-    homes: dict[str, int]
-    files: dict[str, list[RawFile]]
-    slugs: dict[str, str]  # the slugs of sessions whose lease ended (v4)
-
-
-class _Malformed(Exception):
-    """The file parses but does not have the ledger's shape."""
+    from portalloc.ledger.format import RawLease, RawLedger, RawOwner
 
 
 def _owner_to_raw(owner: Owner) -> RawOwner:
@@ -106,10 +67,7 @@ def _all_typed(mapping: object, value_type: type) -> bool:
     )
 
 
-LEASE_KEYS = frozenset(RawLease.__annotations__)
-_LEASE_ORDER = list(RawLease.__annotations__)  # as lease_to_raw() makes them
 _NEXT_LEASE = b',{"session_id":'
-DOCUMENT_KEYS = frozenset({*RawLedger.__annotations__, "crc32"})
 
 
 def lease_from_raw(raw: object) -> Lease:

@@ -40,21 +40,25 @@ from portalloc.fs import temp_name as temp_name
 # re-exported for the modules and tests that ask store.py for them.
 from portalloc.ledger.codec import (
     _CRC_KEY,
-    _LEASE_ORDER,
     _NEXT_LEASE,
     _PREFIX,
-    DOCUMENT_KEYS,
-    RawFile,
-    RawLease,
     _all_typed,
     _json,
-    _Malformed,
     lease_from_raw,
     lease_to_raw,
 )
-from portalloc.ledger.codec import LEDGER_VERSION as LEDGER_VERSION
 from portalloc.ledger.codec import dump as dump
 from portalloc.ledger.codec import read_lease as read_lease
+from portalloc.ledger.format import (
+    _LEASE_ORDER,
+    DOCUMENT_KEYS,
+    LEDGER_VERSION,
+    RawFile,
+    RawLease,
+    _Malformed,
+    _TooNew,
+    migrate,
+)
 from portalloc.models import Lease, Leases, LedgerState
 
 # Not typing's: `allocate` imports this module, and start-up is its budget too.
@@ -63,7 +67,6 @@ from portalloc.rules import (
     DNS_LABEL,
     has_unprintable,
     lease_problem,
-    slug_for,
     validate_session_id,
 )
 
@@ -79,97 +82,6 @@ if TYPE_CHECKING:
 LOCK_POLL_SECONDS = 0.002
 # ... and then back off, with jitter, up to this.
 LOCK_POLL_CAP_SECONDS = 0.1
-
-
-class _TooNew(Exception):
-    """The file was written by a newer portalloc; it must not be overwritten."""
-
-    def __init__(self, version: int) -> None:
-        super().__init__(version)
-        self.version = version
-
-
-def _v1_owner(raw: object) -> object:
-    # v1 recorded a start time in clock ticks since boot (/proc/<pid>/stat); v2 in
-    # seconds since the epoch, as psutil tells it on every OS: the same instant.
-    if type(raw) is not dict or type(raw.get("start_ticks")) is not int:
-        return raw if type(raw) is not dict else {"pid": raw.get("pid"), "started": None}
-    import psutil
-
-    if not hasattr(os, "sysconf"):
-        return {"pid": raw.get("pid"), "started": None}
-    started = raw["start_ticks"] / os.sysconf("SC_CLK_TCK") + psutil.boot_time()
-    return {"pid": raw.get("pid"), "started": started}
-
-
-def _v1_to_v2(document: dict[str, Any]) -> dict[str, Any]:
-    # v1 remembered each session's last block ("history"); v2 remembers its home
-    # block, and which `run` processes use a lease. The last block is the best
-    # guess of home a v1 ledger holds.
-    leases = document.get("leases")
-    if isinstance(leases, list):
-        leases = [
-            {**raw, "owner": _v1_owner(raw.get("owner")), "guests": []}
-            if type(raw) is dict
-            else raw
-            for raw in leases
-        ]
-    return {
-        "version": 2,
-        "leases": leases,
-        "homes": document.get("history", {}),
-        "files": {},
-    }
-
-
-def _v2_to_v3(document: dict[str, Any]) -> dict[str, Any]:
-    # v3 gives every lease a name (its slug, unique among the leases, in file order)
-    # and no bare name. What is not a lease is left for the load to refuse.
-    leases = document.get("leases")
-    if isinstance(leases, list):
-        taken: set[str] = set()
-        named: list[object] = []
-        for raw in leases:
-            if type(raw) is dict and type(raw.get("session_id")) is str and "slug" not in raw:
-                worktree = raw.get("worktree")
-                slug = slug_for(
-                    raw["session_id"], worktree if type(worktree) is str else None, taken
-                )
-                taken.add(slug)
-                raw = {**raw, "slug": slug, "bare": None}
-            named.append(raw)
-        leases = named
-    return {**document, "version": 3, "leases": leases}
-
-
-def _v3_to_v4(document: dict[str, Any]) -> dict[str, Any]:
-    # v4 remembers the slug of each session whose lease ended, as v2 its home block.
-    return {**document, "version": 4, "slugs": {}}
-
-
-# version -> function turning that version's document into the next version's.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    1: _v1_to_v2,
-    2: _v2_to_v3,
-    3: _v3_to_v4,
-}
-
-
-def migrate(document: object) -> dict[str, Any]:
-    """DOCUMENT brought to LEDGER_VERSION; raise _TooNew or _Malformed."""
-    if type(document) is not dict:
-        raise _Malformed("top level is not an object")
-    version = document.get("version")
-    if type(version) is not int:
-        raise _Malformed("no integer 'version'")
-    if version > LEDGER_VERSION:
-        raise _TooNew(version)
-    while version < LEDGER_VERSION:
-        if version not in MIGRATIONS:
-            raise _Malformed(f"version {version} is unknown")
-        document = MIGRATIONS[version](document)
-        version = document["version"]
-    return document
 
 
 def validate(state: LedgerState) -> None:
