@@ -13,6 +13,7 @@ import codecs
 import json
 import zlib
 
+from portalloc.errors import LeaseRefused
 from portalloc.fs import UnsafeFile, read_bytes
 from portalloc.ledger.format import LEASE_KEYS, LEDGER_VERSION, _Malformed
 from portalloc.models import Lease, Owner, isoformat, parse_iso
@@ -20,9 +21,12 @@ from portalloc.rules import lease_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
     from pathlib import Path
+    from typing import Any
 
     from portalloc.ledger.format import RawLease, RawLedger, RawOwner
+    from portalloc.models import LedgerState
 
 
 def _owner_to_raw(owner: Owner) -> RawOwner:
@@ -132,6 +136,40 @@ def _check_rules(lease: Lease) -> None:
     problem = lease_problem(lease)
     if problem is not None:
         raise _Malformed(problem)
+
+
+def validate(state: LedgerState) -> None:
+    """Refuse to write a ledger that breaks an invariant (overlapping spans, bad ports),
+    checking every lease (of an indexed file, save() checks only the changes since)."""
+    starts, ends, keys = state.leases.sorted_spans()
+    previous_end, previous_id = 0, ""
+    for start, end, session_id in zip(starts, ends, keys, strict=True):
+        if start <= previous_end:
+            raise AssertionError(f"leases {previous_id!r} and {session_id!r} overlap")
+        _check_written(session_id, state.leases[session_id])
+        previous_end, previous_id = end, session_id
+
+
+def refuse_unloadable(leases: Iterable[Lease], known: Mapping[int, tuple[Lease, Any]]) -> None:
+    """Raise LeaseRefused for a lease of LEASES made since the file was read that the load
+    rules would refuse. Leases read from the file (KNOWN, by identity) passed them then:
+    only the others are checked, so a write costs the same at ten thousand leases."""
+    for lease in leases:
+        loaded = known.get(id(lease))
+        if loaded is None or loaded[0] is not lease:
+            problem = lease_problem(lease)
+            if problem is not None:
+                raise LeaseRefused(problem)
+
+
+def _check_written(session_id: str, lease: Lease) -> None:
+    if not 1 <= lease.start <= lease.end <= 65535:
+        raise AssertionError(f"lease {session_id!r} spans {lease.start}-{lease.end}")
+    if lease.session_id != session_id:
+        raise AssertionError(f"lease filed under {session_id!r} is for {lease.session_id!r}")
+    for _name, port in lease.ports:
+        if not lease.start <= port <= lease.end:
+            raise AssertionError(f"lease {session_id!r} port {port} is outside its block")
 
 
 # How save() starts the file, and each lease in it: the read path finds one lease by

@@ -28,7 +28,7 @@ from itertools import chain, compress, islice
 from operator import eq
 
 from portalloc.config import LEDGER_NAME
-from portalloc.errors import InvalidSessionId, LeaseRefused, LedgerError, LockTimeout
+from portalloc.errors import InvalidSessionId, LedgerError, LockTimeout
 from portalloc.fs import Chunk, UnsafeFile, lstat_regular, read_with_stat
 
 # Re-exported until every module imports them from portalloc.fs.
@@ -43,9 +43,12 @@ from portalloc.ledger.codec import (
     _NEXT_LEASE,
     _PREFIX,
     _all_typed,
+    _check_written,
     _json,
     lease_from_raw,
     lease_to_raw,
+    refuse_unloadable,
+    validate,
 )
 from portalloc.ledger.codec import dump as dump
 from portalloc.ledger.codec import read_lease as read_lease
@@ -66,7 +69,6 @@ from portalloc.records import NamedTuple
 from portalloc.rules import (
     DNS_LABEL,
     has_unprintable,
-    lease_problem,
     validate_session_id,
 )
 
@@ -82,45 +84,6 @@ if TYPE_CHECKING:
 LOCK_POLL_SECONDS = 0.002
 # ... and then back off, with jitter, up to this.
 LOCK_POLL_CAP_SECONDS = 0.1
-
-
-def validate(state: LedgerState) -> None:
-    """Refuse to write a ledger that breaks an invariant (overlapping spans, bad ports)."""
-    if isinstance(state.leases, _IndexedLeases):
-        # The leases save() wrote and indexed were checked then: only the changes now.
-        state.leases.validate_changes()
-        return
-    starts, ends, keys = state.leases.sorted_spans()
-    previous_end, previous_id = 0, ""
-    for start, end, session_id in zip(starts, ends, keys, strict=True):
-        if start <= previous_end:
-            raise AssertionError(f"leases {previous_id!r} and {session_id!r} overlap")
-        _check_written(session_id, state.leases[session_id])
-        previous_end, previous_id = end, session_id
-
-
-def refuse_unloadable(state: LedgerState, known: Mapping[int, tuple[Lease, Any]]) -> None:
-    """Raise LeaseRefused for a lease made since the file was read that the load rules
-    would refuse. Leases read from the file (KNOWN, by identity) passed them then: only
-    the others are checked, so a write costs the same at ten thousand leases."""
-    leases = state.leases
-    fresh = leases._fresh() if isinstance(leases, _IndexedLeases) else leases.values()
-    for lease in fresh:
-        loaded = known.get(id(lease))
-        if loaded is None or loaded[0] is not lease:
-            problem = lease_problem(lease)
-            if problem is not None:
-                raise LeaseRefused(problem)
-
-
-def _check_written(session_id: str, lease: Lease) -> None:
-    if not 1 <= lease.start <= lease.end <= 65535:
-        raise AssertionError(f"lease {session_id!r} spans {lease.start}-{lease.end}")
-    if lease.session_id != session_id:
-        raise AssertionError(f"lease filed under {session_id!r} is for {lease.session_id!r}")
-    for _name, port in lease.ports:
-        if not lease.start <= port <= lease.end:
-            raise AssertionError(f"lease {session_id!r} port {port} is outside its block")
 
 
 # The index: what save() knew of each lease of the file it wrote, kept beside the file
@@ -366,7 +329,8 @@ class _IndexedLeases(Leases):
         positions = self._file.positions()
         return {positions[key] for key in (*self._replaced, *self._removed)}
 
-    def _fresh(self) -> list[Lease]:
+    def fresh(self) -> list[Lease]:
+        """The leases changed or added since the file was written."""
         return [*self._replaced.values(), *self._added.values()]
 
     def sorted_spans(self) -> tuple[list[int], list[int], list[str]]:
@@ -380,7 +344,7 @@ class _IndexedLeases(Leases):
                 keys = list(compress(keys, kept))
             elif self._added:
                 starts, ends = list(starts), list(ends)
-            for lease in self._fresh():
+            for lease in self.fresh():
                 index = bisect_right(starts, lease.start)
                 starts.insert(index, lease.start)
                 ends.insert(index, lease.end)
@@ -397,7 +361,7 @@ class _IndexedLeases(Leases):
             kept = {name for position, name in enumerate(names) if position not in touched}
         else:  # in C: an allocation at 10,000 leases touches none of the file's
             kept = set(self._file.names())
-        return kept | {lease.compose_project_name for lease in self._fresh()}
+        return kept | {lease.compose_project_name for lease in self.fresh()}
 
     def slugs(self) -> set[str]:
         slugs = self._file.index.slugs
@@ -407,7 +371,7 @@ class _IndexedLeases(Leases):
         else:
             kept = set(slugs)
             kept.discard("")
-        return kept | {lease.slug for lease in self._fresh() if lease.slug is not None}
+        return kept | {lease.slug for lease in self.fresh() if lease.slug is not None}
 
     def due(self, now: datetime) -> list[Lease]:
         # The index says from when each lease of the file can be due: only those are
@@ -450,7 +414,7 @@ class _IndexedLeases(Leases):
         starts, ends, order = self._file.sorted_spans()
         touched = self._touched()
         ids = self._file.index.ids
-        fresh = sorted(self._fresh(), key=lambda lease: lease.start)
+        fresh = sorted(self.fresh(), key=lambda lease: lease.start)
         previous: Lease | None = None
         for lease in fresh:
             _check_written(lease.session_id, lease)
@@ -1061,8 +1025,14 @@ class Ledger:
 
     def save(self, state: LedgerState) -> None:
         """Validate, then write atomically and durably. Call only while holding the lock."""
-        refuse_unloadable(state, self._known)
-        validate(state)
+        leases = state.leases
+        if isinstance(leases, _IndexedLeases):
+            # The leases save() wrote and indexed were checked then: only the changes now.
+            refuse_unloadable(leases.fresh(), self._known)
+            leases.validate_changes()
+        else:
+            refuse_unloadable(leases.values(), self._known)
+            validate(state)
         payload, index = encode(state, self._known)
         self._remove_stale_temps()
         self._cached = None
