@@ -20,6 +20,7 @@ from portalloc.config import PortAllocatorConfig
 from portalloc.errors import PortallocError
 from portalloc.fs import atomic_write
 from portalloc.host import Host
+from portalloc.ledger import codec
 from portalloc.ledger import store as ledger_module
 from portalloc.ledger.codec import dump
 from portalloc.ledger.store import Ledger, encode
@@ -71,13 +72,13 @@ def lease_text(data: bytes, session_id: str) -> bytes:
 def full_parses(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """A list that grows by one each time a ledger is parsed in full."""
     parses: list[object] = []
-    real = ledger_module.parse_document
+    real = codec.parse_document
 
-    def counting(document: object) -> ledger_module.Parsed:
+    def counting(document: object) -> codec.Parsed:
         parses.append(document)
         return real(document)
 
-    monkeypatch.setattr(ledger_module, "parse_document", counting)
+    monkeypatch.setattr(ledger_module, "parse_document", counting)  # as the store calls it
     return parses
 
 

@@ -172,8 +172,8 @@ def test_every_error_pickles_with_its_data_and_message() -> None:
 
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_every_ledger_version_migrates_to_the_same_state(version: int, tmp_path: Path) -> None:
+    from portalloc.ledger.codec import parse_document
     from portalloc.ledger.format import LEDGER_VERSION, migrate
-    from portalloc.ledger.store import parse_document
 
     fixture = Path(__file__).parent / "fixtures" / f"ledger-v{version}.json"
     document = migrate(json.loads(fixture.read_text()))
@@ -188,8 +188,8 @@ def test_every_ledger_version_migrates_to_the_same_state(version: int, tmp_path:
 
 def test_v2_leases_get_distinct_names_in_file_order() -> None:
     """The v2 -> v3 migration names two worktrees of one directory name apart."""
+    from portalloc.ledger.codec import parse_document
     from portalloc.ledger.format import migrate
-    from portalloc.ledger.store import parse_document
 
     fixture = Path(__file__).parent / "fixtures" / "ledger-v2-same-names.json"
     state = parse_document(migrate(json.loads(fixture.read_text()))).state

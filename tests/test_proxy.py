@@ -262,8 +262,7 @@ def test_a_slug_that_is_no_dns_label_is_refused_on_write_and_load(tmp_path: Path
     assert lease_problem(_lease("s", 10000, "ok", bare="nope")) is not None
     assert lease_problem(_lease("s", 10000, "ok")) is None
     # A ledger carrying one: the lease is left out on load, never routed.
-    from portalloc.ledger.codec import lease_to_raw
-    from portalloc.ledger.store import parse_document
+    from portalloc.ledger.codec import lease_to_raw, parse_document
 
     document = {
         "version": 3,

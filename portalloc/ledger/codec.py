@@ -12,12 +12,14 @@ from __future__ import annotations
 import codecs
 import json
 import zlib
+from bisect import bisect_right
 
-from portalloc.errors import LeaseRefused
+from portalloc.errors import InvalidSessionId, LeaseRefused
 from portalloc.fs import UnsafeFile, read_bytes
-from portalloc.ledger.format import LEASE_KEYS, LEDGER_VERSION, _Malformed
-from portalloc.models import Lease, Owner, isoformat, parse_iso
-from portalloc.rules import lease_problem
+from portalloc.ledger.format import DOCUMENT_KEYS, LEASE_KEYS, LEDGER_VERSION, _Malformed, migrate
+from portalloc.models import Lease, LedgerState, Owner, isoformat, parse_iso
+from portalloc.records import NamedTuple
+from portalloc.rules import DNS_LABEL, has_unprintable, lease_problem, validate_session_id
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
     from typing import Any
 
     from portalloc.ledger.format import RawLease, RawLedger, RawOwner
-    from portalloc.models import LedgerState
 
 
 def _owner_to_raw(owner: Owner) -> RawOwner:
@@ -170,6 +171,123 @@ def _check_written(session_id: str, lease: Lease) -> None:
     for _name, port in lease.ports:
         if not lease.start <= port <= lease.end:
             raise AssertionError(f"lease {session_id!r} port {port} is outside its block")
+
+
+class _Spans:
+    """Leases kept so far, by start: an overlap check in O(log n) per lease."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._leases: list[Lease] = []
+
+    def overlapping(self, lease: Lease) -> Lease | None:
+        index = bisect_right(self._starts, lease.end)
+        # Spans kept never overlap each other: only the last one starting at or
+        # before this lease's end can reach into it.
+        if index and self._leases[index - 1].end >= lease.start:
+            return self._leases[index - 1]
+        return None
+
+    def add(self, lease: Lease) -> None:
+        index = bisect_right(self._starts, lease.start)
+        self._starts.insert(index, lease.start)
+        self._leases.insert(index, lease)
+
+
+class Parsed(NamedTuple):
+    state: LedgerState
+    known: dict[int, tuple[Lease, Any]]  # id(lease) -> the lease and its raw form
+    dropped: list[str]  # why each unusable lease was left out
+
+
+def parse_document(document: object) -> Parsed:
+    """The state in DOCUMENT, each lease's raw form, and the leases left out as unusable."""
+    document = migrate(document)
+    if not document.keys() <= DOCUMENT_KEYS:
+        raise _Malformed(f"unknown keys {sorted(document.keys() - DOCUMENT_KEYS)}")
+    raw_leases = document.get("leases")
+    raw_homes = document.get("homes")
+    raw_files = document.get("files")
+    if type(raw_leases) is not list or type(raw_homes) is not dict or type(raw_files) is not dict:
+        raise _Malformed("'leases' is not a list, or 'homes' or 'files' is not an object")
+    leases: dict[str, Lease] = {}
+    known: dict[int, tuple[Lease, Any]] = {}
+    dropped: list[str] = []
+    spans = _Spans()
+    for raw in raw_leases:
+        try:
+            lease = lease_from_raw(raw)
+        except _Malformed as exc:
+            dropped.append(str(exc))
+            continue
+        if lease.session_id in leases:
+            dropped.append(f"session {lease.session_id!r} appears twice")
+            continue
+        clash = spans.overlapping(lease)
+        if clash is not None:
+            # The first one in the file keeps the block; nothing else can be decided.
+            dropped.append(f"lease {lease.session_id!r} overlaps {clash.session_id!r}")
+            continue
+        spans.add(lease)
+        leases[lease.session_id] = lease
+        known[id(lease)] = (lease, raw)
+    if not _all_typed(raw_homes, int):
+        raise _Malformed("'homes' must map session ids to integers")
+    homes = {key: start for key, start in raw_homes.items() if _usable_id(key)}
+    files = {key: records for key, records in _files_from_raw(raw_files).items() if _usable_id(key)}
+    if len(homes) != len(raw_homes) or len(files) != len(raw_files):
+        dropped.append("a home or file record names an unusable session id")
+    raw_slugs = document.get("slugs", {})
+    # A remembered slug is a lease's name to come back to: held to the lease rules.
+    slugs = {
+        key: slug
+        for key, slug in _slugs_from_raw(raw_slugs).items()
+        if _usable_id(key) and key not in leases
+    }
+    if len(slugs) != len(raw_slugs):
+        dropped.append("a remembered slug names an unusable or active session")
+    state = LedgerState(leases, homes, files, slugs)
+    try:
+        validate(state)
+    except AssertionError as exc:
+        raise _Malformed(str(exc)) from None
+    return Parsed(state, known, dropped)
+
+
+def _slugs_from_raw(raw: object) -> dict[str, str]:
+    """The remembered slugs: an object of session ids to DNS labels, the others left out."""
+    if type(raw) is not dict:
+        raise _Malformed("'slugs' is not an object")
+    return {
+        key: slug for key, slug in raw.items() if type(slug) is str and DNS_LABEL.fullmatch(slug)
+    }
+
+
+def _usable_id(session_id: str) -> bool:
+    try:
+        validate_session_id(session_id)
+    except InvalidSessionId:
+        return False
+    return True
+
+
+def _files_from_raw(raw: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...]]:
+    files: dict[str, tuple[tuple[str, str], ...]] = {}
+    for session_id, records in raw.items():
+        if type(records) is not list:
+            raise _Malformed("'files' must map session ids to lists")
+        parsed: list[tuple[str, str]] = []
+        for record in records:
+            if type(record) is dict and record.keys() != {"kind", "path"}:
+                raise _Malformed("a file record must hold exactly a kind and a path")
+            kind = record.get("kind") if type(record) is dict else None
+            path = record.get("path") if type(record) is dict else None
+            if type(kind) is not str or type(path) is not str:
+                raise _Malformed("a file record must hold a string kind and path")
+            if not has_unprintable(kind) and not has_unprintable(path):
+                parsed.append((kind, path))
+        files[session_id] = tuple(parsed)
+    return files
 
 
 # How save() starts the file, and each lease in it: the read path finds one lease by
