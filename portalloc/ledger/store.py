@@ -1,74 +1,49 @@
-"""The ledger's store: the lock, load (migrations, validation, the per-user index of a
-large file), save (encoded and written by fs.atomic_write), quarantine. The file's bytes
-(raw shapes, lease rules, the CRC, the lock-free read) are codec.py's."""
+"""The ledger's store: leases.json, its lock and its index file in the state directory.
+The lock, load (in full by codec.py, or through the index), save (encoded by index.py,
+written by fs.atomic_write), quarantine. Only this module reads or writes those files;
+codec.read_lease alone reads one lease of the ledger without the lock."""
 
 from __future__ import annotations
 
 import json
-import marshal
 import os
 import stat
-import sys
 import time
-import zlib
-from array import array
-from bisect import bisect_right
-from collections.abc import (
-    Callable,
-    ItemsView,
-    Iterable,
-    Iterator,
-    KeysView,
-    Mapping,
-    MutableSequence,
-    ValuesView,
-)
 from datetime import UTC, datetime
-from itertools import chain, compress, islice
-from operator import eq
 
 from portalloc.config import LEDGER_NAME
 from portalloc.errors import LedgerError, LockTimeout
-from portalloc.fs import Chunk, UnsafeFile, lstat_regular, read_with_stat
-
-# Re-exported until every module imports them from portalloc.fs.
-from portalloc.fs import atomic_write as atomic_write
-from portalloc.fs import is_temp_name as is_temp_name
-from portalloc.fs import temp_name as temp_name
-
-# The ledger's bytes: codec.py, all the read path imports. dump and read_lease are
-# re-exported for the modules and tests that ask store.py for them.
+from portalloc.fs import (
+    Chunk,
+    UnsafeFile,
+    atomic_write,
+    is_temp_name,
+    lstat_regular,
+    read_with_stat,
+)
 from portalloc.ledger.codec import (
-    _CRC_KEY,
-    _NEXT_LEASE,
-    _PREFIX,
-    _check_written,
     _files_from_raw,
-    _json,
     _slugs_from_raw,
-    lease_from_raw,
-    lease_to_raw,
     parse_document,
     refuse_unloadable,
     validate,
 )
-from portalloc.ledger.codec import dump as dump
-from portalloc.ledger.codec import read_lease as read_lease
-from portalloc.ledger.format import (
-    _LEASE_ORDER,
-    LEDGER_VERSION,
-    RawFile,
-    RawLease,
-    _Malformed,
-    _TooNew,
+from portalloc.ledger.format import LEDGER_VERSION, _Malformed, _TooNew
+from portalloc.ledger.index import (
+    _Index,
+    _IndexedLeases,
+    _seal,
+    _stat_key,
+    _Written,
+    dump_index,
+    encode,
+    parse_index,
 )
-from portalloc.models import Lease, Leases, LedgerState
-
-# Not typing's: `allocate` imports this module, and start-up is its budget too.
-from portalloc.records import NamedTuple
+from portalloc.models import Lease, LedgerState
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
     from contextlib import AbstractContextManager
     from pathlib import Path
     from typing import Any
@@ -79,518 +54,9 @@ if TYPE_CHECKING:
 LOCK_POLL_SECONDS = 0.002
 # ... and then back off, with jitter, up to this.
 LOCK_POLL_CAP_SECONDS = 0.1
-
-
-# The index: what save() knew of each lease of the file it wrote, kept beside the file
-# for the user who wrote it. With it a write at ten thousand leases parses only the
-# leases it touches and copies the others into the new file as the bytes they were.
-_INDEX_MAGIC = b"portalloc-index 3 python %d.%d marshal %d %s\n" % (
-    *sys.version_info[:2],
-    marshal.version,
-    sys.byteorder.encode(),  # the integer columns are machine words
-)
-_DIGEST_SIZE = 32  # SHA-256
 # Below this many leases a full parse costs less than keeping an index (under 1 ms
 # either way): a server writing a small ledger hundreds of times a second keeps none.
 INDEX_MIN_LEASES = 64
-
-
-class _Index(NamedTuple):
-    """Each lease of a file save() wrote, in file order, as columns."""
-
-    ids: list[str]
-    # Integer columns: lists as save() builds them, arrays as read back (see _words).
-    starts: MutableSequence[int]
-    ends: MutableSequence[int]
-    names: list[str]  # compose project names
-    due: MutableSequence[int]  # a reclaim looks at the lease from this epoch second on (0: always)
-    bounds: MutableSequence[int]  # lease i is file[bounds[2 * i] : bounds[2 * i + 1]]
-    leases_end: int  # where the `]` closing the leases list sits
-    homes: dict[str, int]  # as in the file, from leases_end + len(_HOMES) on
-    files_at: int  # where `,"files":` starts
-    slugs: list[str]  # each lease's slug, '' for none
-
-
-# The index's columns as a few long strings rather than lists of ten thousand objects:
-# marshal writes and reads those one object at a time, which cost a write at 10,000
-# leases about 10 ms more (bench/README.md). Session ids, compose names and slugs never
-# hold a NUL (the lease rules refuse control characters), so NUL separates them.
-_SEP = "\0"
-
-
-def _words(values: Iterable[int]) -> bytes:
-    return array("q", values).tobytes()
-
-
-def _from_words(data: bytes) -> array[int]:
-    column = array("q")
-    column.frombytes(data)  # not tolist(): 10,000 ints a column, 2 ms at 10,000 leases
-    return column
-
-
-def _joined(texts: Iterable[str]) -> str:
-    return _SEP.join(texts)
-
-
-def _split(text: str, count: int) -> list[str]:
-    return text.split(_SEP) if count else []
-
-
-def _pack_index(index: _Index) -> tuple[int | str | bytes, ...]:
-    return (
-        len(index.ids),
-        _joined(index.ids),
-        _words(index.starts),
-        _words(index.ends),
-        _joined(index.names),
-        _words(index.due),
-        _words(index.bounds),
-        index.leases_end,
-        len(index.homes),
-        _joined(index.homes),
-        _words(list(index.homes.values())),
-        index.files_at,
-        _joined(index.slugs),
-    )
-
-
-def _unpack_index(packed: object) -> _Index:
-    """The index _pack_index() made; ValueError or TypeError for anything else."""
-    if type(packed) is not tuple or len(packed) != 13:
-        raise ValueError("not an index")
-    count, ids, starts, ends, names, due, bounds, leases_end, homes_count, homes, home_starts = (
-        packed[:11]
-    )
-    files_at, slugs = packed[11:]
-    texts, words = (ids, names, homes, slugs), (starts, ends, due, bounds, home_starts)
-    if not all(type(column) is str for column in texts) or not all(
-        type(column) is bytes for column in words
-    ):
-        raise TypeError("columns")
-    if not all(type(number) is int for number in (count, homes_count, leases_end, files_at)):
-        raise TypeError("counts")
-    home_ids = _split(homes, homes_count)
-    home_blocks = _from_words(home_starts)
-    if len(home_ids) != homes_count or len(home_blocks) != homes_count:
-        raise ValueError("homes")
-    return _Index(
-        _split(ids, count),
-        _from_words(starts),
-        _from_words(ends),
-        _split(names, count),
-        _from_words(due),
-        _from_words(bounds),
-        leases_end,
-        dict(zip(home_ids, home_blocks, strict=True)),
-        files_at,
-        _split(slugs, count),
-    )
-
-
-def _stat_key(info: os.stat_result) -> tuple[int, ...]:
-    # Every save replaces the file (a new inode); mtime, ctime and size on top.
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-
-def _seal(data: Iterable[Chunk], info: os.stat_result) -> bytes:
-    """What names the ledger file of the bytes DATA (as INFO) in the index that vouches
-    for it.
-
-    A file only this user can write changes only by a write of theirs, which gives it
-    a new stat key (inode, size, mtime, ctime): the key names it. A file others may
-    write (a shared state dir) is named by its SHA-256: whatever they write, and when,
-    the index then vouches for nothing else than the bytes save() wrote.
-    """
-    import hashlib
-
-    private = info.st_uid == os.geteuid() and not info.st_mode & 0o077
-    if private:
-        return hashlib.sha256(b"stat %d %d %d %d %d" % _stat_key(info)).digest()
-    digest = hashlib.sha256()
-    for part in data:
-        digest.update(part)
-    return digest.digest()
-
-
-def _due_second(lease: Lease) -> int:
-    # The expiry as the file holds it (whole seconds): what a later load compares.
-    return 0 if lease.anchored else int(lease.expires_at.timestamp())
-
-
-class _Written:
-    """A ledger file save() wrote and its index; each lease parsed when first asked for."""
-
-    __slots__ = ("_names", "_parsed", "_positions", "_spans", "data", "index")
-
-    def __init__(self, data: bytes, index: _Index) -> None:
-        self.data = data
-        self.index = index
-        self._positions: dict[str, int] | None = None
-        self._parsed: dict[int, Lease] = {}
-        self._spans: tuple[list[int], list[int], list[int]] | None = None
-        self._names: set[str] | None = None
-
-    def positions(self) -> dict[str, int]:
-        if self._positions is None:
-            self._positions = dict(zip(self.index.ids, range(len(self.index.ids)), strict=True))
-        return self._positions
-
-    def lease(self, position: int) -> Lease:
-        lease = self._parsed.get(position)
-        if lease is None:
-            bounds = self.index.bounds
-            text = self.data[bounds[2 * position] : bounds[2 * position + 1]]
-            # Checked by the same rules as every lease read in full: it may be printed.
-            lease = lease_from_raw(json.loads(text))
-            if lease.session_id != self.index.ids[position]:
-                raise AssertionError(f"the ledger index does not match lease {position}")
-            self._parsed[position] = lease
-        return lease
-
-    def sorted_spans(self) -> tuple[list[int], list[int], list[int]]:
-        """Starts, ends and positions of the file's leases, lowest start first."""
-        if self._spans is None:
-            starts = self.index.starts
-            # map() and C-level getters: no Python-level step per lease.
-            order = sorted(range(len(starts)), key=starts.__getitem__)
-            self._spans = (
-                list(map(starts.__getitem__, order)),
-                list(map(self.index.ends.__getitem__, order)),
-                order,
-            )
-        return self._spans
-
-    def names(self) -> set[str]:
-        if self._names is None:
-            self._names = set(self.index.names)
-        return self._names
-
-
-class _IndexedLeases(Leases):
-    """The leases of a file save() wrote, with the changes made since: the file's own
-    are parsed only when asked for, and written back as the bytes they were."""
-
-    __slots__ = ("_added", "_file", "_removed", "_replaced")
-
-    def __init__(
-        self,
-        written: _Written,
-        replaced: dict[str, Lease] | None = None,
-        removed: set[str] | None = None,
-        added: dict[str, Lease] | None = None,
-    ) -> None:
-        super().__init__()
-        self._file = written
-        self._replaced = replaced or {}  # leases of the file, changed in place
-        self._removed = removed or set()  # leases of the file, gone
-        self._added = added or {}  # the others, after the file's, in order
-
-    def _in_file(self, session_id: object) -> bool:
-        return session_id in self._file.positions() and session_id not in self._removed
-
-    def __getitem__(self, session_id: str) -> Lease:
-        lease = self._added.get(session_id) or self._replaced.get(session_id)
-        if lease is not None:
-            return lease
-        if session_id in self._removed:
-            raise KeyError(session_id)
-        return self._file.lease(self._file.positions()[session_id])
-
-    def __contains__(self, session_id: object) -> bool:
-        return session_id in self._added or self._in_file(session_id)
-
-    def __iter__(self) -> Iterator[str]:
-        ids: Iterable[str] = self._file.index.ids
-        if self._removed:
-            ids = (key for key in ids if key not in self._removed)
-        return chain(ids, self._added)
-
-    def __len__(self) -> int:
-        return len(self._file.index.ids) - len(self._removed) + len(self._added)
-
-    def keys(self) -> KeysView[str]:
-        return KeysView(self)
-
-    def values(self) -> ValuesView[Lease]:
-        return ValuesView(self)
-
-    def items(self) -> ItemsView[str, Lease]:
-        return ItemsView(self)
-
-    def _touched(self) -> set[int]:
-        """Positions in the file of the leases changed or gone since."""
-        if not (self._replaced or self._removed):
-            return set()
-        positions = self._file.positions()
-        return {positions[key] for key in (*self._replaced, *self._removed)}
-
-    def fresh(self) -> list[Lease]:
-        """The leases changed or added since the file was written."""
-        return [*self._replaced.values(), *self._added.values()]
-
-    def sorted_spans(self) -> tuple[list[int], list[int], list[str]]:
-        if self._spans is None:
-            starts, ends, order = self._file.sorted_spans()
-            keys = list(map(self._file.index.ids.__getitem__, order))
-            touched = self._touched()
-            if touched:
-                kept = [position not in touched for position in order]
-                starts, ends = list(compress(starts, kept)), list(compress(ends, kept))
-                keys = list(compress(keys, kept))
-            elif self._added:
-                starts, ends = list(starts), list(ends)
-            for lease in self.fresh():
-                index = bisect_right(starts, lease.start)
-                starts.insert(index, lease.start)
-                ends.insert(index, lease.end)
-                keys.insert(index, lease.session_id)
-            self._spans = (starts, ends, keys)
-        return self._spans
-
-    def compose_names(self) -> set[str]:
-        if not (self._replaced or self._removed or self._added):
-            return set(self._file.names())
-        names = self._file.index.names
-        touched = self._touched()
-        if touched:
-            kept = {name for position, name in enumerate(names) if position not in touched}
-        else:  # in C: an allocation at 10,000 leases touches none of the file's
-            kept = set(self._file.names())
-        return kept | {lease.compose_project_name for lease in self.fresh()}
-
-    def slugs(self) -> set[str]:
-        slugs = self._file.index.slugs
-        touched = self._touched()
-        if touched:
-            kept = {slug for position, slug in enumerate(slugs) if slug and position not in touched}
-        else:
-            kept = set(slugs)
-            kept.discard("")
-        return kept | {lease.slug for lease in self.fresh() if lease.slug is not None}
-
-    def due(self, now: datetime) -> list[Lease]:
-        # The index says from when each lease of the file can be due: only those are
-        # parsed (a second early, so a rounding never hides one), then asked exactly,
-        # with every lease changed since, in table order.
-        moment = now.timestamp() + 1
-        due_at = self._file.index.due
-        positions = set(self._touched())
-        if min(due_at, default=0) <= moment:
-            positions.update(at for at, second in enumerate(due_at) if second <= moment)
-        ids = self._file.index.ids
-        candidates = [
-            self[ids[position]] for position in sorted(positions) if self._in_file(ids[position])
-        ]
-        candidates.extend(self._added.values())
-        return [lease for lease in candidates if lease.due(now)]
-
-    def changes(self) -> int:
-        """How many leases differ from the file's."""
-        return len(self._replaced) + len(self._removed) + len(self._added)
-
-    def updated(self, changes: Mapping[str, Lease | None]) -> Leases:
-        replaced, removed, added = dict(self._replaced), set(self._removed), dict(self._added)
-        for key, lease in changes.items():
-            # As a dict does it: a lease of the file replaced stays in place; a lease
-            # removed and made again goes to the end.
-            if lease is None:
-                if added.pop(key, None) is None and self._in_file(key):
-                    removed.add(key)
-                    replaced.pop(key, None)
-            elif key in added or not self._in_file(key):
-                added[key] = lease
-            else:
-                replaced[key] = lease
-        return _IndexedLeases(self._file, replaced, removed, added)
-
-    def validate_changes(self) -> None:
-        """Refuse what validate() refuses, looking only at the leases changed or added
-        since the file was written (it was checked whole then)."""
-        starts, ends, order = self._file.sorted_spans()
-        touched = self._touched()
-        ids = self._file.index.ids
-        fresh = sorted(self.fresh(), key=lambda lease: lease.start)
-        previous: Lease | None = None
-        for lease in fresh:
-            _check_written(lease.session_id, lease)
-            if previous is not None and lease.start <= previous.end:
-                raise AssertionError(
-                    f"leases {previous.session_id!r} and {lease.session_id!r} overlap"
-                )
-            index = bisect_right(starts, lease.end) - 1
-            while index >= 0 and ends[index] >= lease.start:
-                if order[index] not in touched:
-                    raise AssertionError(
-                        f"leases {ids[order[index]]!r} and {lease.session_id!r} overlap"
-                    )
-                index -= 1
-            previous = lease
-
-    def encode_into(self, out: _Encoder) -> _Written:
-        """Add the leases to OUT, each run of unchanged ones as the bytes it was; return
-        the file they come from."""
-        previous = 0
-        replaced_at = {self._file.positions()[key]: lease for key, lease in self._replaced.items()}
-        for position in sorted(self._touched()):
-            out.add_run(self._file, previous, position)
-            if position in replaced_at:
-                out.add(replaced_at[position])
-            previous = position + 1
-        out.add_run(self._file, previous, len(self._file.index.ids))
-        for lease in self._added.values():
-            out.add(lease)
-        return self._file
-
-
-class _Encoder:
-    """The bytes save() writes, built lease by lease, with the index of them."""
-
-    def __init__(self) -> None:
-        # Views into the file read, not copies: at 5 MiB each copy shows in the bench.
-        self.parts: list[bytes | memoryview] = [_PREFIX.encode()]
-        self.offset = len(_PREFIX)
-        self.index = _Index([], [], [], [], [], [], 0, {}, 0, [])
-
-    def _place(self, text: bytes | memoryview) -> int:
-        if len(self.parts) > 1:
-            self.parts.append(b",")
-            self.offset += 1
-        start = self.offset
-        self.parts.append(text)
-        self.offset += len(text)
-        return start
-
-    def add(self, lease: Lease) -> None:
-        text = _json(lease_to_raw(lease))
-        start = self._place(text)
-        index = self.index
-        index.ids.append(lease.session_id)
-        index.starts.append(lease.start)
-        index.ends.append(lease.end)
-        index.names.append(lease.compose_project_name)
-        index.slugs.append(lease.slug or "")
-        index.due.append(_due_second(lease))
-        index.bounds.extend((start, start + len(text)))
-
-    def add_all(self, leases: list[Lease], raws: list[RawLease]) -> None:
-        """LEASES, each as its raw form RAWS (keys in save()'s order), encoded at once."""
-        if not leases:
-            return
-        text = _json(raws)[1:-1]  # the list, without its brackets
-        start = self._place(text)
-        # Each lease is one `{"session_id":...}` object; its keys come in save()'s
-        # order and the only objects inside a lease follow a `:` or are owners in a
-        # `guests` list, so `,{"session_id":` marks where the next lease starts.
-        bounds = self.index.bounds
-        bounds.append(start)
-        at = text.find(_NEXT_LEASE)
-        while at >= 0:
-            bounds.extend((start + at, start + at + 1))
-            at = text.find(_NEXT_LEASE, at + 1)
-        bounds.append(start + len(text))
-        if len(bounds) != len(self.index.ids) * 2 + 2 * len(leases):
-            raise AssertionError("leases are not where save() put them")
-        index = self.index
-        index.ids.extend([lease.session_id for lease in leases])
-        index.starts.extend([lease.start for lease in leases])
-        index.ends.extend([lease.end for lease in leases])
-        index.names.extend([lease.compose_project_name for lease in leases])
-        index.slugs.extend([lease.slug or "" for lease in leases])
-        index.due.extend(map(_due_second, leases))
-
-    def add_run(self, written: _Written, first: int, stop: int) -> None:
-        """The file's leases at positions FIRST to STOP - 1, copied as they were."""
-        if first >= stop:
-            return
-        source, bounds = written.index, written.index.bounds
-        begin = bounds[2 * first]
-        start = self._place(memoryview(written.data)[begin : bounds[2 * stop - 1]])
-        shift = start - begin
-        index = self.index
-        index.ids.extend(source.ids[first:stop])
-        index.starts.extend(source.starts[first:stop])
-        index.ends.extend(source.ends[first:stop])
-        index.names.extend(source.names[first:stop])
-        index.slugs.extend(source.slugs[first:stop])
-        index.due.extend(source.due[first:stop])
-        if shift:
-            index.bounds.extend([bound + shift for bound in bounds[2 * first : 2 * stop]])
-        else:  # the leases before the run unchanged: they sit where they sat
-            index.bounds.extend(bounds[2 * first : 2 * stop])
-
-    def finish(self, state: LedgerState, written: _Written | None) -> tuple[list[Chunk], _Index]:
-        files: dict[str, list[RawFile]] = {
-            session_id: [{"kind": kind, "path": path} for kind, path in records]
-            for session_id, records in state.files.items()
-        }
-        homes = _homes_text(state.homes, written)
-        # Exactly what dump() makes of the whole document, a piece at a time, never
-        # joined: five MiB copied once more shows in the bench.
-        parts = self.parts
-        parts += [_HOMES, homes, _FILES, _json(files), _SLUGS, _json(state.slugs)]
-        crc = 0
-        for part in parts:
-            crc = zlib.crc32(part, crc)
-        crc = zlib.crc32(b"}", crc)
-        parts += [_CRC_KEY, b"%08x" % crc, b'"}']
-        files_at = self.offset + len(_HOMES) + len(homes)
-        return parts, self.index._replace(
-            leases_end=self.offset, homes=state.homes, files_at=files_at
-        )
-
-
-_HOMES = b'],"homes":'
-_SLUGS = b',"slugs":'
-_FILES = b',"files":'
-
-
-def _homes_text(homes: dict[str, int], written: _Written | None) -> bytes:
-    """HOMES as JSON; as far as they are those of WRITTEN, the bytes it holds."""
-    if written is None or not homes:
-        return _json(homes)
-    index = written.index
-    text = written.data[index.leases_end + len(_HOMES) : index.files_at]
-    old = index.homes
-    if homes is old:
-        return text
-    # A grant forgets homes at the front (the least recent) and adds one at the end.
-    first = next(iter(homes))
-    dropped = next((at for at, key in enumerate(islice(old, 16)) if key == first), None)
-    kept = len(old) - (dropped or 0)
-    if dropped is None or kept > len(homes):
-        return _json(homes)
-    if not all(map(eq, islice(homes.items(), kept), islice(old.items(), dropped, None))):
-        return _json(homes)
-    if dropped:
-        # `,"key":` is where that home starts: inside a JSON string `"` is escaped.
-        text = b"{" + text[text.index(b"," + _json(first) + b":") + 1 :]
-    added = dict(islice(homes.items(), kept, None))
-    return text[:-1] + b"," + _json(added)[1:] if added else text
-
-
-def encode(
-    state: LedgerState, known: Mapping[int, tuple[Lease, Any]] | None = None
-) -> tuple[list[Chunk], _Index]:
-    """The bytes save() writes for STATE (what dump() makes of it), in pieces, and
-    their index; KNOWN maps id(lease) to a lease and its raw form as loaded."""
-    out = _Encoder()
-    written: _Written | None = None
-    if isinstance(state.leases, _IndexedLeases):
-        written = state.leases.encode_into(out)
-    else:
-        known = known or {}
-        leases = list(state.leases.values())
-        raws: list[RawLease] = []
-        for lease in leases:
-            cached = known.get(id(lease))
-            # Leases are immutable: the same object serialises as it was read, unless
-            # it was read with its keys in another order than save() writes them.
-            if cached is not None and cached[0] is lease and list(cached[1]) == _LEASE_ORDER:
-                raws.append(cached[1])
-            else:
-                raws.append(lease_to_raw(lease))
-        out.add_all(leases, raws)
-    return out.finish(state, written)
 
 
 class Ledger:
@@ -818,25 +284,7 @@ class Ledger:
         # another user could otherwise vouch for a ledger of theirs.
         if info.st_uid != os.geteuid() or info.st_mode & 0o077:
             return None
-        import hashlib
-
-        head = len(_INDEX_MAGIC)
-        payload_digest = blob[head + _DIGEST_SIZE : head + 2 * _DIGEST_SIZE]  # of the index
-        payload = blob[head + 2 * _DIGEST_SIZE :]
-        if not blob.startswith(_INDEX_MAGIC) or blob[head : head + _DIGEST_SIZE] != seal:
-            return None
-        if hashlib.sha256(payload).digest() != payload_digest:
-            return None
-        try:
-            # Bytes this user wrote (owner and mode checked above), whole (digest).
-            index = _unpack_index(marshal.loads(payload))  # noqa: S302
-        except (ValueError, TypeError, EOFError, UnicodeDecodeError):
-            return None
-        count = len(index.ids)
-        columns = (*index[1:5], index.slugs)
-        if not all(len(column) == count for column in columns) or len(index.bounds) != 2 * count:
-            return None
-        return index
+        return parse_index(blob, seal)
 
     def _write_index(self, payload: list[Chunk], index: _Index) -> None:
         """Vouch for PAYLOAD, just written, with its index (a cache: on any failure the
@@ -849,18 +297,8 @@ class Ledger:
             except OSError:
                 pass
             return
-        import hashlib
-
-        blob = marshal.dumps(_pack_index(index))
         try:
-            content = b"".join(
-                [
-                    _INDEX_MAGIC,
-                    _seal(payload, self.path.stat()),
-                    hashlib.sha256(blob).digest(),
-                    blob,
-                ]
-            )
+            content = dump_index(index, _seal(payload, self.path.stat()))
             try:
                 atomic_write(self.index_path, content, 0o600, durable=False)
             except UnsafeFile:
