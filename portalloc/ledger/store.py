@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import time
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from portalloc.config import LEDGER_NAME
@@ -136,9 +137,6 @@ class Ledger:
 
     def locked(self) -> AbstractContextManager[None]:
         """Hold the ledger's lock; raise LockTimeout past the configured timeout."""
-        # contextlib imported here: the read path imports this module and never locks.
-        from contextlib import contextmanager
-
         return contextmanager(self._hold)()
 
     def _hold(self) -> Iterator[None]:
