@@ -1,5 +1,13 @@
-"""The ledger: leases.json, its lock and its index in the state directory.
+"""The ledger: leases.json in the state directory, one job per module.
 
-store.py is the store (lock, load, save, quarantine); codec.py the file's bytes and
-the lock-free read. Nothing is imported here: the read path imports codec.py alone.
+- format.py  the file's raw shapes (TypedDicts), its version, the migrations
+- codec.py   bytes <-> state: a lease to and from its raw form, a document to the
+             state, the lease rules on load and before a save, the CRC; and
+             read_lease, one lease read without the lock
+- index.py   the per-user index of a large ledger, and the encoder every save uses
+- store.py   Ledger: the lock, load, save, quarantine; the one module that opens the
+             ledger's files (but for read_lease)
+
+Nothing is imported here: the read path (`portalloc env`) imports codec.py and
+format.py alone, never the store, the index or filelock.
 """

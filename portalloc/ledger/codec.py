@@ -1,10 +1,11 @@
-"""The ledger's bytes: a lease to and from its raw form (the lease rules applied on the
-way in), the CRC-32 save() ends a file with, and the read of one lease without the lock.
-The raw shapes themselves are format.py's.
+"""The ledger's bytes and its state, each way, under one set of lease rules: a lease to
+and from its raw form (format.py's shapes), a document to the state (parse_document),
+the checks before a save (refuse_unloadable, validate), the bytes save() writes (dump:
+compact JSON ending in a CRC-32; index.py's encoder writes the same in pieces), and
+read_lease, one lease read without the lock.
 
-Apart from store.py (lock, load, save, the index, quarantine) because the read path
-(`portalloc env`) needs only this: every module it imports is start-up time
-(bench/README.md).
+Below index.py and store.py, and with format.py all of the ledger the read path
+(`portalloc env`) imports: every module it imports is start-up time (bench/README.md).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from portalloc.errors import InvalidSessionId, LeaseRefused
 from portalloc.fs import UnsafeFile, read_bytes
 from portalloc.ledger.format import DOCUMENT_KEYS, LEASE_KEYS, LEDGER_VERSION, _Malformed, migrate
 from portalloc.models import Lease, LedgerState, Owner, isoformat, parse_iso
-from portalloc.records import NamedTuple
 from portalloc.rules import DNS_LABEL, has_unprintable, lease_problem, validate_session_id
 
 TYPE_CHECKING = False
@@ -70,9 +70,6 @@ def _all_typed(mapping: object, value_type: type) -> bool:
     return type(mapping) is dict and (
         not mapping or set(map(type, mapping.values())) == {value_type}
     )
-
-
-_NEXT_LEASE = b',{"session_id":'
 
 
 def lease_from_raw(raw: object) -> Lease:
@@ -194,10 +191,19 @@ class _Spans:
         self._leases.insert(index, lease)
 
 
-class Parsed(NamedTuple):
-    state: LedgerState
-    known: dict[int, tuple[Lease, Any]]  # id(lease) -> the lease and its raw form
-    dropped: list[str]  # why each unusable lease was left out
+class Parsed:
+    """What parse_document() found in a document."""
+
+    # A class with slots, as LedgerState is: making a NamedTuple would cost every read
+    # (which imports this module and parses no document) 0.08 ms.
+    __slots__ = ("dropped", "known", "state")
+
+    def __init__(
+        self, state: LedgerState, known: dict[int, tuple[Lease, Any]], dropped: list[str]
+    ) -> None:
+        self.state = state
+        self.known = known  # id(lease) -> the lease and its raw form
+        self.dropped = dropped  # why each unusable lease was left out
 
 
 def parse_document(document: object) -> Parsed:
@@ -294,6 +300,7 @@ def _files_from_raw(raw: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...
 # its first key without decoding the others.
 _PREFIX = f'{{"version":{LEDGER_VERSION},"leases":['
 _LEASE_START = '{"session_id":'
+_NEXT_LEASE = b',{"session_id":'  # each lease after the first
 _LEASE_WINDOW = 1 << 20
 # save() ends the document with a CRC-32 of everything before it, so the read path can
 # tell a file save() wrote, whole, from one edited by hand (which the locked path

@@ -1,8 +1,8 @@
 """The ledger file's shape on disk: the raw JSON as TypedDicts, the version save()
 writes, and the migrations that bring an older file to it (a newer one is refused).
 
-On the read path, under codec.py: every module it imports is start-up time
-(bench/README.md).
+Imported by the read path (through codec.py): every module it imports is start-up
+time (bench/README.md).
 """
 
 from __future__ import annotations

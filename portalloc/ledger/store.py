@@ -233,7 +233,8 @@ class Ledger:
         except RecursionError:
             return self._quarantine("not JSON a program can use: nested too deeply")
         try:
-            state, self._known, dropped = parse_document(document)
+            parsed = parse_document(document)
+            state, self._known, dropped = parsed.state, parsed.known, parsed.dropped
         except _TooNew as exc:
             raise LedgerError(
                 self.path,
