@@ -51,18 +51,73 @@ def _imports_any(module: str, prefixes: set[str]) -> set[str]:
     }
 
 
+LEDGER = "portalloc.ledger"
+# The ledger package, each module above those it may import: format.py at the bottom,
+# then codec.py, index.py, store.py; __init__.py imports none of them (the read path
+# imports codec.py, never the store or the index).
+LEDGER_LAYERS: dict[str, set[str]] = {
+    LEDGER: set(),
+    f"{LEDGER}.format": set(),
+    f"{LEDGER}.codec": {f"{LEDGER}.format"},
+    f"{LEDGER}.index": {f"{LEDGER}.format", f"{LEDGER}.codec"},
+    f"{LEDGER}.store": {f"{LEDGER}.format", f"{LEDGER}.codec", f"{LEDGER}.index"},
+}
+# Outside it, the service is the store's one user and the read path reads one lease
+# (codec.read_lease); nothing else reaches into the ledger.
+LEDGER_USERS = {
+    "portalloc.service": {f"{LEDGER}.store"},
+    "portalloc.adapters.entry": {f"{LEDGER}.codec"},
+}
+
+
+def _ledger_imports(module: str) -> set[str]:
+    """The modules of the ledger package MODULE imports, but the package itself (any
+    import of one of them runs its __init__.py, checked on its own) and MODULE."""
+    found: set[str] = set()
+    for name in _imports_any(module, {LEDGER}):
+        while name not in MODULES:  # `from portalloc.ledger.codec import dump`
+            name = name.rpartition(".")[0]
+        found.add(name)
+    return found - {LEDGER, module}
+
+
 @pytest.mark.parametrize(
     ("module", "forbidden"),
     [
         ("portalloc.models", {"portalloc.render"}),  # a value does not format itself
-        ("portalloc.ledger.store", {"portalloc.host", "portalloc.probe"}),  # handed the facts
-        ("portalloc.ledger.codec", {"portalloc.host", "portalloc.probe"}),
+        *(  # the ledger is handed the facts, and decides nothing
+            (module, {"portalloc.host", "portalloc.probe", "portalloc.allocator"})
+            for module in LEDGER_LAYERS
+        ),
+        *((module, {"portalloc.service", "portalloc.adapters"}) for module in LEDGER_LAYERS),
         ("portalloc.pytest_plugin", {"portalloc.adapters"}),
         ("portalloc.rules", {"portalloc.models", "portalloc.config", "portalloc.render"}),
     ],
 )
 def test_a_layer_does_not_reach_up(module: str, forbidden: set[str]) -> None:
     assert not _imports_any(module, forbidden)
+
+
+def test_the_ledger_package_is_the_modules_layered_here() -> None:
+    assert {m for m in MODULES if m == LEDGER or m.startswith(LEDGER + ".")} == set(LEDGER_LAYERS)
+
+
+@pytest.mark.parametrize(("module", "allowed"), LEDGER_LAYERS.items())
+def test_a_ledger_module_imports_only_those_below_it(module: str, allowed: set[str]) -> None:
+    assert _ledger_imports(module) <= allowed
+
+
+def test_the_ledger_package_imports_nothing_itself() -> None:
+    assert MODULES[LEDGER] == set()
+
+
+def test_only_the_service_and_the_read_path_use_the_ledger() -> None:
+    users = {
+        module: _ledger_imports(module)
+        for module in MODULES
+        if module not in LEDGER_LAYERS and _ledger_imports(module)
+    }
+    assert users == LEDGER_USERS
 
 
 def test_only_adapters_import_the_frameworks() -> None:
@@ -77,3 +132,4 @@ def test_only_adapters_import_the_frameworks() -> None:
 def test_the_check_sees_an_import_inside_a_function() -> None:
     assert "portalloc.hooks.files" in MODULES["portalloc.hooks.git"]
     assert _imports_any("portalloc.adapters.cli", {"typer"})
+    assert _ledger_imports("portalloc.adapters.entry") == {f"{LEDGER}.codec"}  # in serve()
