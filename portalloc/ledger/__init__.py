@@ -6,7 +6,7 @@
              read_lease, one lease read without the lock
 - index.py   the per-user index of a large ledger, and the encoder every save uses
 - store.py   Ledger: the lock, load, save, quarantine; the one module that opens the
-             ledger's files (but for read_lease)
+             ledger's files (but for read_lease, and shell completion for now)
 
 Nothing is imported here: the read path (`portalloc env`) imports codec.py and
 format.py alone, never the store, the index or filelock.

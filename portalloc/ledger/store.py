@@ -1,7 +1,8 @@
 """The ledger's store: leases.json, its lock and its index file in the state directory.
 The lock, load (in full by codec.py, or through the index), save (encoded by index.py,
-written by fs.atomic_write), quarantine. Only this module reads or writes those files;
-codec.read_lease alone reads one lease of the ledger without the lock."""
+written by fs.atomic_write), quarantine. No other module opens those files but
+codec.read_lease (the read path's lock-free read of one lease) and, for now, shell
+completion (adapters/completion.py): tests/test_ledger_ownership.py."""
 
 from __future__ import annotations
 
