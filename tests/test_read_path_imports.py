@@ -19,11 +19,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# portalloc's own: the entry point, settings, the ledger's bytes and lock-free read
-# (codec), the lease rules and values, the renderers, the facts a reclaim asks, whether
+# portalloc's own: the entry point, settings, the ledger's shapes, bytes and lock-free
+# read (ledger/format.py, ledger/codec.py, and the package's __init__.py, which imports
+# nothing), the lease rules and values, the renderers, the facts a reclaim asks, whether
 # the state dir is private (trust). Not the allocator (asked only where a project
 # file's profile applies), not profile.py (only where a project file is found), not
-# ledger.py (the lock, the index), the service, the host, the probe or any framework.
+# the ledger's store or index (the lock, the index), the service, the host, the probe
+# or any framework.
 PORTALLOC = {
     "portalloc",
     "portalloc.adapters",
