@@ -3,13 +3,16 @@
 `eval "$(portalloc env)"` runs on every `cd` under direnv, in prompt hooks and in
 recipes (`$(portalloc get S api)`). When the lease it needs exists, is live and needs
 no refresh, the answer is in the ledger as last written: it is only ever replaced
-whole, so it can be read without the lock, without Typer, pydantic or filelock. For
+whole, so it can be read without the lock, without Typer, pydantic or filelock.
+portalloc.reading reads it and decides that, as it does for the service's `read`
+(`get`, `check`) and for completion; this module only parses and prints. For
 anything else (another command or flag, `--help`, a lease to make, refresh or
 reclaim, any error) the full Typer CLI runs, and says what it says. A differential
 test runs a matrix of invocations through both paths and compares every byte.
 
-Two differences are by design: a read needs no lock, so it answers while another
-process holds the lock for longer than the timeout (the full path would time out);
+Two differences are by design: a read needs no lock, so `env` answers while another
+process holds the lock for longer than the timeout (the full path's `env` grants, and
+would time out; its `get` reads through portalloc.reading too);
 and only a ledger save() wrote, unchanged since (its CRC-32 says so), is read this
 way: a file edited by hand goes the full path, which checks the whole document. A
 file forged to look like save()'s own, CRC and all, can be read differently by the
