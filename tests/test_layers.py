@@ -58,6 +58,15 @@ def _imports_any(module: str, prefixes: set[str]) -> set[str]:
         ("portalloc.ledger", {"portalloc.host", "portalloc.probe"}),  # handed the facts
         ("portalloc.codec", {"portalloc.host", "portalloc.probe"}),
         ("portalloc.pytest_plugin", {"portalloc.adapters"}),
+        ("portalloc.service", {"portalloc.commands", "portalloc.adapters"}),
+        ("portalloc.reading", {"portalloc.service", "portalloc.adapters"}),
+        # The read path and completion read through portalloc.reading (and the service):
+        # the ledger's bytes and the lease decisions are not theirs.
+        (
+            "portalloc.adapters.entry",
+            {"portalloc.codec", "portalloc.ledger", "portalloc.allocator"},
+        ),
+        ("portalloc.adapters.completion", {"json", "portalloc.codec", "portalloc.ledger"}),
         ("portalloc.rules", {"portalloc.models", "portalloc.config", "portalloc.render"}),
     ],
 )
@@ -72,6 +81,26 @@ def test_only_adapters_import_the_frameworks() -> None:
         if not module.startswith("portalloc.adapters")
     }
     assert {module: names for module, names in outside.items() if names} == {}
+
+
+def test_commands_use_no_adapter() -> None:
+    """A command is a plain function the CLI, MCP and HTTP can all call: it imports no
+    adapter (nor, by the test above, any framework)."""
+    commands = [module for module in MODULES if module.startswith("portalloc.commands")]
+    assert "portalloc.commands.env" in commands
+    assert {m: sorted(_imports_any(m, {"portalloc.adapters"})) for m in commands} == {
+        m: [] for m in commands
+    }
+
+
+def test_the_core_does_not_reach_up_into_the_commands() -> None:
+    above = ("portalloc.commands", "portalloc.adapters")
+    users = {
+        module
+        for module in MODULES
+        if not module.startswith(above) and _imports_any(module, {"portalloc.commands"})
+    }
+    assert users == set()
 
 
 def test_the_check_sees_an_import_inside_a_function() -> None:

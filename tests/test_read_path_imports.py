@@ -19,11 +19,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# portalloc's own: the entry point, settings, the ledger's bytes and lock-free read
-# (codec), the lease rules and values, the renderers, the facts a reclaim asks, whether
-# the state dir is private (trust). Not the allocator (asked only where a project
-# file's profile applies), not profile.py (only where a project file is found), not
-# ledger.py (the lock, the index), the service, the host, the probe or any framework.
+# portalloc's own: the entry point, settings, the one read (reading: whether a lease
+# stands as it is) and the ledger's bytes it reads without the lock (codec), the lease
+# rules and values, the renderers, the facts a reclaim asks, whether the state dir is
+# private (trust). Not the allocator (asked only where a project file's profile
+# applies), not profile.py (only where a project file is found), not ledger.py (the
+# lock, the index), the service, the host, the probe or any framework.
 PORTALLOC = {
     "portalloc",
     "portalloc.adapters",
@@ -35,6 +36,7 @@ PORTALLOC = {
     "portalloc.facts",
     "portalloc.fs",
     "portalloc.models",
+    "portalloc.reading",
     "portalloc.records",
     "portalloc.render",
     "portalloc.rules",

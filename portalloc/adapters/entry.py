@@ -3,13 +3,16 @@
 `eval "$(portalloc env)"` runs on every `cd` under direnv, in prompt hooks and in
 recipes (`$(portalloc get S api)`). When the lease it needs exists, is live and needs
 no refresh, the answer is in the ledger as last written: it is only ever replaced
-whole, so it can be read without the lock, without Typer, pydantic or filelock. For
+whole, so it can be read without the lock, without Typer, pydantic or filelock.
+portalloc.reading reads it and decides that, as it does for the service's `read`
+(`get`, `check`) and for completion; this module only parses and prints. For
 anything else (another command or flag, `--help`, a lease to make, refresh or
 reclaim, any error) the full Typer CLI runs, and says what it says. A differential
 test runs a matrix of invocations through both paths and compares every byte.
 
-Two differences are by design: a read needs no lock, so it answers while another
-process holds the lock for longer than the timeout (the full path would time out);
+Two differences are by design: a read needs no lock, so `env` answers while another
+process holds the lock for longer than the timeout (the full path's `env` grants, and
+would time out; its `get` reads through portalloc.reading too);
 and only a ledger save() wrote, unchanged since (its CRC-32 says so), is read this
 way: a file edited by hand goes the full path, which checks the whole document. A
 file forged to look like save()'s own, CRC and all, can be read differently by the
@@ -65,53 +68,27 @@ def parse(args: list[str]) -> Read | None:
 
 
 def serve(read: Read) -> str | None:
-    """What the full CLI would print for READ, if the ledger answers it without a write."""
+    """What the full CLI would print for READ, if the ledger answers it without a write
+    (portalloc.reading decides; this only renders)."""
+    from portalloc import reading
     from portalloc.adapters.common import lookup, warn_ephemeral_overlap
-    from portalloc.codec import read_lease
     from portalloc.config import PortAllocatorConfig
-    from portalloc.facts import owner_alive, path_exists, utcnow, worktree_of
-    from portalloc.models import LedgerState, PortAllocation
+    from portalloc.facts import utcnow
+    from portalloc.models import PortAllocation
     from portalloc.render import render
-    from portalloc.rules import validate_session_id
 
     config = PortAllocatorConfig.from_env()
-    session, worktree = read.session, None
-    if session is None and (config.profile.env_file or config.profile.manifest):
-        return None  # the profile's files are to be kept current: the full CLI does that
-    if read.command == "env" and config.profile.waiting:
-        return None  # entries wait for trust: the full CLI says so
-    from portalloc.trust import private_dir
-
-    if not private_dir(os.path.dirname(config.ledger_file)):  # noqa: PTH120
-        return None  # a shared ledger's variables are screened: the full CLI does that
-    if session is None:
-        worktree = worktree_of(os.getcwd())  # noqa: PTH109 (no pathlib here)
-        session = worktree
-    validate_session_id(session)
-    lease = read_lease(config.ledger_file, session)
+    now = utcnow()
+    if read.command == "get" and read.session is not None:
+        lease = reading.lease(config, read.session, now)
+    else:
+        lease = reading.env_lease(config, read.session, now)
     if lease is None:
         return None
-    now = utcnow()
-    if lease.due(now):
-        # The allocator's reclaim asks each due lease the same question.
-        kept, reason = lease.fate(now, owner_alive, path_exists)
-        if reason is not None or kept is not lease:
-            return None  # to be reclaimed, or a `run` using it has died: a write
     allocation = PortAllocation.from_lease(lease, now, proxy_port=config.proxy_port)
     if read.command == "get":
         text = lookup(allocation, read.value) + "\n"
     else:
-        if config.profile_chosen:
-            # Whether the lease follows the project file's profile: the allocator's
-            # question, asked as the full CLI's grant asks it.
-            from portalloc import allocator
-
-            state = LedgerState({session: lease})
-            request = allocator.Request(session, config, worktree=worktree)
-            if allocator.grant(state, request, now, None).state is not state:
-                return None  # a refresh, a new anchor or a changed profile: a write
-        elif not lease.refreshed(now, config.ttl_minutes, None, worktree):
-            return None  # a refresh is due, or the worktree anchor is new: a write
         text = render(allocation.env, read.value)
     warn_ephemeral_overlap(config)
     return text
