@@ -296,7 +296,10 @@ def atomic_write(
                 while view:
                     view = view[os.write(fd, view) :]
             if durable:
-                os.fsync(fd)
+                # The data and the size it needs, not the times: the rename below and
+                # the directory's fsync make it the file (fsync where there is no
+                # fdatasync, as on macOS).
+                getattr(os, "fdatasync", os.fsync)(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)

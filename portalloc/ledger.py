@@ -20,7 +20,6 @@ from collections.abc import (
     Iterator,
     KeysView,
     Mapping,
-    MutableSequence,
     ValuesView,
 )
 from datetime import UTC, datetime
@@ -239,11 +238,11 @@ class _Index(NamedTuple):
 
     ids: list[str]
     # Integer columns: arrays, so a run of unchanged leases is copied by memcpy.
-    starts: MutableSequence[int]
-    ends: MutableSequence[int]
+    starts: array[int]
+    ends: array[int]
     names: list[str]  # compose project names
-    due: MutableSequence[int]  # a reclaim looks at the lease from this epoch second on (0: always)
-    bounds: MutableSequence[int]  # lease i is file[bounds[2 * i] : bounds[2 * i + 1]]
+    due: array[int]  # a reclaim looks at the lease from this epoch second on (0: always)
+    bounds: array[int]  # lease i is file[bounds[2 * i] : bounds[2 * i + 1]]
     leases_end: int  # where the `]` closing the leases list sits
     homes: dict[str, int]  # as in the file, from leases_end + len(_HOMES) on
     files_at: int  # where `,"files":` starts
@@ -438,13 +437,18 @@ class _Written:
         """Starts, ends and positions of the file's leases, lowest start first."""
         if self._spans is None:
             starts = self.index.starts
-            # map() and C-level getters: no Python-level step per lease.
-            order = sorted(range(len(starts)), key=starts.__getitem__)
-            self._spans = (
-                list(map(starts.__getitem__, order)),
-                list(map(self.index.ends.__getitem__, order)),
-                order,
-            )
+            ascending = sorted(starts)  # in C; at once when already in order
+            if ascending == starts.tolist():  # as a file of leases granted upwards is
+                order = list(range(len(starts)))
+                self._spans = (ascending, self.index.ends.tolist(), order)
+            else:
+                # map() and C-level getters: no Python-level step per lease.
+                order = sorted(range(len(starts)), key=starts.__getitem__)
+                self._spans = (
+                    list(map(starts.__getitem__, order)),
+                    list(map(self.index.ends.__getitem__, order)),
+                    order,
+                )
         return self._spans
 
     def names(self) -> set[str]:
