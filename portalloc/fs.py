@@ -28,7 +28,32 @@ if TYPE_CHECKING:
     from pathlib import Path  # at run time only where a write needs it: not on the read path
     from typing import TextIO
 
-Chunk = bytes | memoryview
+
+class FileRange:
+    """LENGTH bytes of the file open as FD from OFFSET on: a piece of a write that the
+    kernel copies file to file (a ledger of 10,000 leases rewritten for one new lease
+    never passes through the process)."""
+
+    __slots__ = ("fd", "length", "offset")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd, self.offset, self.length = fd, offset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def pieces(self, size: int = 1 << 20) -> Iterable[bytes]:
+        """The bytes, SIZE at a time; OSError if the file is shorter than it was."""
+        done = 0
+        while done < self.length:
+            piece = os.pread(self.fd, min(size, self.length - done), self.offset + done)
+            if not piece:
+                raise OSError(errno.EIO, "the file being copied was cut short")
+            done += len(piece)
+            yield piece
+
+
+Chunk = bytes | memoryview | FileRange
 
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -128,27 +153,32 @@ def read_with_stat(
     bytes, or when the file would block (a /proc file that has nothing to say yet)."""
     fd, info = open_regular(path, follow=follow)
     try:
-        if info.st_size > limit:
-            raise UnsafeFile(path, f"is {info.st_size} bytes, more than portalloc reads")
-        # In chunks: a /proc file says st_size 0, and one read of LIMIT bytes there
-        # fails with ENOMEM.
-        chunks: list[bytes] = []
-        total = 0
-        size = min(max(info.st_size + 1, 1 << 16), limit + 1)  # a regular file: one read
-        while True:
-            try:
-                chunk = os.read(fd, size)
-            except BlockingIOError:
-                raise UnsafeFile(path, "has nothing to read without waiting") from None
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise UnsafeFile(path, "grows past what portalloc reads")
-            chunks.append(chunk)
-        return b"".join(chunks), info
+        return read_open(fd, info, path, limit=limit), info
     finally:
         os.close(fd)
+
+
+def read_open(fd: int, info: os.stat_result, path: Path | str, *, limit: int = MAX_READ) -> bytes:
+    """The bytes of PATH, open as FD (fstat INFO, from open_regular), as read_with_stat."""
+    if info.st_size > limit:
+        raise UnsafeFile(path, f"is {info.st_size} bytes, more than portalloc reads")
+    # In chunks: a /proc file says st_size 0, and one read of LIMIT bytes there
+    # fails with ENOMEM.
+    chunks: list[bytes] = []
+    total = 0
+    size = min(max(info.st_size + 1, 1 << 16), limit + 1)  # a regular file: one read
+    while True:
+        try:
+            chunk = os.read(fd, size)
+        except BlockingIOError:
+            raise UnsafeFile(path, "has nothing to read without waiting") from None
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            raise UnsafeFile(path, "grows past what portalloc reads")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def read_text(path: Path | str, *, follow: bool = True) -> str:
@@ -259,11 +289,17 @@ def atomic_write(
             if mode != 0o600:
                 os.fchmod(fd, mode)
             for part in [data] if isinstance(data, bytes) else data:
+                if isinstance(part, FileRange):
+                    _copy(part, fd)
+                    continue
                 view = memoryview(part)
                 while view:
                     view = view[os.write(fd, view) :]
             if durable:
-                os.fsync(fd)
+                # The data and the size it needs, not the times: the rename below and
+                # the directory's fsync make it the file (fsync where there is no
+                # fdatasync, as on macOS).
+                getattr(os, "fdatasync", os.fsync)(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -281,6 +317,33 @@ def atomic_write(
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _copy(source: FileRange, fd: int) -> None:
+    """SOURCE's bytes onto FD, kernel to kernel where the system can (Linux), else read
+    and written a MiB at a time."""
+    done = 0
+    copy = getattr(os, "copy_file_range", None)
+    while copy is not None and done < source.length:
+        try:
+            count = copy(source.fd, fd, source.length - done, source.offset + done)
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_ERRNOS:
+                raise
+            break  # not between these files (another file system, an old kernel)
+        if count == 0:
+            raise OSError(errno.EIO, "the file being copied was cut short")
+        done += count
+    rest = FileRange(source.fd, source.offset + done, source.length - done)
+    for piece in rest.pieces():
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+_NO_COPY_ERRNOS = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ETXTBSY, errno.EBADF}
+)
 
 
 def write_report(prefix: str, text: str) -> str:

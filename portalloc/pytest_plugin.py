@@ -19,7 +19,7 @@ import pytest
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.facts import worktree_top
-from portalloc.service import PortAllocatorService
+from portalloc.service import PortAllocatorService, open_service
 
 _PORT_TEMPLATE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)_port\}$")
 
@@ -94,7 +94,7 @@ def _xdist_worker(config: pytest.Config) -> str | None:
 @pytest.fixture(scope="session")
 def portalloc_service() -> PortAllocatorService:
     """The service the plugin leases from; override it to point at another ledger."""
-    return PortAllocatorService()
+    return open_service()
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,18 @@
-"""Operations: each one is one transaction, lock -> load -> reclaim -> decide -> save."""
+"""Operations: each one is one transaction, lock -> load -> reclaim -> decide -> save;
+a read of a lease that needs none goes through portalloc.reading, without the lock.
+open_service() is how every entry point builds its service."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from portalloc import allocator, outputs, probe
+from portalloc import allocator, outputs, probe, reading
 from portalloc.allocator import Follow, Grant, PortCheck, Reclaimed, Request
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import LeaseNotFound, UsageError
@@ -94,8 +96,8 @@ class PortAllocatorService:
     ) -> Outcome:
         """Every operation's one transaction: under the ledger's lock, load, reclaim what
         is dead, let DECIDE return the new state and a value, and save only if the state
-        changed. (The read path, adapters/entry.py, and shell completion read the file
-        without the lock and never write it.)
+        changed. (A read that needs no write, `read`, goes through portalloc.reading
+        without the lock, as the read path and shell completion do.)
 
         A saved change (or ROUTES) hands the proxy its routes, still under the lock, so
         route tables reach it in the order the ledger changed."""
@@ -220,7 +222,7 @@ class PortAllocatorService:
 
         outcome = self._transact(decide)
         result: Grant = outcome.value
-        allocation = self._allocation(result.lease, outcome)
+        allocation = self._allocation(result.lease, outcome.now, outcome.state.homes)
         home = result.moved.home if result.moved else None
         for skip in result.skipped:
             if skip.block_start != home:
@@ -307,7 +309,7 @@ class PortAllocatorService:
 
         return check
 
-    def _allocation(self, lease: Lease, outcome: Outcome) -> PortAllocation:
+    def _allocation(self, lease: Lease, now: datetime, homes: Mapping[str, int]) -> PortAllocation:
         if self._shared_ledger:
             # Another member of the group may have written this lease's variables.
             lease = lease._replace(env=allocator.screened_env(lease, self.config))
@@ -315,8 +317,8 @@ class PortAllocatorService:
 
         return PortAllocation.from_lease(
             lease,
-            outcome.now,
-            outcome.state.homes.get(lease.session_id),
+            now,
+            homes.get(lease.session_id),
             self.config.proxy_port,
             render_sh(dict(lease.env)),
         )
@@ -333,7 +335,7 @@ class PortAllocatorService:
         """Active leases, lowest block first."""
         outcome = self._read()
         leases = sorted(outcome.state.leases.values(), key=lambda lease: lease.start)
-        return [self._allocation(lease, outcome) for lease in leases]
+        return [self._allocation(lease, outcome.now, outcome.state.homes) for lease in leases]
 
     def remembered(self) -> frozenset[str]:
         """Every session the ledger knows: those with a lease and those that held a
@@ -348,7 +350,24 @@ class PortAllocatorService:
         lease = outcome.state.leases.get(session_id)
         if lease is None:
             raise LeaseNotFound(session_id)
-        return self._allocation(lease, outcome)
+        return self._allocation(lease, outcome.now, outcome.state.homes)
+
+    def read(self, session_id: str) -> PortAllocation:
+        """The session's active lease, unchanged, as `get` and `check` print it: read
+        without the lock when the file answers it as it stands (portalloc.reading, the
+        read the fast entry shares), else `get`. Read alone, a lease does not say its
+        home block: `home_block` is then None."""
+        now = self.host.now()
+        found = reading.lease(
+            self.config,
+            session_id,
+            now,
+            alive=self.host.owner_alive,
+            exists=self.host.path_exists,
+        )
+        if found is None:
+            return self.get(session_id)
+        return self._allocation(found, now, {})
 
     def prune(self) -> list[Reclaimed]:
         """Reclaim expired and dead leases; return what was reclaimed."""
@@ -359,7 +378,7 @@ class PortAllocatorService:
         return them, lowest block first."""
         outcome = self._transact(lambda state, _now: (state, None), routes=True)
         leases = sorted(outcome.state.leases.values(), key=lambda lease: lease.start)
-        return [self._allocation(lease, outcome) for lease in leases]
+        return [self._allocation(lease, outcome.now, outcome.state.homes) for lease in leases]
 
 
 def _follow_line(
@@ -395,7 +414,21 @@ def _with_value(result: Grant) -> tuple[LedgerState, Grant]:
     return result.state, result
 
 
+def open_service(
+    config: PortAllocatorConfig | None = None,
+    *,
+    on_warning: Callable[[str], None] = _log_warning,
+) -> PortAllocatorService:
+    """The service of an entry point (the CLI, MCP, HTTP, the pytest plugin,
+    get_port_allocator): CONFIG, else the settings the environment and the project file
+    give now; warnings to ON_WARNING (a terminal's stderr, else the `portalloc`
+    logger). It keeps settings only, every lease lives in the ledger: one may serve a
+    process's life or a single call alike. (A test or an embedder that fakes the host
+    builds PortAllocatorService itself.)"""
+    return PortAllocatorService(config, on_warning=on_warning)
+
+
 @cache
 def get_port_allocator() -> PortAllocatorService:
     """The process-wide service, configured from the environment on first use."""
-    return PortAllocatorService()
+    return open_service()

@@ -243,7 +243,7 @@ ledger = state_dir / "leases.json"
 from portalloc import get_port_allocator
 
 service = get_port_allocator()
-real_fsync, real_replace = os.fsync, os.replace
+real_fsync, real_replace = getattr(os, "fdatasync", os.fsync), os.replace
 
 
 def is_temp_file(fd):
@@ -276,7 +276,7 @@ def replace(src, dst, *args, **kwargs):
         pause()
 
 
-os.fsync, os.replace = fsync, replace
+os.fdatasync, os.replace = fsync, replace  # the temp file's data is synced with fdatasync
 service.allocate(session)
 print("finished without reaching", stage, flush=True)
 """

@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, rule
 from portalloc import allocator
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import PortallocError
-from portalloc.fs import atomic_write
+from portalloc.fs import Chunk, FileRange, atomic_write
 from portalloc.host import Host
 from portalloc.ledger import codec
 from portalloc.ledger import store as ledger_module
@@ -187,17 +187,62 @@ def test_an_index_that_cannot_be_believed_is_ignored(
     assert (index.stat().st_mode & 0o777) == 0o600 and not index.is_symlink()
 
 
-def test_encode_in_pieces_is_dump(state_dir: Path, clock: FakeClock) -> None:
-    svc = service(state_dir, clock)
-    svc.allocate("a/é\"'$x")
-    svc.allocate("b", pid=os.getpid())
-    state = svc.ledger.load()
-    parts, _index = encode(state)
-    data = b"".join(parts)
+def _joined(parts: list[Chunk]) -> bytes:
+    return b"".join(b"".join(p.pieces()) if isinstance(p, FileRange) else p for p in parts)
+
+
+def _is_dump(data: bytes) -> None:
     document = json.loads(data)
     body = data[: -len(',"crc32":"00000000"}')] + b"}"
     assert document.pop("crc32") == f"{zlib.crc32(body):08x}"
     assert data == dump(document)
+
+
+@pytest.mark.parametrize("change", ["none", "add", "remove-first", "replace-last", "remove-all"])
+def test_encode_in_pieces_is_dump(state_dir: Path, clock: FakeClock, change: str) -> None:
+    """What save() writes in pieces is what dump() makes of the whole document, whether
+    the file's leases are copied file to file (their CRC-32 from the index) or read."""
+    svc = service(state_dir, clock)
+    for session in ("a/é\"'$x", "b", "c"):
+        svc.allocate(session, pid=os.getpid())
+    state = service(state_dir, clock).ledger.load()  # a new reader: through the index
+    leases = state.leases
+    if change == "add":
+        leases = leases.updated({"d": leases["c"]._replace(session_id="d")})
+    elif change == "remove-first":
+        leases = leases.updated({"a/é\"'$x": None})
+    elif change == "replace-last":
+        later = leases["c"].expires_at + timedelta(minutes=5)
+        leases = leases.updated({"c": leases["c"]._replace(expires_at=later)})
+    elif change == "remove-all":
+        leases = leases.updated(dict.fromkeys(leases))
+    parts, _index = encode(state.with_leases(leases))
+    copied = [part for part in parts if isinstance(part, FileRange)]
+    assert bool(copied) == (change != "remove-all")
+    _is_dump(_joined(parts))
+
+
+def test_a_copy_the_kernel_refuses_is_read_and_written(
+    state_dir: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where copy_file_range cannot copy (another OS, another file system), save() reads
+    and writes the pieces itself: the same bytes."""
+    import errno
+
+    svc = service(state_dir, clock)
+    for session in ("a", "b"):
+        svc.allocate(session)
+    before = (state_dir / "leases.json").read_bytes()
+
+    def refuse(*_args: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    service(state_dir, clock).allocate("c")
+    after = (state_dir / "leases.json").read_bytes()
+    _is_dump(after)
+    assert after.startswith(before[: before.index(b'],"homes":')])
+    assert sorted(service(state_dir, clock).ledger.load().leases) == ["a", "b", "c"]
 
 
 # --- the index path and the full path decide and write the same --------------------------

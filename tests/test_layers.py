@@ -62,11 +62,12 @@ LEDGER_LAYERS: dict[str, set[str]] = {
     f"{LEDGER}.index": {f"{LEDGER}.format", f"{LEDGER}.codec"},
     f"{LEDGER}.store": {f"{LEDGER}.format", f"{LEDGER}.codec", f"{LEDGER}.index"},
 }
-# Outside it, the service is the store's one user and the read path reads one lease
-# (codec.read_lease); nothing else reaches into the ledger.
+# Outside it, the service is the store's one user and portalloc.reading reads without
+# the lock (codec.read_lease, and parse_document for every lease); nothing else
+# reaches into the ledger.
 LEDGER_USERS = {
     "portalloc.service": {f"{LEDGER}.store"},
-    "portalloc.adapters.entry": {f"{LEDGER}.codec"},
+    "portalloc.reading": {f"{LEDGER}.codec"},
 }
 
 
@@ -91,6 +92,12 @@ def _ledger_imports(module: str) -> set[str]:
         ),
         *((module, {"portalloc.service", "portalloc.adapters"}) for module in LEDGER_LAYERS),
         ("portalloc.pytest_plugin", {"portalloc.adapters"}),
+        ("portalloc.service", {"portalloc.commands", "portalloc.adapters"}),
+        ("portalloc.reading", {"portalloc.service", "portalloc.adapters"}),
+        # The read path and completion read through portalloc.reading (and the service):
+        # the ledger's bytes and the lease decisions are not theirs.
+        ("portalloc.adapters.entry", {"portalloc.ledger", "portalloc.allocator"}),
+        ("portalloc.adapters.completion", {"json", "portalloc.ledger"}),
         ("portalloc.rules", {"portalloc.models", "portalloc.config", "portalloc.render"}),
     ],
 )
@@ -129,7 +136,27 @@ def test_only_adapters_import_the_frameworks() -> None:
     assert {module: names for module, names in outside.items() if names} == {}
 
 
+def test_commands_use_no_adapter() -> None:
+    """A command is a plain function the CLI, MCP and HTTP can all call: it imports no
+    adapter (nor, by the test above, any framework)."""
+    commands = [module for module in MODULES if module.startswith("portalloc.commands")]
+    assert "portalloc.commands.env" in commands
+    assert {m: sorted(_imports_any(m, {"portalloc.adapters"})) for m in commands} == {
+        m: [] for m in commands
+    }
+
+
+def test_the_core_does_not_reach_up_into_the_commands() -> None:
+    above = ("portalloc.commands", "portalloc.adapters")
+    users = {
+        module
+        for module in MODULES
+        if not module.startswith(above) and _imports_any(module, {"portalloc.commands"})
+    }
+    assert users == set()
+
+
 def test_the_check_sees_an_import_inside_a_function() -> None:
     assert "portalloc.hooks.files" in MODULES["portalloc.hooks.git"]
     assert _imports_any("portalloc.adapters.cli", {"typer"})
-    assert _ledger_imports("portalloc.adapters.entry") == {f"{LEDGER}.codec"}  # in serve()
+    assert _ledger_imports("portalloc.reading") == {f"{LEDGER}.codec"}  # leases() too

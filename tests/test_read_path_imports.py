@@ -19,13 +19,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# portalloc's own: the entry point, settings, the ledger's shapes, bytes and lock-free
-# read (ledger/format.py, ledger/codec.py, and the package's __init__.py, which imports
-# nothing), the lease rules and values, the renderers, the facts a reclaim asks, whether
-# the state dir is private (trust). Not the allocator (asked only where a project
-# file's profile applies), not profile.py (only where a project file is found), not
-# the ledger's store or index (the lock, the index), the service, the host, the probe
-# or any framework.
+# portalloc's own: the entry point, settings, the one read (reading: whether a lease
+# stands as it is) and the ledger's shapes and bytes it reads without the lock
+# (ledger/format.py, ledger/codec.py, and the package's __init__.py, which imports
+# nothing), the lease rules and values, the renderers, the facts a reclaim asks,
+# whether the state dir is private (trust). Not the allocator (asked only where a
+# project file's profile applies), not profile.py (only where a project file is
+# found), not the ledger's store or index (the lock, the index), the service, the
+# host, the probe or any framework.
 PORTALLOC = {
     "portalloc",
     "portalloc.adapters",
@@ -39,6 +40,7 @@ PORTALLOC = {
     "portalloc.facts",
     "portalloc.fs",
     "portalloc.models",
+    "portalloc.reading",
     "portalloc.records",
     "portalloc.render",
     "portalloc.rules",

@@ -1,4 +1,5 @@
-"""The `portalloc` command: parse, call the service, render, map errors to exit codes."""
+"""The `portalloc` command: parse, call the commands (portalloc.commands) and the service,
+render, map errors to exit codes."""
 
 from __future__ import annotations
 
@@ -27,16 +28,12 @@ from portalloc.adapters.common import (
 )
 from portalloc.config import DEFAULT_TTL_MINUTES, MANIFEST_NAME, PortAllocatorConfig
 from portalloc.errors import MissingExtra, PortallocError, UsageError, printable
-from portalloc.facts import worktree_top
-from portalloc.hooks import TOOLS, Tool
-from portalloc.host import inside
-from portalloc.render import FORMATS, render
-from portalloc.rules import MAX_PID, MAX_TTL_MINUTES, has_unprintable
+from portalloc.hooks import TOOLS
+from portalloc.render import FORMATS
+from portalloc.rules import MAX_PID, MAX_TTL_MINUTES
 
 if TYPE_CHECKING:
     from portalloc.host import Stack
-    from portalloc.models import PortAllocation
-    from portalloc.service import PortAllocatorService
 
 app = typer.Typer(
     name="portalloc",
@@ -258,8 +255,9 @@ def status(json_output: JsonOpt = False) -> None:
         status_view(allocations, service.config.max_sessions, service.ledger.path, console.width)
     )
     from portalloc.adapters.views import orphans_text
+    from portalloc.commands.status import orphans
 
-    _out(orphans_text(_orphans(service) or []))  # stacks whose worktree is gone
+    _out(orphans_text(orphans(service, _stacks() or [])))  # stacks whose worktree is gone
 
 
 @app.command(
@@ -313,6 +311,9 @@ def env(
     ] = False,
 ) -> None:
     """Print SESSION's environment block, allocating if needed."""
+    from portalloc.commands.env import env as lease
+    from portalloc.commands.env import target
+
     with _errors(json_output):
         if json_output:
             if fmt not in ("sh", "json"):
@@ -320,66 +321,12 @@ def env(
             fmt = "json"
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-        tree: Path | None = None
-        if worktree is not None:
-            tree = worktree.resolve()
-            if not tree.is_dir():
-                raise UsageError(f"--worktree {worktree}: not a directory")
-            # A directory inside a worktree means that worktree, as `env` run there does.
-            tree = worktree_top(tree)
-        elif session is None:
-            tree = Path(_session_or_worktree(None))
-        if session is None:
-            session = str(tree)
+        session, tree = target(session, worktree)
         service = cli_service(prints_env=True)
-        from portalloc import outputs
-
-        profile = service.config.profile
-        # The profile's files are kept current for a worktree's own lease only, and only
-        # from a project file inside that worktree: one in a parent directory (anyone's
-        # /tmp/portalloc.toml) does not get to write into it.
-        if tree is not None and (profile.manifest or profile.env_file):
-            source = profile.source
-            if source is None or not inside(os.path.realpath(source), os.path.realpath(tree)):
-                _warn(f"{source}: env_file and manifest are used only from the worktree's own file")
-            else:
-                if write is None and profile.manifest:
-                    write = outputs.file_in_worktree(tree, profile.manifest, "manifest")
-                if env_file is None and profile.env_file:
-                    env_file = outputs.file_in_worktree(tree, profile.env_file, "env_file")
-        manifest = None if write is None else outputs.manifest_path(write)
-        dotenv = None if env_file is None else env_file.absolute()
-        state_dir = service.config.state_dir
-        for path, option in ((manifest, "--write"), (dotenv, "--env-file")):
-            if path is not None:
-                if has_unprintable(str(path)):
-                    # Undecodable bytes or control characters: the ledger records the
-                    # path as UTF-8 text, and a terminal would show it raw.
-                    raise UsageError(f"{option} {printable(path)}: not a printable UTF-8 path")
-                outputs.check_writable(path, option, state_dir)
-        allocation = service.allocate(
-            session, ttl_minutes=ttl, pid=pid, worktree=tree, manifest=manifest, env_file=dotenv
+        printed = lease(
+            service, session, tree, fmt, ttl=ttl, pid=pid, write=write, env_file=env_file
         )
-        text = render(allocation.env, fmt)
-        if manifest is not None:
-            _write_manifest(manifest, allocation)
-        if dotenv is not None:
-            try:
-                outputs.write_env_file(
-                    dotenv, allocation.env, _warn, session_id=allocation.session_id
-                )
-            except OSError as exc:
-                raise PortallocError(f"--env-file {dotenv}: {exc.strerror or exc}") from None
-    _out(text)
-
-
-def _write_manifest(path: Path, allocation: PortAllocation) -> None:
-    from portalloc import outputs
-
-    try:
-        outputs.write_manifest(path, allocation)
-    except OSError as exc:
-        raise PortallocError(f"--write {path}: {exc.strerror or exc}") from None
+    _out(printed.text)
 
 
 @app.command(
@@ -406,7 +353,7 @@ def get(
 ) -> None:
     """Print one value of SESSION's active lease (read-only)."""
     with _errors():
-        allocation = cli_service().get(session)
+        allocation = cli_service().read(session)
         value = lookup(allocation, key)
     _out(value + "\n")
 
@@ -482,19 +429,12 @@ def prune(
     stops each with `docker compose -p NAME down` and checks that it is gone.
     """
     from portalloc.adapters import views
+    from portalloc.commands.prune import prune as pruning
 
     with _errors(json_output):
-        service = cli_service()
-        reclaimed = service.prune()
-    # A stack whose worktree was removed while it ran: its lease is reclaimed above,
-    # its containers still hold the block's ports. Only docker's own command stops it.
-    found = _orphans(service)
+        pruned = pruning(cli_service(), stop=stop, stacks=_stacks)
+    reclaimed, found, failed = pruned
     orphans = found or []
-    failed: dict[str, str] = {}
-    for stack in orphans if stop else ():
-        problem = _stop_stack(stack)
-        if problem is not None:
-            failed[stack.project] = problem
     if json_output:
         _print_json(
             {
@@ -523,66 +463,15 @@ def prune(
         raise typer.Exit(1)
 
 
-def _blocks(config: PortAllocatorConfig) -> range:
-    """Every port of every block portalloc hands out with CONFIG."""
-    return range(config.base, config.base + config.range * config.max_sessions)
-
-
-DOCKER_WAIT = 2.5  # seconds `status`, `prune` and `why` wait for docker in all
-
-
 def _stacks() -> list[Stack] | None:
-    """The running compose stacks, or None (said on stderr) when docker did not answer
-    within DOCKER_WAIT: a hung daemon does not hang `status`."""
-    from portalloc.host import DockerCLI, compose_stacks
+    """The running compose stacks (commands.status.stacks), or None, said on stderr,
+    when docker did not answer in time: a hung daemon does not hang `status`."""
+    from portalloc.commands.status import DOCKER_WAIT, stacks
 
-    stacks = compose_stacks(None, DockerCLI(DOCKER_WAIT))
-    if stacks is None:
+    found = stacks()
+    if found is None:
         _err(f"docker did not answer within {DOCKER_WAIT:g} s: compose stacks not looked at")
-    return stacks
-
-
-def _orphans(service: PortAllocatorService) -> list[Stack] | None:
-    """The compose stacks of removed worktrees of SERVICE's ledger (portalloc.orphans);
-    None when docker did not answer."""
-    from portalloc import orphans
-
-    stacks = _stacks()
-    if not stacks:
-        return stacks
-    return orphans.find(stacks, service.remembered(), _blocks(service.config))
-
-
-def _stop_stack(stack: Stack) -> str | None:
-    """`docker compose -p NAME down`, then docker's and the OS's word that its
-    containers and ports are gone: None, or what is still there."""
-    import time
-
-    from portalloc.host import DockerCLI, compose_down, compose_stacks
-    from portalloc.probe import port_is_free
-
-    problem = compose_down(stack.project)
-    if problem is not None:
-        return problem
-    left = compose_stacks(stack.project, DockerCLI(10))
-    if left is None:
-        return "docker did not answer after `down`: its containers may still run"
-    containers = sorted({name for item in left for name in item.containers})
-    if containers:
-        return (
-            f"`docker compose -p {stack.project} down` left its containers running: "
-            + ", ".join(map(printable, containers))
-        )
-    # docker-proxy lets go of a port as its container goes: a moment at most.
-    deadline = time.monotonic() + 3
-    while True:
-        held = [port for port in stack.ports if not port_is_free(port)]
-        if not held or time.monotonic() >= deadline:
-            break
-        time.sleep(0.1)
-    if held:
-        return f"ports {', '.join(map(str, held))} are still in use after `down`"
-    return None
+    return found
 
 
 def _wait_seconds(value: str) -> float:
@@ -599,16 +488,6 @@ def _wait_seconds(value: str) -> float:
             f"not {printable(value)!r}"
         )
     return seconds
-
-
-def _session_or_worktree(session: str | None) -> str:
-    if session is not None:
-        return session
-    try:
-        here = Path.cwd()
-    except FileNotFoundError:
-        raise UsageError("the current directory no longer exists; pass SESSION") from None
-    return str(worktree_top(here))
 
 
 @app.command(
@@ -645,33 +524,15 @@ def check(
     or reset is not an answer: docker-proxy does that while nothing listens inside the
     container yet.
     """
-    import time
-    from dataclasses import replace
-
-    from portalloc.probe import answering
+    from portalloc.adapters import views
+    from portalloc.commands.check import check as probe
+    from portalloc.commands.check import chosen
+    from portalloc.commands.env import here
 
     with _errors(json_output):
-        allocation = cli_service().get(_session_or_worktree(session))
-        if port_names:
-            unknown = [name for name in port_names if name not in allocation.ports]
-            if unknown:
-                raise UsageError(
-                    f"no port named {', '.join(map(repr, unknown))}; "
-                    f"known: {', '.join(allocation.ports)}"
-                )
-            chosen = {name: allocation.ports[name] for name in dict.fromkeys(port_names)}
-            allocation = replace(allocation, ports=chosen)
-    deadline = time.monotonic() + (wait or 0)
-    while True:
-        # A port counts only when its service answers: docker-proxy accepts at once and
-        # closes again while nothing listens in the container (probe.answering).
-        up = answering(set(allocation.ports.values()))
-        state = {name: up[port] for name, port in allocation.ports.items()}
-        if all(state.values()) or wait is None or time.monotonic() >= deadline:
-            break
-        time.sleep(0.1)
-    from portalloc.adapters import views
-
+        allocation = cli_service().read(session if session is not None else str(here()))
+        allocation = chosen(allocation, port_names)
+    state = probe(allocation, wait)
     closed = [f"{name} ({allocation.ports[name]})" for name, up in state.items() if not up]
     if json_output:
         _print_json(views.check_json(allocation, state))
@@ -698,26 +559,17 @@ def why(
     json_output: JsonOpt = False,
 ) -> None:
     """Tell which lease holds PORT and which process listens on it."""
-    from portalloc import orphans
     from portalloc.adapters import views
-    from portalloc.host import listeners
-    from portalloc.probe import is_listening
+    from portalloc.commands.why import why as holding
 
     with _errors(json_output):
-        service = cli_service()
-        holder = next((a for a in service.status() if a.block_start <= port <= a.block_end), None)
-    processes = [(item.pid, item.command or "") for item in listeners(port) if item.pid]
-    listening = bool(processes) or is_listening(port)
-    # Docker's word on who publishes it: the listener is docker-proxy or dockerd.
-    stacks_now = (_stacks() or []) if listening else []
-    publishing = [stack for stack in stacks_now if port in stack.ports]
-    orphaned = orphans.find(publishing, service.remembered(), _blocks(service.config))
-    stacks = [views.Published(stack, stack in orphaned) for stack in publishing]
-    found = views.Why(port, holder, processes, listening, stacks)
+        found = holding(cli_service(), port, stacks=_stacks)
+    stacks = [views.Published(stack, orphan) for stack, orphan in found.stacks or []]
+    shown = views.Why(port, found.holder, found.processes, found.listening, stacks)
     if json_output:
-        _print_json(found.to_json())
+        _print_json(shown.to_json())
     else:
-        _out(found.text())
+        _out(shown.text())
 
 
 @app.command(
@@ -747,30 +599,23 @@ def init(
 ) -> None:
     """Make the compose stack worktree-safe: every fixed host port and container_name
     becomes a variable with the old value as default, and a profile sets them."""
-    from portalloc import adopt
+    from portalloc.commands.init import init as adopting
+    from portalloc.commands.status import leases_of_worktrees
 
     with _errors():
-        top = worktree_top(Path.cwd())
-        paths = list(files) if files else adopt.find_compose_files(top)
-        if not paths:
-            raise UsageError(
-                f"no compose file at {top} (compose*.y*ml, docker-compose*.y*ml); name one"
-            )
-        plan = adopt.plan(paths, top)
-        profile_sets = adopt.add_profile(plan)
-        notes = adopt.report(plan, profile_sets) + adopt.hard_coded(plan)
-        if write:
-            adopt.write(plan)
-            if plan.profile_changed:
-                _trust_written(top)
-        else:
+        top, plan, notes = adopting(files, write=write, warn=_warn)
+        if not write:
             _out(plan.diff())
     for note in notes:
         _err(f"note: {note}")
     changed = ", ".join(shown for _path, shown, _old, _new in plan.changes)
     if write and plan.profile_changed:
         # A lease follows its profile at its next env: say which ones will.
-        for session in _leases_of_worktrees(top):
+        try:
+            followers = leases_of_worktrees(cli_service(), top)
+        except PortallocError:
+            followers = []  # only a note: no ledger to read is no lease to name
+        for session in followers:
             _err(
                 f"note: the lease of {session} was made with the old profile; the next "
                 "`portalloc env` there follows the new one"
@@ -783,49 +628,6 @@ def init(
         _out(f'variables: {variables}\nnext: eval "$(portalloc env)" in each worktree\n')
     else:
         _err(f"dry run: would change {changed}; run `portalloc init --write` to apply")
-
-
-def _trust_written(top: Path) -> None:
-    """`init --write` trusts the profile it wrote: every [env] entry in it is init's."""
-    from portalloc import trust as trusting
-    from portalloc.config import trust_dir_for
-    from portalloc.profile import find_project_file
-
-    found = find_project_file(top)
-    if found is None:
-        return
-    try:
-        _lines, data = trusting.review(found)
-        trusting.record(trust_dir_for(os.environ), data, found)
-    except PortallocError as exc:
-        _warn(f"{found}: not trusted ({exc.message})")
-
-
-def _leases_of_worktrees(top: Path) -> list[str]:
-    """Sessions of active leases held by TOP or another worktree of its repository."""
-    import subprocess
-
-    trees = {str(top)}
-    try:
-        listing = subprocess.run(
-            ["git", "worktree", "list", "--porcelain"],
-            cwd=top,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout
-        trees |= {
-            line[len("worktree ") :]
-            for line in listing.splitlines()
-            if line.startswith("worktree ")
-        }
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        return [a.session_id for a in cli_service().status() if a.session_id in trees]
-    except PortallocError:
-        return []
 
 
 ProjectPathArg = Annotated[
@@ -855,24 +657,22 @@ def trust(
     ] = False,
 ) -> None:
     """Trust a project file's [env] table: until then only port variables apply."""
-    from portalloc import trust as trusting
-    from portalloc.config import trust_dir_for
+    from portalloc.commands import trust as trusting
 
     with _errors():
-        found = trusting.project_file_at(path or Path.cwd())
-        lines, data = trusting.review(found)
+        reviewed = trusting.review(path)
         # Escaped, never raw: a value's bidi override or ESC must not disguise what
         # is being trusted.
-        shown = printable(found)
-        _out(f"{shown} (sha256 {trusting.digest(data)[:16]}) sets:\n")
-        _out("".join(f"  {printable(line)}\n" for line in lines))
+        shown = printable(reviewed.path)
+        _out(f"{shown} (sha256 {reviewed.digest[:16]}) sets:\n")
+        _out("".join(f"  {printable(line)}\n" for line in reviewed.lines))
         if show:
-            if trusting.believed(trust_dir_for(os.environ), data, found):
+            if trusting.trusted(reviewed):
                 _out("trusted: it applies in full\n")
             else:
                 _out(f"not trusted: only port variables apply; trust it: portalloc trust {shown}\n")
             return
-        record = trusting.record(trust_dir_for(os.environ), data, found)
+        record = trusting.trust(reviewed)
     _out(f"trusted: this content applies in full wherever it is found (record {record})\n")
 
 
@@ -889,18 +689,10 @@ def untrust(
     path: ProjectPathArg = None,
 ) -> None:
     """Forget that a project file was trusted: only port variables apply again."""
-    from portalloc import trust as trusting
-    from portalloc.config import trust_dir_for
-    from portalloc.errors import PortallocError
-    from portalloc.fs import read_bytes
+    from portalloc.commands.trust import untrust as forgetting
 
     with _errors():
-        found = trusting.project_file_at(path or Path.cwd())
-        try:
-            data: bytes | None = read_bytes(found)
-        except (OSError, PortallocError):
-            data = None
-        removed = trusting.forget(trust_dir_for(os.environ), data, found)
+        found, removed = forgetting(path)
     _out(f"untrusted {found}\n" if removed else f"{found} was not trusted\n")
 
 
@@ -941,14 +733,6 @@ RepoOpt = Annotated[
 ]
 
 
-def _tools(names: list[str] | None) -> list[Tool]:
-    chosen = list(dict.fromkeys(names or ["git"]))
-    unknown = [name for name in chosen if name not in TOOLS]
-    if unknown:
-        raise UsageError(f"unknown tool {', '.join(unknown)} (supported: {', '.join(TOOLS)})")
-    return [TOOLS[name] for name in chosen]
-
-
 @hook_app.command(
     "install",
     short_help="Give every new worktree its ports, with no command typed.",
@@ -966,10 +750,10 @@ def _tools(names: list[str] | None) -> list[Tool]:
     ),
 )
 def hook_install(tools: InstallToolOpt = None, repo: RepoOpt = None) -> None:
+    from portalloc.commands import hook
+
     with _errors():
-        where = (repo or Path.cwd()).absolute()
-        for tool in _tools(tools):
-            path = tool.install(where)
+        for tool, path in hook.install(tools, repo):
             _out(f"{tool.name}: {path} {tool.installed}\n")
 
 
@@ -984,10 +768,10 @@ def hook_install(tools: InstallToolOpt = None, repo: RepoOpt = None) -> None:
 )
 def hook_uninstall(tools: UninstallToolOpt = None, repo: RepoOpt = None) -> None:
     """Remove portalloc's part of the hooks, and nothing else."""
+    from portalloc.commands import hook
+
     with _errors():
-        where = (repo or Path.cwd()).absolute()
-        for tool in _tools(tools):
-            path = tool.uninstall(where)
+        for tool, path in hook.uninstall(tools, repo):
             _out(f"{tool.name}: {'removed from ' + str(path) if path else 'nothing to remove'}\n")
 
 
@@ -1013,26 +797,13 @@ app.add_typer(proxy_app, name="proxy")
 )
 def proxy_start(json_output: JsonOpt = False) -> None:
     """Start Caddy with every lease's routes; a no-op when it runs."""
-    from portalloc import proxy
     from portalloc.adapters.views import proxy_text
-    from portalloc.proxy import caddy
+    from portalloc.commands import proxy
 
     with _errors(json_output):
         service = cli_service()
-        config = service.config
-        config.check_proxy_port()
-        port = config.proxy_port
-        holder = next((a for a in service.status() if a.block_start <= port <= a.block_end), None)
-        if holder is not None:
-            raise UsageError(
-                f"proxy port {port} lies in the block {holder.block_start}-{holder.block_end} "
-                f"of session {holder.session_id!r}; set PORTALLOC_PROXY_PORT outside every block"
-            )
-        directory = proxy.directory(config.state_dir)
-        crashed = caddy.status(directory).crashed
-        found, started = caddy.start(directory, port, [])
-        service.sync_proxy()  # the routes, under the ledger's lock: none is missed
-        found = caddy.status(directory)
+        found, started, crashed = proxy.start(service)
+    port = service.config.proxy_port
     if found.process is not None and found.process.port != port:
         warn(f"the proxy runs on port {found.process.port}, not {port}: stop it and start again")
     if json_output:
@@ -1054,12 +825,10 @@ def proxy_start(json_output: JsonOpt = False) -> None:
 )
 def proxy_stop(json_output: JsonOpt = False) -> None:
     """Stop the proxy's Caddy, by its PID file (never by name)."""
-    from portalloc import proxy
-    from portalloc.proxy import caddy
+    from portalloc.commands import proxy
 
     with _errors(json_output):
-        config = PortAllocatorConfig.from_env()
-        stopped = caddy.stop(proxy.directory(config.state_dir))
+        stopped = proxy.stop(PortAllocatorConfig.from_env())
     if json_output:
         _print_json({"success": True, "stopped": stopped is not None})
     elif stopped is not None:
@@ -1080,13 +849,11 @@ def proxy_stop(json_output: JsonOpt = False) -> None:
 )
 def proxy_status(json_output: JsonOpt = False) -> None:
     """Say whether the proxy runs, where, and which names it answers."""
-    from portalloc import proxy
     from portalloc.adapters.views import proxy_text
-    from portalloc.proxy import caddy
+    from portalloc.commands import proxy
 
     with _errors(json_output):
-        config = PortAllocatorConfig.from_env()
-        found = caddy.status(proxy.directory(config.state_dir))
+        found = proxy.status(PortAllocatorConfig.from_env())
     if json_output:
         _print_json(found.to_json())
     else:

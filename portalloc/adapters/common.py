@@ -169,13 +169,13 @@ def cli_service(*, prints_env: bool = False) -> PortAllocatorService:
     file), the ephemeral-range warning, warnings on stderr; for a command that hands
     out variables (PRINTS_ENV), the line saying which of the file's wait for trust."""
     from portalloc.config import PortAllocatorConfig
-    from portalloc.service import PortAllocatorService
+    from portalloc.service import open_service
 
     config = PortAllocatorConfig.from_env()
     warn_ephemeral_overlap(config)
     if prints_env:
         warn_untrusted(config)
-    return PortAllocatorService(config, on_warning=warn)
+    return open_service(config, on_warning=warn)
 
 
 def warn_untrusted(config: PortAllocatorConfig) -> None:

@@ -3,13 +3,16 @@
 `eval "$(portalloc env)"` runs on every `cd` under direnv, in prompt hooks and in
 recipes (`$(portalloc get S api)`). When the lease it needs exists, is live and needs
 no refresh, the answer is in the ledger as last written: it is only ever replaced
-whole, so it can be read without the lock, without Typer, pydantic or filelock. For
+whole, so it can be read without the lock, without Typer, pydantic or filelock.
+portalloc.reading reads it and decides that, as it does for the service's `read`
+(`get`, `check`) and for completion; this module only parses and prints. For
 anything else (another command or flag, `--help`, a lease to make, refresh or
 reclaim, any error) the full Typer CLI runs, and says what it says. A differential
 test runs a matrix of invocations through both paths and compares every byte.
 
-Two differences are by design: a read needs no lock, so it answers while another
-process holds the lock for longer than the timeout (the full path would time out);
+Two differences are by design: a read needs no lock, so `env` answers while another
+process holds the lock for longer than the timeout (the full path's `env` grants, and
+would time out; its `get` reads through portalloc.reading too);
 and only a ledger save() wrote, unchanged since (its CRC-32 says so), is read this
 way: a file edited by hand goes the full path, which checks the whole document. A
 file forged to look like save()'s own, CRC and all, can be read differently by the
@@ -65,62 +68,38 @@ def parse(args: list[str]) -> Read | None:
 
 
 def serve(read: Read) -> str | None:
-    """What the full CLI would print for READ, if the ledger answers it without a write."""
+    """What the full CLI would print for READ, if the ledger answers it without a write
+    (portalloc.reading decides; this only renders)."""
+    from portalloc import reading
     from portalloc.adapters.common import lookup, warn_ephemeral_overlap
     from portalloc.config import PortAllocatorConfig
-    from portalloc.facts import owner_alive, path_exists, utcnow, worktree_of
-    from portalloc.ledger.codec import read_lease
-    from portalloc.models import LedgerState, PortAllocation
+    from portalloc.facts import utcnow
+    from portalloc.models import PortAllocation
     from portalloc.render import render
-    from portalloc.rules import validate_session_id
 
     config = PortAllocatorConfig.from_env()
-    session, worktree = read.session, None
-    if session is None and (config.profile.env_file or config.profile.manifest):
-        return None  # the profile's files are to be kept current: the full CLI does that
-    if read.command == "env" and config.profile.waiting:
-        return None  # entries wait for trust: the full CLI says so
-    from portalloc.trust import private_dir
-
-    if not private_dir(os.path.dirname(config.ledger_file)):  # noqa: PTH120
-        return None  # a shared ledger's variables are screened: the full CLI does that
-    if session is None:
-        worktree = worktree_of(os.getcwd())  # noqa: PTH109 (no pathlib here)
-        session = worktree
-    validate_session_id(session)
-    lease = read_lease(config.ledger_file, session)
+    now = utcnow()
+    if read.command == "get" and read.session is not None:
+        lease = reading.lease(config, read.session, now)
+    else:
+        lease = reading.env_lease(config, read.session, now)
     if lease is None:
         return None
-    now = utcnow()
-    if lease.due(now):
-        # The allocator's reclaim asks each due lease the same question.
-        kept, reason = lease.fate(now, owner_alive, path_exists)
-        if reason is not None or kept is not lease:
-            return None  # to be reclaimed, or a `run` using it has died: a write
     allocation = PortAllocation.from_lease(lease, now, proxy_port=config.proxy_port)
     if read.command == "get":
         text = lookup(allocation, read.value) + "\n"
     else:
-        if config.profile_chosen:
-            # Whether the lease follows the project file's profile: the allocator's
-            # question, asked as the full CLI's grant asks it.
-            from portalloc import allocator
-
-            state = LedgerState({session: lease})
-            request = allocator.Request(session, config, worktree=worktree)
-            if allocator.grant(state, request, now, None).state is not state:
-                return None  # a refresh, a new anchor or a changed profile: a write
-        elif not lease.refreshed(now, config.ttl_minutes, None, worktree):
-            return None  # a refresh is due, or the worktree anchor is new: a write
         text = render(allocation.env, read.value)
     warn_ephemeral_overlap(config)
     return text
 
 
-def allocate(session: str, json_output: bool) -> int:
+def allocate(session: str, json_output: bool, *, process: bool = False) -> int:
     """`allocate SESSION [--json]` without Typer: the same service call, the same output,
     the same one-line errors. With 200 processes starting at once, what each one does
-    not import is CPU the lock holder gets instead."""
+    not import is CPU the lock holder gets instead. PROCESS: as for main(); a grant
+    printed ends the process at once (the table of 10,000 leases it read is not freed
+    object by object: about 6 ms, bench/README.md)."""
     from portalloc.adapters.common import (
         allocate_body,
         cli_service,
@@ -142,6 +121,8 @@ def allocate(session: str, json_output: bool) -> int:
         sys.stdout.flush()
     except Exception as exc:
         return unexpected(exc)
+    if process:
+        _answered()  # the ledger is saved (fsynced) and its lock released
     return 0
 
 
@@ -164,7 +145,7 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
     read = None if "_PORTALLOC_COMPLETE" in os.environ else parse(args)
     try:
         if read is not None and read.command == "allocate" and read.session is not None:
-            return allocate(read.session, read.value == "json")
+            return allocate(read.session, read.value == "json", process=process)
         if read is not None:
             try:
                 text = serve(read)
@@ -192,8 +173,10 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
 def _answered() -> None:
     """End the process, exit 0, without tearing the interpreter down: freeing every
     module and object at exit costs a read about a third of `python -c pass`
-    (bench/README.md). Nothing on the read path needs it: stdout is flushed, no lock or
-    file is held, and none of the modules it imports registers an atexit handler."""
+    (bench/README.md). Nothing a read or a grant leaves needs it: stdout is flushed,
+    the lock released, a saved ledger fsynced; of the atexit handlers, logging's
+    (filelock's logger has no handler) and weakref's (a ledger descriptor to close)
+    have nothing the kernel does not do."""
     try:
         sys.stderr.flush()
     except Exception:  # a closed stderr: nothing to flush  # noqa: S110

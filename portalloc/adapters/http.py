@@ -28,7 +28,6 @@ from portalloc.adapters.common import (
     warn,
 )
 from portalloc.adapters.schema import Allocation
-from portalloc.config import PortAllocatorConfig
 from portalloc.errors import (
     ConfigError,
     InvalidSessionId,
@@ -37,7 +36,7 @@ from portalloc.errors import (
     PortallocError,
 )
 from portalloc.rules import MAX_SESSION_ID_LENGTH, validate_session_id
-from portalloc.service import PortAllocatorService
+from portalloc.service import PortAllocatorService, open_service
 
 ENV_API_KEY = "PORTALLOC_API_KEY"
 JSON_TYPE = "Content-Type: application/json"
@@ -337,9 +336,7 @@ def create_app(
 ) -> FastAPI:
     """The HTTP API over SERVICE_FACTORY()'s ledger; API_KEY defaults to $PORTALLOC_API_KEY."""
     # One service is enough: it keeps settings only, every lease lives in the ledger.
-    get_service = service_factory or _shared(
-        PortAllocatorService(PortAllocatorConfig.from_env(), on_warning=_warn)
-    )
+    get_service = service_factory or _shared(open_service(on_warning=_warn))
     key = api_key if api_key is not None else os.environ.get(ENV_API_KEY, "")
     # Without a key nothing matches: an app built by mistake without one fails closed.
     expected = key.encode("utf-8")

@@ -15,7 +15,7 @@ from portalloc.adapters.common import allocate_body, error_body, warn
 from portalloc.adapters.schema import Allocation
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable, PortallocError
-from portalloc.service import PortAllocatorService
+from portalloc.service import PortAllocatorService, open_service
 
 SERVER_NAME = "portalloc"
 
@@ -91,8 +91,10 @@ _warn = warn
 
 
 def _service() -> PortAllocatorService:
-    """A fresh service per call: settings re-read, all state in the locked ledger."""
-    return PortAllocatorService(PortAllocatorConfig.from_env(), on_warning=_warn)
+    """A service per call: the settings and the project file read again, as each command
+    line reads them (a session can run `portalloc init --write` or `trust` while the
+    client keeps this server running); every lease is in the locked ledger anyway."""
+    return open_service(on_warning=_warn)
 
 
 def _internal(exc: Exception) -> Exception:

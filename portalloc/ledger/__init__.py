@@ -6,7 +6,8 @@
              read_lease, one lease read without the lock
 - index.py   the per-user index of a large ledger, and the encoder every save uses
 - store.py   Ledger: the lock, load, save, quarantine; the one module that opens the
-             ledger's files (but for read_lease, and shell completion for now)
+             ledger's files (but for the reads without the lock: read_lease, and
+             portalloc.reading.leases for completion)
 
 Nothing is imported here: the read path (`portalloc env`) imports codec.py and
 format.py alone, never the store, the index or filelock.

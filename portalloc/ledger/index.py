@@ -22,13 +22,12 @@ from collections.abc import (
     Iterator,
     KeysView,
     Mapping,
-    MutableSequence,
     ValuesView,
 )
 from itertools import chain, compress, islice
 from operator import eq
 
-from portalloc.fs import Chunk
+from portalloc.fs import Chunk, FileRange
 from portalloc.ledger.codec import (
     _CRC_KEY,
     _NEXT_LEASE,
@@ -51,28 +50,31 @@ if TYPE_CHECKING:
 
 # An index file's first line: marshal's format and the columns' machine words differ
 # between Pythons and machines, so only the kind that wrote an index reads it back.
-_INDEX_MAGIC = b"portalloc-index 3 python %d.%d marshal %d %s\n" % (
+_INDEX_MAGIC = b"portalloc-index 4 python %d.%d marshal %d %s\n" % (
     *sys.version_info[:2],
     marshal.version,
     sys.byteorder.encode(),  # the integer columns are machine words
 )
-_DIGEST_SIZE = 32  # SHA-256
+_DIGEST_SIZE = 32  # SHA-256, of what names the ledger file (see _seal)
+_CHECK_SIZE = 4  # a CRC-32 of the index's own bytes: a damaged cache is not believed
+_PREFIX_CRC = zlib.crc32(_PREFIX.encode())
 
 
 class _Index(NamedTuple):
     """Each lease of a file save() wrote, in file order, as columns."""
 
     ids: list[str]
-    # Integer columns: lists as save() builds them, arrays as read back (see _words).
-    starts: MutableSequence[int]
-    ends: MutableSequence[int]
+    # Integer columns: arrays, so a run of unchanged leases is copied by memcpy.
+    starts: array[int]
+    ends: array[int]
     names: list[str]  # compose project names
-    due: MutableSequence[int]  # a reclaim looks at the lease from this epoch second on (0: always)
-    bounds: MutableSequence[int]  # lease i is file[bounds[2 * i] : bounds[2 * i + 1]]
+    due: array[int]  # a reclaim looks at the lease from this epoch second on (0: always)
+    bounds: array[int]  # lease i is file[bounds[2 * i] : bounds[2 * i + 1]]
     leases_end: int  # where the `]` closing the leases list sits
     homes: dict[str, int]  # as in the file, from leases_end + len(_HOMES) on
     files_at: int  # where `,"files":` starts
     slugs: list[str]  # each lease's slug, '' for none
+    prefix_crc: int  # the CRC-32 of the file up to leases_end: an append needs no more
 
 
 # The index's columns as a few long strings rather than lists of ten thousand objects:
@@ -83,7 +85,7 @@ _SEP = "\0"
 
 
 def _words(values: Iterable[int]) -> bytes:
-    return array("q", values).tobytes()
+    return (values if isinstance(values, array) else array("q", values)).tobytes()
 
 
 def _from_words(data: bytes) -> array[int]:
@@ -115,23 +117,25 @@ def _pack_index(index: _Index) -> tuple[int | str | bytes, ...]:
         _words(list(index.homes.values())),
         index.files_at,
         _joined(index.slugs),
+        index.prefix_crc,
     )
 
 
 def _unpack_index(packed: object) -> _Index:
     """The index _pack_index() made; ValueError or TypeError for anything else."""
-    if type(packed) is not tuple or len(packed) != 13:
+    if type(packed) is not tuple or len(packed) != 14:
         raise ValueError("not an index")
     count, ids, starts, ends, names, due, bounds, leases_end, homes_count, homes, home_starts = (
         packed[:11]
     )
-    files_at, slugs = packed[11:]
+    files_at, slugs, prefix_crc = packed[11:]
     texts, words = (ids, names, homes, slugs), (starts, ends, due, bounds, home_starts)
     if not all(type(column) is str for column in texts) or not all(
         type(column) is bytes for column in words
     ):
         raise TypeError("columns")
-    if not all(type(number) is int for number in (count, homes_count, leases_end, files_at)):
+    numbers = (count, homes_count, leases_end, files_at, prefix_crc)
+    if not all(type(number) is int for number in numbers):
         raise TypeError("counts")
     home_ids = _split(homes, homes_count)
     home_blocks = _from_words(home_starts)
@@ -148,31 +152,29 @@ def _unpack_index(packed: object) -> _Index:
         dict(zip(home_ids, home_blocks, strict=True)),
         files_at,
         _split(slugs, count),
+        prefix_crc,
     )
 
 
-def dump_index(index: _Index, seal: bytes) -> bytes:
-    """The bytes of an index file: INDEX, vouching for the ledger file SEAL names."""
-    import hashlib
-
+def dump_index(index: _Index, seal: bytes) -> list[bytes]:
+    """The bytes of an index file, in pieces: INDEX, vouching for the ledger file SEAL
+    names."""
     blob = marshal.dumps(_pack_index(index))
-    return b"".join([_INDEX_MAGIC, seal, hashlib.sha256(blob).digest(), blob])
+    return [_INDEX_MAGIC, seal, zlib.crc32(blob).to_bytes(_CHECK_SIZE, "big"), blob]
 
 
 def parse_index(blob: bytes, seal: bytes) -> _Index | None:
     """The index in BLOB, an index file's bytes, if it vouches for the ledger file SEAL
     names and is whole; else None."""
-    import hashlib
-
     head = len(_INDEX_MAGIC)
-    payload_digest = blob[head + _DIGEST_SIZE : head + 2 * _DIGEST_SIZE]  # of the index
-    payload = blob[head + 2 * _DIGEST_SIZE :]
+    check = blob[head + _DIGEST_SIZE : head + _DIGEST_SIZE + _CHECK_SIZE]
+    payload = memoryview(blob)[head + _DIGEST_SIZE + _CHECK_SIZE :]  # not copied
     if not blob.startswith(_INDEX_MAGIC) or blob[head : head + _DIGEST_SIZE] != seal:
         return None
-    if hashlib.sha256(payload).digest() != payload_digest:
+    if zlib.crc32(payload).to_bytes(_CHECK_SIZE, "big") != check:
         return None
     try:
-        # Bytes this user wrote (the store checks owner and mode), whole (digest).
+        # Bytes this user wrote (the store checks owner and mode), whole (CRC-32).
         index = _unpack_index(marshal.loads(payload))  # noqa: S302
     except (ValueError, TypeError, EOFError, UnicodeDecodeError):
         return None
@@ -188,6 +190,11 @@ def _stat_key(info: os.stat_result) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
+def _own(info: os.stat_result) -> bool:
+    """Whether the file of INFO is this user's and nobody else may write it."""
+    return info.st_uid == os.geteuid() and not info.st_mode & 0o077
+
+
 def _seal(data: Iterable[Chunk], info: os.stat_result) -> bytes:
     """What names the ledger file of the bytes DATA (as INFO) in the index that vouches
     for it.
@@ -199,12 +206,12 @@ def _seal(data: Iterable[Chunk], info: os.stat_result) -> bytes:
     """
     import hashlib
 
-    private = info.st_uid == os.geteuid() and not info.st_mode & 0o077
-    if private:
+    if _own(info):
         return hashlib.sha256(b"stat %d %d %d %d %d" % _stat_key(info)).digest()
     digest = hashlib.sha256()
     for part in data:
-        digest.update(part)
+        for piece in part.pieces() if isinstance(part, FileRange) else [part]:
+            digest.update(piece)
     return digest.digest()
 
 
@@ -214,17 +221,56 @@ def _due_second(lease: Lease) -> int:
 
 
 class _Written:
-    """A ledger file save() wrote and its index; each lease parsed when first asked for."""
+    """A ledger file save() wrote and its index; each lease parsed when first asked for.
 
-    __slots__ = ("_names", "_parsed", "_positions", "_spans", "data", "index")
+    Its bytes are in memory (DATA) or, for this user's own file vouched for by its
+    index, read where needed from the descriptor FD: a grant at 10,000 leases reads
+    the few it parses and the end of the file, and its save has the kernel copy the
+    rest (fs.FileRange)."""
 
-    def __init__(self, data: bytes, index: _Index) -> None:
+    __slots__ = ("__weakref__", "_names", "_parsed", "_positions", "_spans", "data", "fd", "index")
+
+    def __init__(self, index: _Index, data: bytes | None = None, fd: int | None = None) -> None:
         self.data = data
+        self.fd = fd
+        if fd is not None:
+            import weakref
+
+            # Closed with the last state that holds it (a server caches one).
+            weakref.finalize(self, os.close, fd)
         self.index = index
         self._positions: dict[str, int] | None = None
         self._parsed: dict[int, Lease] = {}
         self._spans: tuple[list[int], list[int], list[int]] | None = None
         self._names: set[str] | None = None
+
+    def read(self, begin: int, end: int) -> bytes:
+        """The file's bytes from BEGIN to END."""
+        if self.data is not None:
+            return self.data[begin:end]
+        if self.fd is None:
+            raise AssertionError("a written ledger without its bytes")
+        return b"".join(FileRange(self.fd, begin, end - begin).pieces())
+
+    def chunk(self, begin: int, end: int) -> Chunk:
+        """The file's bytes from BEGIN to END, for a write: not copied where avoidable."""
+        if self.data is not None:
+            return memoryview(self.data)[begin:end]
+        if self.fd is None:
+            raise AssertionError("a written ledger without its bytes")
+        return FileRange(self.fd, begin, end - begin)
+
+    def crc(self, part: FileRange, crc: int) -> int:
+        """The CRC-32 CRC continued over PART, a piece of this file."""
+        if (
+            crc == _PREFIX_CRC
+            and part.offset == len(_PREFIX)
+            and part.length == (self.index.leases_end - len(_PREFIX))
+        ):
+            return self.index.prefix_crc  # all of the file's leases, as its index says
+        for piece in part.pieces():
+            crc = zlib.crc32(piece, crc)
+        return crc
 
     def positions(self) -> dict[str, int]:
         if self._positions is None:
@@ -235,7 +281,7 @@ class _Written:
         lease = self._parsed.get(position)
         if lease is None:
             bounds = self.index.bounds
-            text = self.data[bounds[2 * position] : bounds[2 * position + 1]]
+            text = self.read(bounds[2 * position], bounds[2 * position + 1])
             # Checked by the same rules as every lease read in full: it may be printed.
             lease = lease_from_raw(json.loads(text))
             if lease.session_id != self.index.ids[position]:
@@ -247,13 +293,18 @@ class _Written:
         """Starts, ends and positions of the file's leases, lowest start first."""
         if self._spans is None:
             starts = self.index.starts
-            # map() and C-level getters: no Python-level step per lease.
-            order = sorted(range(len(starts)), key=starts.__getitem__)
-            self._spans = (
-                list(map(starts.__getitem__, order)),
-                list(map(self.index.ends.__getitem__, order)),
-                order,
-            )
+            ascending = sorted(starts)  # in C; at once when already in order
+            if ascending == starts.tolist():  # as a file of leases granted upwards is
+                order = list(range(len(starts)))
+                self._spans = (ascending, self.index.ends.tolist(), order)
+            else:
+                # map() and C-level getters: no Python-level step per lease.
+                order = sorted(range(len(starts)), key=starts.__getitem__)
+                self._spans = (
+                    list(map(starts.__getitem__, order)),
+                    list(map(self.index.ends.__getitem__, order)),
+                    order,
+                )
         return self._spans
 
     def names(self) -> set[str]:
@@ -443,11 +494,12 @@ class _Encoder:
 
     def __init__(self) -> None:
         # Views into the file read, not copies: at 5 MiB each copy shows in the bench.
-        self.parts: list[bytes | memoryview] = [_PREFIX.encode()]
+        self.parts: list[Chunk] = [_PREFIX.encode()]
         self.offset = len(_PREFIX)
-        self.index = _Index([], [], [], [], [], [], 0, {}, 0, [])
+        # Integer columns as arrays: a run of the file's leases extends them by memcpy.
+        self.index = _Index([], array("q"), array("q"), [], array("q"), array("q"), 0, {}, 0, [], 0)
 
-    def _place(self, text: bytes | memoryview) -> int:
+    def _place(self, text: Chunk) -> int:
         if len(self.parts) > 1:
             self.parts.append(b",")
             self.offset += 1
@@ -500,7 +552,7 @@ class _Encoder:
             return
         source, bounds = written.index, written.index.bounds
         begin = bounds[2 * first]
-        start = self._place(memoryview(written.data)[begin : bounds[2 * stop - 1]])
+        start = self._place(written.chunk(begin, bounds[2 * stop - 1]))
         shift = start - begin
         index = self.index
         index.ids.extend(source.ids[first:stop])
@@ -523,15 +575,24 @@ class _Encoder:
         # Exactly what dump() makes of the whole document, a piece at a time, never
         # joined: five MiB copied once more shows in the bench.
         parts = self.parts
-        parts += [_HOMES, homes, _FILES, _json(files), _SLUGS, _json(state.slugs)]
         crc = 0
         for part in parts:
+            if isinstance(part, FileRange):
+                if written is None:
+                    raise AssertionError("a piece of a file from no file")
+                crc = written.crc(part, crc)
+            else:
+                crc = zlib.crc32(part, crc)
+        prefix_crc = crc
+        rest = [_HOMES, homes, _FILES, _json(files), _SLUGS, _json(state.slugs)]
+        for part in rest:
             crc = zlib.crc32(part, crc)
+        parts += rest
         crc = zlib.crc32(b"}", crc)
         parts += [_CRC_KEY, b"%08x" % crc, b'"}']
         files_at = self.offset + len(_HOMES) + len(homes)
         return parts, self.index._replace(
-            leases_end=self.offset, homes=state.homes, files_at=files_at
+            leases_end=self.offset, homes=state.homes, files_at=files_at, prefix_crc=prefix_crc
         )
 
 
@@ -545,7 +606,7 @@ def _homes_text(homes: dict[str, int], written: _Written | None) -> bytes:
     if written is None or not homes:
         return _json(homes)
     index = written.index
-    text = written.data[index.leases_end + len(_HOMES) : index.files_at]
+    text = written.read(index.leases_end + len(_HOMES), index.files_at)
     old = index.homes
     if homes is old:
         return text

@@ -1,8 +1,8 @@
 """The ledger's store: leases.json, its lock and its index file in the state directory.
 The lock, load (in full by codec.py, or through the index), save (encoded by index.py,
-written by fs.atomic_write), quarantine. No other module opens those files but
-codec.read_lease (the read path's lock-free read of one lease) and, for now, shell
-completion (adapters/completion.py): tests/test_ledger_ownership.py."""
+written by fs.atomic_write), quarantine. No other module opens those files but the
+reads without the lock: codec.read_lease (one lease) and portalloc.reading.leases
+(every lease, for completion); tests/test_ledger_ownership.py."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ from portalloc.config import LEDGER_NAME
 from portalloc.errors import LedgerError, LockTimeout
 from portalloc.fs import (
     Chunk,
+    FileRange,
     UnsafeFile,
     atomic_write,
     is_temp_name,
     lstat_regular,
+    open_regular,
+    read_open,
     read_with_stat,
 )
 from portalloc.ledger.codec import (
@@ -34,6 +37,7 @@ from portalloc.ledger.format import LEDGER_VERSION, _Malformed, _TooNew
 from portalloc.ledger.index import (
     _Index,
     _IndexedLeases,
+    _own,
     _seal,
     _stat_key,
     _Written,
@@ -210,8 +214,19 @@ class Ledger:
         return state
 
     def _load(self) -> LedgerState:
+        fd: int | None = None
         try:
-            data, info = read_with_stat(self.path, follow=False)
+            fd, info = open_regular(self.path, follow=False)
+            # This user's own file, named by its stat in its index: read only what is
+            # needed, from the descriptor the state keeps (see _Written).
+            if self.index_path is not None and _own(info):
+                indexed = self._load_indexed(info, fd=fd)
+                if indexed is not None:
+                    fd = None  # the state's now
+                    self._known = {}
+                    self.dirty = False
+                    return indexed
+            data = read_open(fd, info, self.path)
         except UnsafeFile as exc:
             if exc.kind != "a symlink":
                 raise
@@ -222,7 +237,10 @@ class Ledger:
             return LedgerState()
         except OSError as exc:
             raise LedgerError(self.path, f"cannot read: {exc.strerror or exc}") from None
-        indexed = self._load_indexed(data, info)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        indexed = None if _own(info) else self._load_indexed(info, data=data)
         if indexed is not None:
             self._known = {}
             self.dirty = False
@@ -255,22 +273,33 @@ class Ledger:
             )
         return state
 
-    def _load_indexed(self, data: bytes, info: os.stat_result) -> LedgerState | None:
-        """The state in DATA (the file, as INFO), parsing only the end of it, if it is
-        exactly what save() last wrote here for this user (its index says so); else None."""
+    def _load_indexed(
+        self, info: os.stat_result, *, data: bytes | None = None, fd: int | None = None
+    ) -> LedgerState | None:
+        """The state in the file (as INFO; its bytes DATA, or open as FD), parsing only the
+        end of it, if it is exactly what save() last wrote here for this user (its index
+        says so); else None. With FD, the state keeps it (closed with the state)."""
         if self.index_path is None:
             return None
-        index = self._read_index(_seal([data], info))
-        if index is None:
+        index = self._read_index(_seal([] if data is None else [data], info))
+        if index is None or not index.files_at < info.st_size:
             return None
         try:
             # `,"files":{...},"slugs":{...},"crc32":"..."}` at the end of the file.
-            tail = json.loads(b"{" + data[index.files_at + 1 :])
+            if data is not None:
+                end = data[index.files_at + 1 :]
+            elif fd is not None:
+                size = info.st_size - index.files_at - 1
+                end = b"".join(FileRange(fd, index.files_at + 1, size).pieces())
+            else:
+                return None
+            tail = json.loads(b"{" + end)
             files = _files_from_raw(tail["files"])
             slugs = _slugs_from_raw(tail["slugs"])
-        except (ValueError, KeyError, TypeError, RecursionError, _Malformed):
+        except (ValueError, KeyError, TypeError, RecursionError, OSError, _Malformed):
             return None
-        return LedgerState(_IndexedLeases(_Written(data, index)), index.homes, files, slugs)
+        written = _Written(index, data=data, fd=None if data is not None else fd)
+        return LedgerState(_IndexedLeases(written), index.homes, files, slugs)
 
     def _read_index(self, seal: bytes) -> _Index | None:
         if self.index_path is None:
