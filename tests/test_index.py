@@ -23,7 +23,7 @@ from portalloc.host import Host
 from portalloc.ledger import codec
 from portalloc.ledger import store as ledger_module
 from portalloc.ledger.codec import dump
-from portalloc.ledger.index import encode
+from portalloc.ledger.encoder import encode
 from portalloc.ledger.store import Ledger
 from portalloc.models import Lease, Leases, LedgerState, Owner
 from portalloc.service import PortAllocatorService

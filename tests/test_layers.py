@@ -53,14 +53,20 @@ def _imports_any(module: str, prefixes: set[str]) -> set[str]:
 
 LEDGER = "portalloc.ledger"
 # The ledger package, each module above those it may import: format.py at the bottom,
-# then codec.py, index.py, store.py; __init__.py imports none of them (the read path
-# imports codec.py, never the store or the index).
+# then codec.py, index.py, encoder.py, store.py; __init__.py imports none of them (the
+# read path imports codec.py, never the store, the index or the encoder).
 LEDGER_LAYERS: dict[str, set[str]] = {
     LEDGER: set(),
     f"{LEDGER}.format": set(),
     f"{LEDGER}.codec": {f"{LEDGER}.format"},
     f"{LEDGER}.index": {f"{LEDGER}.format", f"{LEDGER}.codec"},
-    f"{LEDGER}.store": {f"{LEDGER}.format", f"{LEDGER}.codec", f"{LEDGER}.index"},
+    f"{LEDGER}.encoder": {f"{LEDGER}.format", f"{LEDGER}.codec", f"{LEDGER}.index"},
+    f"{LEDGER}.store": {
+        f"{LEDGER}.format",
+        f"{LEDGER}.codec",
+        f"{LEDGER}.index",
+        f"{LEDGER}.encoder",
+    },
 }
 # Outside it, the service is the store's one user and portalloc.reading reads without
 # the lock (codec.read_lease, and parse_document for every lease); nothing else

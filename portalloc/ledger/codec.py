@@ -1,10 +1,10 @@
 """The ledger's bytes and its state, each way, under one set of lease rules: a lease to
 and from its raw form (format.py's shapes), a document to the state (parse_document),
 the checks before a save (refuse_unloadable, validate), the bytes save() writes (dump:
-compact JSON ending in a CRC-32; index.py's encoder writes the same in pieces), and
+compact JSON ending in a CRC-32; encoder.py writes the same in pieces), and
 read_lease, one lease read without the lock.
 
-Below index.py and store.py, and with format.py all of the ledger the read path
+Below index.py, encoder.py and store.py, and with format.py all of the ledger the read path
 (`portalloc env`) imports: every module it imports is start-up time (bench/README.md).
 """
 

@@ -1,5 +1,5 @@
 """The ledger's store: leases.json, its lock and its index file in the state directory.
-The lock, load (in full by codec.py, or through the index), save (encoded by index.py,
+The lock, load (in full by codec.py, or through the index), save (encoded by encoder.py,
 written by fs.atomic_write), quarantine. No other module opens those files but the
 reads without the lock: codec.read_lease (one lease) and portalloc.reading.leases
 (every lease, for completion); tests/test_ledger_ownership.py."""
@@ -33,6 +33,7 @@ from portalloc.ledger.codec import (
     refuse_unloadable,
     validate,
 )
+from portalloc.ledger.encoder import encode
 from portalloc.ledger.format import LEDGER_VERSION, _Malformed, _TooNew
 from portalloc.ledger.index import (
     _Index,
@@ -42,7 +43,6 @@ from portalloc.ledger.index import (
     _stat_key,
     _Written,
     dump_index,
-    encode,
     parse_index,
 )
 from portalloc.models import Lease, LedgerState
