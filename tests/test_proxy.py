@@ -15,11 +15,13 @@ import shutil
 import signal
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -130,6 +132,7 @@ class App(BaseHTTPRequestHandler):
     answers slowly, streams events and reads uploads."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body in two writes: no 40 ms stall
     who = "?"
 
     def log_message(self, *args: Any) -> None:
@@ -502,6 +505,138 @@ def _served(named: Named) -> list[dict[str, Any]]:
     result = run_cli("proxy", "status", "--json", env=named.env, process=True)
     served: list[dict[str, Any]] = json.loads(result.stdout)["routes"]
     return served
+
+
+@dataclass
+class Churn:
+    """What the clients of one route saw while other leases came and went."""
+
+    failures: list[str] = field(default_factory=list)
+    answered: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("new", "kept", "idle", "ws"), 0)
+    )
+    reconnects: int = 0
+    to_route: list[float] = field(default_factory=list)  # an allocate's start to its name answering
+    to_gone: list[float] = field(default_factory=list)  # a release's start to its name's 404
+
+
+def test_fifty_route_changes_drop_nothing_on_another_route(named: Named, serve: Any) -> None:
+    """Routes follow the ledger with no reload: while 50 leases are made and released, a
+    worktree's clients on new connections and on kept-alive ones (one busy, one idle
+    between requests, neither retrying) lose no request, its kept-alive connections are
+    never closed, a long request started before the changes completes and its open
+    WebSocket keeps echoing."""
+    from websockets.sync.client import connect
+    from websockets.sync.server import ServerConnection
+    from websockets.sync.server import serve as ws_serve
+
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.service import PortAllocatorService
+
+    start(named)
+    a = worktree_lease(named, named.a)
+    serve(a["web_port"], "a")
+
+    def echo(connection: ServerConnection) -> None:
+        for message in connection:
+            connection.send(f"echo {message!s}")
+
+    ws_server = ws_serve(echo, "127.0.0.1", a["ws_port"])
+    threading.Thread(target=ws_server.serve_forever, daemon=True).start()
+    host = host_of(a["urls"]["web"])
+    service = PortAllocatorService(PortAllocatorConfig.from_env({**os.environ, **named.env}))
+    stop = threading.Event()
+    seen = Churn()
+
+    def fresh() -> None:  # a new connection for every request
+        while not stop.is_set():
+            try:
+                answer = get(named.port, host)
+            except (OSError, http.client.HTTPException) as exc:
+                seen.failures.append(f"new connection: {exc!r}")
+                continue
+            if answer != (200, "a"):
+                seen.failures.append(f"new connection: {answer}")
+            seen.answered["new"] += 1
+            # Each closed connection holds its ephemeral port in TIME-WAIT for a minute,
+            # some in 40000-41999, where the next tests look for free blocks: not many.
+            time.sleep(0.01)
+
+    def kept(key: str, pause: float) -> None:  # one connection, kept alive, never retried
+        connection = http.client.HTTPConnection("127.0.0.1", named.port, timeout=10)
+        sock = None
+        try:
+            while not stop.is_set():
+                try:
+                    connection.request("GET", "/", headers={"Host": host})
+                    if connection.sock is not sock:
+                        seen.reconnects += sock is not None
+                        sock = connection.sock
+                    response = connection.getresponse()
+                    answer = (response.status, response.read().decode())
+                except (OSError, http.client.HTTPException) as exc:
+                    seen.failures.append(f"kept-alive ({key}): {exc!r}")
+                    connection.close()
+                    continue
+                if answer != (200, "a"):
+                    seen.failures.append(f"kept-alive ({key}): {answer}")
+                seen.answered[key] += 1
+                time.sleep(pause)
+        finally:
+            connection.close()
+
+    slow: list[tuple[int, str]] = []
+    clients = [
+        threading.Thread(target=fresh),
+        threading.Thread(target=kept, args=("kept", 0.0)),
+        threading.Thread(target=kept, args=("idle", 0.05)),  # idle between its requests
+        threading.Thread(target=lambda: slow.append(get(named.port, host, "/slow?s=8", 30))),
+    ]
+    url = a["urls"]["ws"].replace("http://", "ws://") + "/hmr"
+    sock = socket.create_connection(("127.0.0.1", named.port), timeout=10)
+    try:
+        with connect(url, sock=sock, open_timeout=10) as socket_client:
+            for thread in clients:
+                thread.start()
+            began = time.monotonic()
+            for cycle in range(50):
+                session = f"churn-{cycle % 5}"
+                changed = time.perf_counter()
+                made = service.allocate(session)
+                name = host_of(made.urls["db"])
+                assert get(named.port, name)[0] == 502  # routed at once (nothing listens)
+                seen.to_route.append(time.perf_counter() - changed)
+                changed = time.perf_counter()
+                assert service.release(session)
+                assert get(named.port, name)[0] == 404
+                seen.to_gone.append(time.perf_counter() - changed)
+                socket_client.send(f"cycle {cycle}")
+                assert socket_client.recv(timeout=10) == f"echo cycle {cycle}"
+                seen.answered["ws"] += 1
+                time.sleep(0.03)  # the clients' turn (one process: one interpreter lock)
+            churned = time.monotonic() - began
+            assert not slow, "the long request must span the changes"
+            stop.set()
+            for thread in clients:
+                thread.join(30)
+            socket_client.send("after")
+            assert socket_client.recv(timeout=10) == "echo after"
+    finally:
+        stop.set()
+        ws_server.shutdown()
+    print(
+        f"50 allocate/release cycles in {churned:.2f} s; answered {seen.answered}; "
+        f"allocate to route p50 {statistics.median(seen.to_route) * 1000:.1f} ms, "
+        f"release to 404 p50 {statistics.median(seen.to_gone) * 1000:.1f} ms"
+    )
+    assert seen.failures == []
+    assert seen.reconnects == 0  # no kept-alive connection was closed under its client
+    assert slow == [(200, "slow a")]
+    assert seen.answered["new"] >= 20 and seen.answered["kept"] >= 20
+    assert seen.answered["idle"] >= 10 and seen.answered["ws"] == 50
+    # Caddy's configuration was loaded once, at start: never again.
+    log = caddy.Files(proxy.directory(named.state)).log.read_text()
+    assert "load complete" not in log and log.count("serving initial configuration") == 1
 
 
 def test_a_hostile_session_id_gets_a_label_and_injects_nothing(named: Named, serve: Any) -> None:
