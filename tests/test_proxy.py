@@ -654,6 +654,222 @@ def test_a_hostile_session_id_gets_a_label_and_injects_nothing(named: Named, ser
     assert get(named.port, "anything.localhost", "/etc/passwd")[0] == 404
 
 
+def _raw(port: int, request: bytes) -> tuple[int, bytes]:
+    """REQUEST as sent, byte for byte (http.client checks a Host header before sending)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_a_hostile_host_header_is_looked_up_nowhere_and_reaches_no_server(
+    named: Named, serve: Any
+) -> None:
+    """Only a Host that is a name portalloc could have made is looked up in the route
+    directory (as `<host>/[0-9]*`, placeholders escaped); anything else is 404 (or Go's
+    400 for a Host it refuses), never a file read, never a server."""
+    start(named)
+    a = worktree_lease(named, named.a)
+    serve(a["web_port"], "a")
+    root = proxy.directory(named.state) / routes.ROUTES_DIR
+    # A name portalloc would never make, planted with a's port: never looked up.
+    (root / "x_y.localhost").mkdir()
+    (root / "x_y.localhost" / str(a["web_port"])).touch()
+    hosts = [
+        "../../etc/passwd", "web.shop.localhost/../..", "{file./etc/passwd}.localhost",
+        "WEB.shop.localhost", "web.shop.localhost.", "x.web.shop.localhost", "x_y.localhost",
+        "%2e%2e.localhost", "*.shop.localhost", "[0-9]*.localhost", "web.*.localhost",
+        "localhost", "routes.localhost", "web.shop.localhost\\..", "web.shop.localhost%00",
+    ]  # fmt: skip
+    for host in hosts:
+        request = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        status, data = _raw(named.port, request)
+        assert status in (400, 404) and not data.endswith(b"\r\n\r\na"), (host, status)
+    # The name asked for in an absolute-form request line is the one routed (RFC 9112
+    # 3.2.2), whatever the Host says: still only a name with a lease.
+    for target, expected in (("web.shop.localhost", 200), ("nobody.localhost", 404)):
+        request = f"GET http://{target}/ HTTP/1.1\r\nHost: x.localhost\r\nConnection: close\r\n\r\n"
+        assert _raw(named.port, request.encode())[0] == expected
+    assert get(named.port, "web.shop.localhost") == (200, "a")
+
+
+# --- the route directory: no Caddy needed ---
+
+
+def _running(state: Path) -> Path:
+    """What a write sees of a running proxy (its private directory and admin socket)."""
+    where = proxy.directory(state)
+    where.mkdir(parents=True, mode=0o700)
+    (where / proxy.ADMIN_SOCKET).touch()
+    return where
+
+
+def _names(where: Path) -> dict[str, list[str]]:
+    root = where / routes.ROUTES_DIR
+    return {entry.name: sorted(item.name for item in entry.iterdir()) for entry in root.iterdir()}
+
+
+def test_leases_tell_what_changed_without_reading_every_lease(tmp_path: Path) -> None:
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.ledger import INDEX_MIN_LEASES
+    from portalloc.models import Leases
+    from portalloc.service import PortAllocatorService
+
+    a, b, c = _lease("a", 10000, "a"), _lease("b", 10010, "b"), _lease("c", 10020, "c")
+    plain = Leases({"a": a, "b": b})
+    later = plain.updated({"a": None, "c": c}).updated({"b": b._replace(ttl_minutes=5)})
+    assert sorted(later.changed_since(plain) or []) == ["a", "b", "c"]
+    assert plain.updated({}).changed_since(plain) == []
+    # The ledger's own table (a file of at least INDEX_MIN_LEASES leases): only the
+    # leases changed since the file was read are compared.
+    config = PortAllocatorConfig(
+        state_dir=tmp_path / "state", base=20000, range=4, max_sessions=500,
+        skip_port_check=True,
+    )  # fmt: skip
+    service = PortAllocatorService(config)
+    for number in range(INDEX_MIN_LEASES + 10):
+        service.allocate(f"s{number}")
+    service = PortAllocatorService(config)  # a new process: reads the file and its index
+    with service.ledger.locked():
+        loaded = service.ledger.load().leases
+    assert type(loaded) is not Leases
+    changed = loaded.updated({"new": _lease("new", 30000, "new"), "s3": None})
+    assert sorted(changed.changed_since(loaded) or []) == ["new", "s3"]
+    assert changed.changed_since(plain) is None  # two unrelated tables: cannot tell
+
+
+def test_a_write_with_the_proxy_running_touches_only_the_names_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.proxy import names
+    from portalloc.service import PortAllocatorService
+
+    config = PortAllocatorConfig(
+        state_dir=tmp_path / "state", base=20000, range=4, max_sessions=500,
+        skip_port_check=True,
+    )  # fmt: skip
+    service = PortAllocatorService(config)
+    for number in range(100):
+        service.allocate(f"s{number}")
+    assert not proxy.directory(config.state_dir).exists()  # no proxy: nothing of it
+    where = _running(config.state_dir)
+    service.allocate("s0")  # a refresh: no name changed, nothing written
+    assert not (where / routes.ROUTES_DIR).exists()
+    service = PortAllocatorService(config)
+    service.sync_proxy()  # as `proxy start` does: every name
+    assert len(_names(where)) == 100 * len(service.get("s0").urls)
+    tables: list[int] = []
+
+    def table(leases: Any) -> list[routes.Route]:
+        leases = list(leases)
+        tables.append(len(leases))
+        return routes.table(leases)
+
+    def whole(*_args: Any) -> None:
+        raise AssertionError("a write rebuilt every name")
+
+    monkeypatch.setattr(names, "table", table)
+    monkeypatch.setattr(names, "sync", whole)
+    service = PortAllocatorService(config)  # a new process, as each CLI command is
+    made = service.allocate("new")
+    assert max(tables) == 1  # one lease's names, whatever the number of leases
+    hosts = {host_of(url): made.ports[name] for name, url in made.urls.items()}
+    present = _names(where)
+    assert all(present[host] == [str(port)] for host, port in hosts.items())
+    assert len(present) == 101 * len(hosts)
+    assert service.release("new")
+    assert not set(hosts) & set(_names(where))
+    assert not (where / proxy.STALE).exists()
+
+
+def test_routes_a_write_left_stale_are_rebuilt_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.proxy import names
+    from portalloc.service import PortAllocatorService
+
+    config = PortAllocatorConfig(state_dir=tmp_path / "state", base=20000, skip_port_check=True)
+    where = _running(config.state_dir)
+    service = PortAllocatorService(config)
+    a, b = service.allocate("a"), service.allocate("b")
+    b_hosts = {host_of(url) for url in b.urls.values()}
+    assert b_hosts <= set(_names(where))
+    # A write dies after saving the ledger, before its routes follow: b's names stay.
+    with monkeypatch.context() as patch:
+        patch.setattr(names, "follow", lambda *args: None)
+        assert service.release("b")
+    assert b_hosts <= set(_names(where)) and (where / proxy.STALE).is_dir()
+    # Whatever else is there goes too: a file, a link, a temp file left in a name.
+    root = where / routes.ROUTES_DIR
+    (root / "junk").touch()
+    (root / "web.evil.localhost").symlink_to(root / host_of(a.urls["db"]))
+    (root / host_of(a.urls["db"]) / ".tmp").touch()
+    c = service.allocate("c")  # the next write finds the mark: every name, rebuilt
+    expected = {
+        host_of(url): [str(allocation.ports[name])]
+        for allocation in (a, c)
+        for name, url in allocation.urls.items()
+    }
+    assert _names(where) == expected
+    assert not (where / proxy.STALE).exists()
+
+
+def test_a_name_two_leases_claim_is_never_moved_to_the_other(tmp_path: Path) -> None:
+    """A ledger edited by hand may give two leases one slug: the name stays with the
+    lease that had it, and a sync gives it to the lowest block; never both ports."""
+    from portalloc.models import Leases
+    from portalloc.proxy import names
+
+    root = tmp_path / "routes"
+    a, twin = _lease("a", 10000, "shop"), _lease("b", 10010, "shop")
+
+    def step(before: Leases, changes: dict[str, Lease | None]) -> Leases:
+        after = before.updated(changes)
+        names._apply(root, before, after, after.changed_since(before) or [])
+        return after
+
+    def answered() -> dict[str, list[str]]:
+        return {
+            entry.name: sorted(item.name for item in entry.iterdir()) for entry in root.iterdir()
+        }
+
+    leases = step(Leases(), {"a": a})
+    assert answered()["web.shop.localhost"] == ["10000"]
+    leases = step(leases, {"b": twin})
+    assert answered()["web.shop.localhost"] == ["10000"]
+    moved = a._replace(start=10020, ports=(("web", 10020), ("ws", 10021)))
+    leases = step(leases, {"a": moved})  # its own name follows it
+    assert answered()["web.shop.localhost"] == ["10020"]
+    leases = step(leases, {"a": None})
+    assert "web.shop.localhost" not in answered()
+    names.sync(root, leases.values())
+    assert answered()["web.shop.localhost"] == ["10010"]
+
+
+def test_only_names_portalloc_makes_are_route_names() -> None:
+    import re
+
+    from portalloc.proxy import names
+
+    made = [*_lease("s", 10000, "feat-x").hosts().values(), "a.localhost", f"{'x' * 63}.localhost"]
+    for host in made:
+        assert names.valid_host(host) and re.fullmatch(routes.HOST_PATTERN, host), host
+    for host in (
+        "localhost", "a.b.c.localhost", "../x.localhost", "A.localhost", "a_b.localhost",
+        "-a.localhost", "a.localhost.", "a.example", f"{'x' * 64}.localhost", "a..localhost",
+        "a/b.localhost", "a.localhost\n", ".localhost", "{file./etc/passwd}.localhost",
+    ):  # fmt: skip
+        assert not names.valid_host(host), host
+        assert not re.fullmatch(routes.HOST_PATTERN, host), host
+    # Caddy is never told a name, a path or a placeholder that reads a file.
+    config = json.dumps(routes.document(["fd/3"], True, Path("/state/proxy-0")))
+    assert "{file." not in config and "feat-x" not in config
+
+
 # --- a real browser ---
 
 
