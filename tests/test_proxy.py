@@ -690,8 +690,8 @@ def test_a_hostile_host_header_is_looked_up_nowhere_and_reaches_no_server(
     # The name asked for in an absolute-form request line is the one routed (RFC 9112
     # 3.2.2), whatever the Host says: still only a name with a lease.
     for target, expected in (("web.shop.localhost", 200), ("nobody.localhost", 404)):
-        request = f"GET http://{target}/ HTTP/1.1\r\nHost: x.localhost\r\nConnection: close\r\n\r\n"
-        assert _raw(named.port, request.encode())[0] == expected
+        line = f"GET http://{target}/ HTTP/1.1\r\nHost: x.localhost\r\nConnection: close\r\n\r\n"
+        assert _raw(named.port, line.encode())[0] == expected
     assert get(named.port, "web.shop.localhost") == (200, "a")
 
 
