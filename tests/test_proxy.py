@@ -782,12 +782,16 @@ def test_a_write_with_the_proxy_running_touches_only_the_names_it_changed(
     assert len(present) == 101 * len(hosts)
     assert service.release("new")
     assert not set(hosts) & set(_names(where))
-    assert not (where / proxy.STALE).exists()
+    ledger = config.state_dir / "leases.json"
+    assert (where / proxy.STAMP).read_bytes() == proxy.ledger_key(ledger) != b""
 
 
-def test_routes_a_write_left_stale_are_rebuilt_by_the_next(
+def test_routes_a_write_left_behind_are_rebuilt_by_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The route directory is stamped with the ledger file it follows: a write that finds
+    another file there (one that died between the ledger and the routes, one by another
+    user of a shared state dir, who cannot reach this proxy) rebuilds every name."""
     from portalloc.config import PortAllocatorConfig
     from portalloc.proxy import names
     from portalloc.service import PortAllocatorService
@@ -795,27 +799,34 @@ def test_routes_a_write_left_stale_are_rebuilt_by_the_next(
     config = PortAllocatorConfig(state_dir=tmp_path / "state", base=20000, skip_port_check=True)
     where = _running(config.state_dir)
     service = PortAllocatorService(config)
-    a, b = service.allocate("a"), service.allocate("b")
-    b_hosts = {host_of(url) for url in b.urls.values()}
-    assert b_hosts <= set(_names(where))
+    a, b, c = service.allocate("a"), service.allocate("b"), service.allocate("c")
+    hosts = {
+        allocation.session_id: {host_of(url) for url in allocation.urls.values()}
+        for allocation in (a, b, c)
+    }
+    assert hosts["b"] | hosts["c"] <= set(_names(where))
     # A write dies after saving the ledger, before its routes follow: b's names stay.
     with monkeypatch.context() as patch:
         patch.setattr(names, "follow", lambda *args: None)
         assert service.release("b")
-    assert b_hosts <= set(_names(where)) and (where / proxy.STALE).is_dir()
+    assert hosts["b"] <= set(_names(where))
+    # A write that does not see this proxy (another user's): c's names stay.
+    (where / proxy.ADMIN_SOCKET).rename(where / "away")
+    assert service.release("c")
+    (where / "away").rename(where / proxy.ADMIN_SOCKET)
+    assert hosts["c"] <= set(_names(where))
     # Whatever else is there goes too: a file, a link, a temp file left in a name.
     root = where / routes.ROUTES_DIR
     (root / "junk").touch()
     (root / "web.evil.localhost").symlink_to(root / host_of(a.urls["db"]))
     (root / host_of(a.urls["db"]) / ".tmp").touch()
-    c = service.allocate("c")  # the next write finds the mark: every name, rebuilt
+    d = service.allocate("d")  # the ledger is not the stamped file: every name, rebuilt
     expected = {
         host_of(url): [str(allocation.ports[name])]
-        for allocation in (a, c)
+        for allocation in (a, d)
         for name, url in allocation.urls.items()
     }
     assert _names(where) == expected
-    assert not (where / proxy.STALE).exists()
 
 
 def test_a_name_two_leases_claim_is_never_moved_to_the_other(tmp_path: Path) -> None:

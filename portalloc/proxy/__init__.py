@@ -16,13 +16,18 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from portalloc.config import LEDGER_NAME
+from portalloc.errors import PortallocError
+from portalloc.fs import read_bytes
 from portalloc.models import Leases
 
 ADMIN_SOCKET = "admin.sock"  # relative: Caddy runs in the proxy's directory
-# Made before a write saves the ledger, removed once the routes follow it: one left behind
-# (a write killed between the two, or one whose routes failed) has the next write
-# rebuild the routes whole, so no name keeps pointing at a port its lease gave up.
-STALE = "routes.stale"
+# The ledger file the route directory was last brought up to date with (its device,
+# inode, size, mtime and ctime, as the ledger's own cache tells one file from another).
+# A write that finds another file there (one that died between saving the ledger and
+# its routes, one by another user of a shared state dir, who cannot reach this
+# proxy) rebuilds every route: no name keeps pointing at a port its lease gave up.
+STAMP = "routes.ledger"
 
 
 def directory(state_dir: Path) -> Path:
@@ -41,43 +46,54 @@ def private(path: Path) -> bool:
     return stat.S_ISDIR(info.st_mode) and owner and not info.st_mode & 0o077
 
 
+def ledger_key(path: Path) -> bytes:
+    """What tells the ledger file at PATH from any other (b"" when there is none)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return b""
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    return " ".join(map(str, key)).encode()
+
+
 class Update:
     """One write's hand-over to the running proxy: begun before the ledger is saved,
     done after, both under the ledger's lock (so routes change in the order it does)."""
 
-    __slots__ = ("before", "warn", "where", "whole")
+    __slots__ = ("before", "ledger", "warn", "where", "whole")
 
     def __init__(
-        self, where: Path, before: Leases, warn: Callable[[str], None], whole: bool
+        self, where: Path, ledger: Path, before: Leases, warn: Callable[[str], None], whole: bool
     ) -> None:
         self.where = where
+        self.ledger = ledger
         self.before = before
         self.warn = warn
         self.whole = whole
 
     def done(self, after: Leases) -> None:
         """Bring the routes from the leases BEFORE to AFTER: only the changed leases'
-        names (a few files), or all of them when asked or when the last write left them
-        stale. A proxy that cannot take them: one line on stderr, never a failed command."""
+        names (a few files), or all of them when asked or when the ledger is not the
+        file they were last brought up to date with. A proxy that cannot take them: one
+        line on stderr, never a failed command (and the next write rebuilds them)."""
         from portalloc.proxy import names
 
-        names.follow(self.where, self.before, after, self.whole, self.warn)
+        names.follow(self.where, self.ledger, self.before, after, self.whole, self.warn)
 
 
 def begin(
     state_dir: Path, before: Leases, warn: Callable[[str], None], *, whole: bool = False
 ) -> Update | None:
-    """Before a write saves the ledger: None when no proxy runs (nothing else is done),
-    else the routes marked stale until `done` brings them up to date. WHOLE: rebuild
-    every route, not only the changed leases' (a sync, or leases left out on load)."""
+    """Before a write saves the ledger: None when no proxy runs (nothing else is done).
+    WHOLE: rebuild every route, not only the changed leases' (a sync, or leases left out
+    on load), as when the routes were not brought up to date with this ledger file."""
     where = directory(state_dir)
     if not private(where) or not (where / ADMIN_SOCKET).exists():
         return None
-    try:
-        (where / STALE).mkdir(0o700)
-    except FileExistsError:
-        whole = True  # left by a write that did not finish: its changes are unknown
-    except OSError as exc:
-        warn(f"proxy at {where}: cannot mark its routes: {exc.strerror or exc}")
-        return None
-    return Update(where, before, warn, whole)
+    ledger = state_dir / LEDGER_NAME
+    if not whole:
+        try:
+            whole = read_bytes(where / STAMP, follow=False) != ledger_key(ledger)
+        except (OSError, PortallocError):
+            whole = True
+    return Update(where, ledger, before, warn, whole)

@@ -3,8 +3,9 @@ one empty file per name, in the proxy's private directory.
 
 A lease change writes or removes the files of the names of the leases it changed, and
 nothing else: the cost of a write does not grow with the number of leases. `proxy
-start` (and a write that finds the routes stale) rebuilds the directory whole, in place:
-a name that is right is never taken away meanwhile.
+start` (and a write that finds the ledger is not the file the directory was last
+brought up to date with) rebuilds it whole, in place: a name that is right is never
+taken away meanwhile.
 
 Only names made by `routes.table` are written (DNS labels under `localhost`, checked
 again here), each to a port inside its own lease's block; a name another lease holds
@@ -23,7 +24,7 @@ from pathlib import Path
 from portalloc.errors import PortallocError
 from portalloc.fs import atomic_write
 from portalloc.models import Lease, Leases
-from portalloc.proxy import ADMIN_SOCKET, STALE
+from portalloc.proxy import ADMIN_SOCKET, STAMP, ledger_key
 from portalloc.proxy.routes import ROUTES_DIR, table
 from portalloc.rules import DNS_LABEL, URL_DOMAIN
 
@@ -44,19 +45,30 @@ def valid_host(host: str) -> bool:
 
 
 def follow(
-    where: Path, before: Leases, after: Leases, whole: bool, warn: Callable[[str], None]
+    where: Path,
+    ledger: Path,
+    before: Leases,
+    after: Leases,
+    whole: bool,
+    warn: Callable[[str], None],
 ) -> None:
-    """Bring the route directory in WHERE from the leases BEFORE to AFTER, and clear the
-    stale mark; on failure leave the mark (the next write rebuilds) and say so."""
-    root = where / ROUTES_DIR
+    """Bring the route directory in WHERE from the leases BEFORE to AFTER (WHOLE: all of
+    them), then stamp it with the LEDGER file it now follows; on failure remove the
+    stamp (the next write rebuilds) and say so."""
+    stamp = where / STAMP
     try:
         changed = None if whole else after.changed_since(before)
+        root = where / ROUTES_DIR
         if changed is None:
             sync(root, after.values())
         else:
             _apply(root, before, after, changed)
-        (where / STALE).rmdir()
+        atomic_write(stamp, ledger_key(ledger), 0o600, durable=False)
     except (OSError, PortallocError) as exc:
+        try:
+            stamp.unlink(missing_ok=True)
+        except OSError:
+            pass
         if (where / ADMIN_SOCKET).exists():  # not stopped meanwhile (which clears them)
             warn(f"proxy at {where} did not take the new routes ({exc}); the next change retries")
 
@@ -195,7 +207,4 @@ def served(where: Path) -> list[tuple[str, int]]:
 def clear(where: Path) -> None:
     """No route at all (before Caddy starts, after it stopped)."""
     shutil.rmtree(where / ROUTES_DIR, ignore_errors=True)
-    try:
-        (where / STALE).rmdir()
-    except OSError:
-        pass
+    (where / STAMP).unlink(missing_ok=True)
