@@ -31,7 +31,7 @@ import pytest
 
 from portalloc import proxy
 from portalloc.models import Lease
-from portalloc.proxy import caddy, routes
+from portalloc.proxy import caddy, names, routes
 from portalloc.rules import DNS_LABEL, lease_problem, slug_for
 from tests.helpers import FreeBlock, run_cli, trust
 
@@ -282,7 +282,7 @@ def test_routes_are_data_and_never_leave_the_lease() -> None:
     a = _lease("a", 10000, "shop")
     twin = _lease("b", 10010, "shop")  # a hand-edited ledger: the same name twice
     c = _lease("c", 10020, "other", bare=None)
-    table = routes.table([twin, a, c])
+    table = names.table([twin, a, c])
     assert [(r.host, r.port) for r in table] == [
         ("web.shop.localhost", 10000),
         ("ws.shop.localhost", 10001),
@@ -673,7 +673,7 @@ def test_a_hostile_host_header_is_looked_up_nowhere_and_reaches_no_server(
     start(named)
     a = worktree_lease(named, named.a)
     serve(a["web_port"], "a")
-    root = proxy.directory(named.state) / routes.ROUTES_DIR
+    root = proxy.directory(named.state) / proxy.ROUTES_DIR
     # A name portalloc would never make, planted with a's port: never looked up.
     (root / "x_y.localhost").mkdir()
     (root / "x_y.localhost" / str(a["web_port"])).touch()
@@ -707,7 +707,7 @@ def _running(state: Path) -> Path:
 
 
 def _names(where: Path) -> dict[str, list[str]]:
-    root = where / routes.ROUTES_DIR
+    root = where / proxy.ROUTES_DIR
     return {entry.name: sorted(item.name for item in entry.iterdir()) for entry in root.iterdir()}
 
 
@@ -744,7 +744,6 @@ def test_a_write_with_the_proxy_running_touches_only_the_names_it_changed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from portalloc.config import PortAllocatorConfig
-    from portalloc.proxy import names
     from portalloc.service import PortAllocatorService
 
     config = PortAllocatorConfig(
@@ -757,16 +756,17 @@ def test_a_write_with_the_proxy_running_touches_only_the_names_it_changed(
     assert not proxy.directory(config.state_dir).exists()  # no proxy: nothing of it
     where = _running(config.state_dir)
     service.allocate("s0")  # a refresh: no name changed, nothing written
-    assert not (where / routes.ROUTES_DIR).exists()
+    assert not (where / proxy.ROUTES_DIR).exists()
     service = PortAllocatorService(config)
     service.sync_proxy()  # as `proxy start` does: every name
     assert len(_names(where)) == 100 * len(service.get("s0").urls)
     tables: list[int] = []
+    original = names.table
 
-    def table(leases: Any) -> list[routes.Route]:
+    def table(leases: Any) -> list[names.Route]:
         leases = list(leases)
         tables.append(len(leases))
-        return routes.table(leases)
+        return original(leases)
 
     def whole(*_args: Any) -> None:
         raise AssertionError("a write rebuilt every name")
@@ -793,7 +793,6 @@ def test_routes_a_write_left_behind_are_rebuilt_by_the_next(
     another file there (one that died between the ledger and the routes, one by another
     user of a shared state dir, who cannot reach this proxy) rebuilds every name."""
     from portalloc.config import PortAllocatorConfig
-    from portalloc.proxy import names
     from portalloc.service import PortAllocatorService
 
     config = PortAllocatorConfig(state_dir=tmp_path / "state", base=20000, skip_port_check=True)
@@ -816,7 +815,7 @@ def test_routes_a_write_left_behind_are_rebuilt_by_the_next(
     (where / "away").rename(where / proxy.ADMIN_SOCKET)
     assert hosts["c"] <= set(_names(where))
     # Whatever else is there goes too: a file, a link, a temp file left in a name.
-    root = where / routes.ROUTES_DIR
+    root = where / proxy.ROUTES_DIR
     (root / "junk").touch()
     (root / "web.evil.localhost").symlink_to(root / host_of(a.urls["db"]))
     (root / host_of(a.urls["db"]) / ".tmp").touch()
@@ -833,7 +832,6 @@ def test_a_name_two_leases_claim_is_never_moved_to_the_other(tmp_path: Path) -> 
     """A ledger edited by hand may give two leases one slug: the name stays with the
     lease that had it, and a sync gives it to the lowest block; never both ports."""
     from portalloc.models import Leases
-    from portalloc.proxy import names
 
     root = tmp_path / "routes"
     a, twin = _lease("a", 10000, "shop"), _lease("b", 10010, "shop")
@@ -863,8 +861,6 @@ def test_a_name_two_leases_claim_is_never_moved_to_the_other(tmp_path: Path) -> 
 
 def test_only_names_portalloc_makes_are_route_names() -> None:
     import re
-
-    from portalloc.proxy import names
 
     made = [*_lease("s", 10000, "feat-x").hosts().values(), "a.localhost", f"{'x' * 63}.localhost"]
     for host in made:

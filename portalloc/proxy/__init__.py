@@ -22,6 +22,7 @@ from portalloc.fs import read_bytes
 from portalloc.models import Leases
 
 ADMIN_SOCKET = "admin.sock"  # relative: Caddy runs in the proxy's directory
+ROUTES_DIR = "routes"  # relative too: `routes/<host>/<port>`, one empty file per name
 # The ledger file the route directory was last brought up to date with (its device,
 # inode, size, mtime and ctime, as the ledger's own cache tells one file from another).
 # A write that finds another file there (one that died between saving the ledger and

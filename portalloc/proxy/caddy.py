@@ -24,8 +24,8 @@ from portalloc.errors import PortallocError
 from portalloc.fs import atomic_write, open_append, open_directory, read_bytes
 from portalloc.models import Lease
 from portalloc.probe import has_ipv6
-from portalloc.proxy import ADMIN_SOCKET, names, private
-from portalloc.proxy.routes import ROUTES_DIR, SERVER, document
+from portalloc.proxy import ADMIN_SOCKET, ROUTES_DIR, names, private
+from portalloc.proxy.routes import SERVER, document
 
 ROUTES_PATH = f"/config/apps/http/servers/{SERVER}/routes"
 START_TIMEOUT = 10.0  # seconds for Caddy to answer after it was started

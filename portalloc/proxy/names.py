@@ -7,7 +7,7 @@ start` (and a write that finds the ledger is not the file the directory was last
 brought up to date with) rebuilds it whole, in place: a name that is right is never
 taken away meanwhile.
 
-Only names made by `routes.table` are written (DNS labels under `localhost`, checked
+Only names made by `table` are written (DNS labels under `localhost`, checked
 again here), each to a port inside its own lease's block; a name another lease holds
 (a ledger edited by hand to give two leases one slug) is left to it.
 """
@@ -16,21 +16,47 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from portalloc.errors import PortallocError
 from portalloc.fs import atomic_write
 from portalloc.models import Lease, Leases
-from portalloc.proxy import ADMIN_SOCKET, STAMP, ledger_key
-from portalloc.proxy.routes import ROUTES_DIR, table
+from portalloc.proxy import ADMIN_SOCKET, ROUTES_DIR, STAMP, ledger_key
 from portalloc.rules import DNS_LABEL, URL_DOMAIN
 
 PORT_NAME = re.compile(r"[1-9][0-9]{0,4}")
 
 Blocks = tuple[tuple[int, int], ...]
+
+
+class Route(NamedTuple):
+    """One name the proxy answers, and the port of the lease it forwards to."""
+
+    host: str
+    port: int
+    session_id: str
+
+
+def table(leases: Iterable[Lease]) -> list[Route]:
+    """Every host name of every lease, to that lease's own port, lowest block first.
+
+    Only a port inside the lease's own block is routed to, and a name two leases claim
+    (a hand-edited ledger) goes to the first one alone: no input makes a name forward
+    to another lease's port."""
+    routes: list[Route] = []
+    seen: set[str] = set()
+    for lease in sorted(leases, key=lambda lease: lease.start):
+        ports = dict(lease.ports)
+        for name, host in lease.hosts().items():
+            port = ports.get(name or lease.bare or "")
+            if port is None or not lease.start <= port <= lease.end or host in seen:
+                continue
+            seen.add(host)
+            routes.append(Route(host, port, lease.session_id))
+    return routes
 
 
 def valid_host(host: str) -> bool:
@@ -148,6 +174,8 @@ def _unlink(path: Path) -> None:
 
 def _remove(path: Path) -> None:
     if stat.S_ISDIR(os.lstat(path).st_mode):
+        import shutil  # not on every write: it imports bz2 and lzma
+
         shutil.rmtree(path)
     else:
         os.unlink(path)
@@ -206,5 +234,7 @@ def served(where: Path) -> list[tuple[str, int]]:
 
 def clear(where: Path) -> None:
     """No route at all (before Caddy starts, after it stopped)."""
+    import shutil
+
     shutil.rmtree(where / ROUTES_DIR, ignore_errors=True)
     (where / STAMP).unlink(missing_ok=True)

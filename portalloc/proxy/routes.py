@@ -1,19 +1,16 @@
-"""Caddy's configuration, built as data (never a template a session id, a slug or a
-project file could write into), and the names of the leases. Pure: no I/O."""
+"""Caddy's configuration, built as data: never a template a session id, a slug or a
+project file could write into, and the same whatever the leases. Pure: no I/O."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from portalloc.models import Lease
-from portalloc.proxy import ADMIN_SOCKET
+from portalloc.proxy import ADMIN_SOCKET, ROUTES_DIR
 from portalloc.rules import DNS_LABEL, URL_DOMAIN
 
 SERVER = "portalloc"  # the name of Caddy's one HTTP server
-ROUTES_DIR = "routes"  # relative, as the admin socket: Caddy runs in the proxy's directory
 NOT_FOUND_BODY = "portalloc: no lease has this name\n"
 # The names the proxy answers, whole: `<label>.<slug>.localhost` or `<slug>.localhost`,
 # DNS labels, lowercase (as browsers send them). Nothing else is looked up on disk.
@@ -23,33 +20,6 @@ HOST_PATTERN = rf"^(?:{_LABEL}\.)?{_LABEL}\.{re.escape(URL_DOMAIN)}$"
 PORT_PATTERN = r"^/[a-z0-9.-]+/([1-9][0-9]{0,4})$"
 # Where the port of the name asked for is, once both patterns matched.
 PORT_PLACEHOLDER = "{http.regexp.portalloc_port.1}"
-
-
-class Route(NamedTuple):
-    """One name the proxy answers, and the port of the lease it forwards to."""
-
-    host: str
-    port: int
-    session_id: str
-
-
-def table(leases: Iterable[Lease]) -> list[Route]:
-    """Every host name of every lease, to that lease's own port, lowest block first.
-
-    Only a port inside the lease's own block is routed to, and a name two leases claim
-    (a hand-edited ledger) goes to the first one alone: no input makes a name forward
-    to another lease's port."""
-    routes: list[Route] = []
-    seen: set[str] = set()
-    for lease in sorted(leases, key=lambda lease: lease.start):
-        ports = dict(lease.ports)
-        for name, host in lease.hosts().items():
-            port = ports.get(name or lease.bare or "")
-            if port is None or not lease.start <= port <= lease.end or host in seen:
-                continue
-            seen.add(host)
-            routes.append(Route(host, port, lease.session_id))
-    return routes
 
 
 def caddy_routes() -> list[dict[str, Any]]:
