@@ -221,15 +221,31 @@ def _scan(root: Path, tidy: bool) -> dict[str, list[int]]:
 
 
 def served(where: Path) -> list[tuple[str, int]]:
-    """(host, port) of each name the proxy in WHERE answers, lowest port first."""
+    """(host, port) of each name the proxy in WHERE answers: by slug, the slug with the
+    lowest port first, and within one the port names by port, then the bare name."""
     try:
         found = _scan(where / ROUTES_DIR, tidy=False)
     except OSError:
         return []
+    routes = [(host, ports[0]) for host, ports in found.items() if ports]
+    first: dict[str, int] = {}
+    for host, port in routes:
+        slug = _slug(host)
+        first[slug] = min(port, first.get(slug, port))
     return sorted(
-        ((host, ports[0]) for host, ports in found.items() if ports),
-        key=lambda route: (route[1], route[0]),
+        routes,
+        key=lambda route: (
+            first[_slug(route[0])],
+            _slug(route[0]),
+            route[0].count(".") == 1,  # the bare name last
+            route[1],
+            route[0],
+        ),
     )
+
+
+def _slug(host: str) -> str:
+    return host.rsplit(".", 2)[-2]
 
 
 def clear(where: Path) -> None:
