@@ -293,6 +293,8 @@ def test_routes_are_data_and_never_leave_the_lease() -> None:
     for route in table:
         owner = {"a": a, "b": twin, "c": c}[route.session_id]
         assert owner.start <= route.port <= owner.end
+    # A slug the lease rules refuse (were it ever to reach here) names no directory.
+    assert names.table([_lease("x", 10030, "bad.label"), _lease("y", 10040, "../..")]) == []
     # Caddy's routes are the same whatever the leases: names are files, looked up per
     # request; no name, slug or session id is ever written into its configuration.
     config = routes.caddy_routes()

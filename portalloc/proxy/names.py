@@ -43,16 +43,21 @@ class Route(NamedTuple):
 def table(leases: Iterable[Lease]) -> list[Route]:
     """Every host name of every lease, to that lease's own port, lowest block first.
 
-    Only a port inside the lease's own block is routed to, and a name two leases claim
+    Only a port inside the lease's own block is routed to, only a name the proxy
+    answers is made (checked again: it names a directory), and a name two leases claim
     (a hand-edited ledger) goes to the first one alone: no input makes a name forward
     to another lease's port."""
     routes: list[Route] = []
     seen: set[str] = set()
     for lease in sorted(leases, key=lambda lease: lease.start):
+        if lease.slug is None or not DNS_LABEL.fullmatch(lease.slug):
+            continue  # refused on load and on write: `a.b` would take b's port `a`
         ports = dict(lease.ports)
         for name, host in lease.hosts().items():
             port = ports.get(name or lease.bare or "")
             if port is None or not lease.start <= port <= lease.end or host in seen:
+                continue
+            if not valid_host(host):
                 continue
             seen.add(host)
             routes.append(Route(host, port, lease.session_id))
