@@ -196,6 +196,7 @@ def _scale(options: argparse.Namespace, scratch: Path, results: dict[str, Any]) 
                 made = services[name].allocate(f"write-{number}")
                 write[name].append(time.perf_counter() - began)
                 if name == "proxy":
+                    named = made
                     host = made.urls["db"].split("//", 1)[1].rsplit(":", 1)[0]
                     while _answer(proxy_port, host) == 404:
                         pass
@@ -211,6 +212,21 @@ def _scale(options: argparse.Namespace, scratch: Path, results: dict[str, Any]) 
         ) / statistics.median(cli["plain"])
         results[f"allocate_{leases}_to_route_p50_ms"] = statistics.median(to_route) * 1000
         results[f"allocate_{leases}_to_route_max_ms"] = max(to_route) * 1000
+        # A request by name among all those names, against the same server directly.
+        port = named.ports["db"]
+        server = ThreadingHTTPServer(("127.0.0.1", port), _Hello)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            _latencies(proxy_port, host, 200)  # warm-up
+            direct, proxied = [], []
+            for _ in range(5):
+                direct += _latencies(port, None, options.requests // 10)
+                proxied += _latencies(proxy_port, host, options.requests // 10)
+            added = statistics.median(proxied) - statistics.median(direct)
+            results[f"added_p50_ms_at_{leases}"] = added * 1000
+        finally:
+            server.shutdown()
+            server.server_close()
     finally:
         _portalloc(envs["proxy"], "proxy", "stop")
 
