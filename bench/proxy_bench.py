@@ -7,9 +7,14 @@ throwaway ledger and measures, over loopback:
   a released one answering 404 (the route is handed to Caddy inside the write, so the
   time is the write's own);
 - `portalloc env S` and `portalloc get S rest` (the read path) with the proxy running
-  against not running: the proxy must cost the read path nothing.
+  against not running: the proxy must cost the read path nothing;
+- at 10,000 leases (--leases): `portalloc allocate NEW` on a ledger whose proxy runs
+  against the same on a ledger of as many leases with none (interleaved, as users run
+  it, with bytecode cached, and the write alone in this process), a new lease's name
+  answering, and what `proxy start` (which writes every name once) takes.
 
-    python bench/proxy_bench.py [--requests 3000] [--changes 30] [--reads 40] [--json]
+    python bench/proxy_bench.py [--requests 3000] [--changes 30] [--reads 40]
+                                [--leases 10000] [--allocations 20] [--json]
 """
 
 from __future__ import annotations
@@ -47,10 +52,16 @@ class _Hello(BaseHTTPRequestHandler):
         self.wfile.write(b"hello")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _free_port(below: int | None = None) -> int:
+    """A port nothing listens on; BELOW: one under that number."""
+    for port in range(below - 1, 1024, -1) if below else [0]:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise SystemExit(f"no free port below {below}")
 
 
 def _portalloc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -111,16 +122,117 @@ def _reads(env: dict[str, str], count: int, timings: dict[str, list[float]]) -> 
             timings.setdefault(name, []).append(time.perf_counter() - began)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--changes", type=int, default=30)
-    parser.add_argument("--reads", type=int, default=40)
-    parser.add_argument("--json", action="store_true")
-    options = parser.parse_args()
+def _fill(state_dir: Path, leases: int, settings: dict[str, str]) -> None:
+    """LEASES leases written into a fresh ledger at once, as `allocate` grants them (as
+    bench/run.py fills its own)."""
+    from portalloc.allocator import Request, grant
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.models import LedgerState
+    from portalloc.service import PortAllocatorService
 
-    scratch = Path(tempfile.mkdtemp(prefix="proxy-bench-", dir=Path.cwd()))
-    proxy_port = _free_port()
+    config = PortAllocatorConfig(
+        base=int(settings["PORT_ALLOC_BASE"]),
+        range=int(settings["PORT_ALLOC_RANGE"]),
+        max_sessions=int(settings["PORT_ALLOC_MAX_SESSIONS"]),
+        state_dir=state_dir,
+        skip_port_check=True,
+    )
+    service = PortAllocatorService(config)
+    now = service.clock()
+    state = LedgerState()
+    for number in range(leases):
+        state = grant(state, Request(session_id=f"other-{number}", config=config), now, None).state
+    with service.ledger.locked():
+        service.ledger.save(state)
+
+
+def _scale(options: argparse.Namespace, scratch: Path, results: dict[str, Any]) -> None:
+    """`allocate NEW` at LEASES leases with the proxy running against not running."""
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.service import PortAllocatorService
+
+    leases = options.leases
+    settings = {  # small blocks, so ten thousand of them fit below the top port
+        "PORT_ALLOC_BASE": "10000",
+        "PORT_ALLOC_RANGE": "4",
+        "PORT_ALLOC_MAX_SESSIONS": str(leases + 1000),
+        "PORTALLOC_SKIP_PORT_CHECK": "1",
+    }
+    proxy_port = _free_port(below=10000)  # outside the span of blocks
+    envs = {}
+    for name in ("proxy", "plain"):
+        state_dir = scratch / f"big-{name}"
+        _fill(state_dir, leases, settings)
+        envs[name] = {
+            **os.environ,
+            **settings,
+            "PORTALLOC_STATE_DIR": str(state_dir),
+            "PORTALLOC_PROXY_PORT": str(proxy_port),
+        }
+        # As installed, with its bytecode cached: the proxy's modules are what a write
+        # imports beyond the others, and compiling them each time is no user's cost.
+        envs[name].pop("PYTHONDONTWRITEBYTECODE", None)
+    began = time.perf_counter()
+    _portalloc(envs["proxy"], "proxy", "start")
+    results[f"proxy_start_{leases}_s"] = time.perf_counter() - began
+    try:
+        cli: dict[str, list[float]] = {"proxy": [], "plain": []}
+        for name in ("proxy", "plain"):  # warm-up: writes the bytecode of both paths
+            _cli(envs[name], "allocate", "warm-up")
+        for number in range(options.allocations):
+            for name in ("plain", "proxy") if number % 2 else ("proxy", "plain"):
+                began = time.perf_counter()
+                _cli(envs[name], "allocate", f"new-{number}")
+                cli[name].append(time.perf_counter() - began)
+        write: dict[str, list[float]] = {"proxy": [], "plain": []}
+        services = {
+            name: PortAllocatorService(PortAllocatorConfig.from_env(env))
+            for name, env in envs.items()
+        }
+        to_route = []
+        for number in range(options.allocations):
+            for name in ("plain", "proxy") if number % 2 else ("proxy", "plain"):
+                began = time.perf_counter()
+                made = services[name].allocate(f"write-{number}")
+                write[name].append(time.perf_counter() - began)
+                if name == "proxy":
+                    named = made
+                    host = made.urls["db"].split("//", 1)[1].rsplit(":", 1)[0]
+                    while _answer(proxy_port, host) == 404:
+                        pass
+                    to_route.append(time.perf_counter() - began)
+        for name in ("proxy", "plain"):
+            label = "with_proxy" if name == "proxy" else "without_proxy"
+            results[f"allocate_{leases}_cli_{label}_p50_ms"] = statistics.median(cli[name]) * 1000
+            results[f"allocate_{leases}_write_{label}_p50_ms"] = (
+                statistics.median(write[name]) * 1000
+            )
+        results[f"allocate_{leases}_cli_ratio"] = statistics.median(
+            cli["proxy"]
+        ) / statistics.median(cli["plain"])
+        results[f"allocate_{leases}_to_route_p50_ms"] = statistics.median(to_route) * 1000
+        results[f"allocate_{leases}_to_route_max_ms"] = max(to_route) * 1000
+        # A request by name among all those names, against the same server directly.
+        port = named.ports["db"]
+        server = ThreadingHTTPServer(("127.0.0.1", port), _Hello)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            _latencies(proxy_port, host, 200)  # warm-up
+            direct, proxied = [], []
+            for _ in range(5):
+                direct += _latencies(port, None, options.requests // 10)
+                proxied += _latencies(proxy_port, host, options.requests // 10)
+            added = statistics.median(proxied) - statistics.median(direct)
+            results[f"added_p50_ms_at_{leases}"] = added * 1000
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        _portalloc(envs["proxy"], "proxy", "stop")
+
+
+def _run(options: argparse.Namespace, scratch: Path) -> int:
+    proxy_port = _free_port(below=10000)  # outside the span of blocks (43000 up)
     env = {
         **os.environ,
         "PORTALLOC_STATE_DIR": str(scratch / "state"),
@@ -201,7 +313,8 @@ def main() -> int:
         results["release_to_404_max_ms"] = max(to_gone) * 1000
     finally:
         _portalloc(env, "proxy", "stop")
-        shutil.rmtree(scratch, ignore_errors=True)
+    if options.leases:
+        _scale(options, scratch, results)
     for name in ("env", "get"):
         without = statistics.median(reads[False][name])
         with_proxy = statistics.median(reads[True][name])
@@ -213,8 +326,24 @@ def main() -> int:
         print(json.dumps(results, indent=2))
     else:
         for key, value in results.items():
-            print(f"{key:28} {value:8.3f}")
+            print(f"{key:42} {value:9.3f}")
     return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--changes", type=int, default=30)
+    parser.add_argument("--reads", type=int, default=40)
+    parser.add_argument("--leases", type=int, default=10000, help="0: skip the scale run")
+    parser.add_argument("--allocations", type=int, default=20)
+    parser.add_argument("--json", action="store_true")
+    options = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="proxy-bench-", dir=Path.cwd()))
+    try:
+        return _run(options, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -475,6 +475,16 @@ class Leases(Mapping[str, Lease]):
                 by_id[key] = lease
         return Leases(by_id)
 
+    def changed_since(self, earlier: Leases) -> list[str] | None:
+        """The sessions whose lease differs between EARLIER (the table this one was made
+        from by `updated`) and this one: added, removed or replaced. None when that
+        cannot be told without reading every lease."""
+        if type(self) is not Leases or type(earlier) is not Leases:
+            return None
+        mine, theirs = self._by_id, earlier._by_id
+        found = [key for key, lease in mine.items() if theirs.get(key) is not lease]
+        return found + [key for key in theirs if key not in mine]
+
 
 class LedgerState:
     """Active leases by session, each session's home block, and the files written for it.

@@ -99,8 +99,9 @@ class PortAllocatorService:
         changed. (A read that needs no write, `read`, goes through portalloc.reading
         without the lock, as the read path and shell completion do.)
 
-        A saved change (or ROUTES) hands the proxy its routes, still under the lock, so
-        route tables reach it in the order the ledger changed."""
+        A saved change hands the running proxy the names of the leases it changed (ROUTES:
+        of every lease), still under the lock, so they reach it in the order the ledger
+        changed."""
         with self.ledger.locked():
             now = self.host.now()
             loaded = self.ledger.load()
@@ -114,16 +115,25 @@ class PortAllocatorService:
                     # Unusable leases were left out and copied aside: write the file back
                     # without them even when this operation fails, or every later call
                     # would copy it aside again.
-                    self.ledger.save(state)
+                    self._save(loaded, state, save=True, routes=False)
                 raise
-            if state is not loaded or self.ledger.dirty:
-                self.ledger.save(state)
-                routes = True
-            if routes:
-                from portalloc import proxy
-
-                proxy.notify(self.config.state_dir, state.leases.values(), self.on_warning)
+            save = state is not loaded or self.ledger.dirty
+            if save or routes:
+                self._save(loaded, state, save=save, routes=routes)
         return Outcome(value, state, now, reclaimed)
+
+    def _save(self, loaded: LedgerState, state: LedgerState, *, save: bool, routes: bool) -> None:
+        """SAVE the state DECIDE made of LOADED, and have the proxy's routes follow (ROUTES,
+        or leases left out on load: all of them). They are marked stale before the file
+        changes, so a write that dies in between leaves them to be rebuilt whole."""
+        from portalloc import proxy
+
+        whole = routes or self.ledger.dirty
+        update = proxy.begin(self.config.state_dir, loaded.leases, self.on_warning, whole=whole)
+        if save:
+            self.ledger.save(state)
+        if update is not None:
+            update.done(state.leases)
 
     def _read(self) -> Outcome:
         return self._transact(lambda state, _now: (state, None))

@@ -120,13 +120,14 @@ def free_block(
     """100 ports at an exact place for a test that listens or probes there: a block of
     the plugin's test-only ledger (40000-41999, shared by xdist workers), every port of
     it free when leased, released when the test ends. A block where anything listens is
-    held (so no one else gets it) and the next one tried."""
+    held (so no one else gets it) and the next one tried, through all twenty: another
+    test run on the machine (its own suite, its ephemeral ports) may hold several."""
     from portalloc.probe import port_is_free
 
     me = os.getpid()
     held: list[str] = []
     try:
-        for attempt in range(5):
+        for attempt in range(20):
             session = f"free-block:{request.node.nodeid}#{attempt}"
             held.append(session)
             start = portalloc_service.hold(session, pid=me).allocation.block_start

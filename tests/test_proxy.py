@@ -15,11 +15,13 @@ import shutil
 import signal
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +31,7 @@ import pytest
 
 from portalloc import proxy
 from portalloc.models import Lease
-from portalloc.proxy import caddy, routes
+from portalloc.proxy import caddy, names, routes
 from portalloc.rules import DNS_LABEL, lease_problem, slug_for
 from tests.helpers import FreeBlock, run_cli, trust
 
@@ -130,6 +132,7 @@ class App(BaseHTTPRequestHandler):
     answers slowly, streams events and reads uploads."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body in two writes: no 40 ms stall
     who = "?"
 
     def log_message(self, *args: Any) -> None:
@@ -278,7 +281,7 @@ def test_routes_are_data_and_never_leave_the_lease() -> None:
     a = _lease("a", 10000, "shop")
     twin = _lease("b", 10010, "shop")  # a hand-edited ledger: the same name twice
     c = _lease("c", 10020, "other", bare=None)
-    table = routes.table([twin, a, c])
+    table = names.table([twin, a, c])
     assert [(r.host, r.port) for r in table] == [
         ("web.shop.localhost", 10000),
         ("ws.shop.localhost", 10001),
@@ -289,9 +292,14 @@ def test_routes_are_data_and_never_leave_the_lease() -> None:
     for route in table:
         owner = {"a": a, "b": twin, "c": c}[route.session_id]
         assert owner.start <= route.port <= owner.end
-    config = routes.caddy_routes(table)
+    # A slug the lease rules refuse (were it ever to reach here) names no directory.
+    assert names.table([_lease("x", 10030, "bad.label"), _lease("y", 10040, "../..")]) == []
+    # Caddy's routes are the same whatever the leases: names are files, looked up per
+    # request; no name, slug or session id is ever written into its configuration.
+    config = routes.caddy_routes()
     assert config[-1]["handle"][0]["status_code"] == 404
     assert json.loads(json.dumps(config)) == config  # plain JSON data, nothing templated
+    assert "shop" not in json.dumps(config)
 
 
 # --- a real Caddy ---
@@ -500,6 +508,139 @@ def _served(named: Named) -> list[dict[str, Any]]:
     return served
 
 
+@dataclass
+class Churn:
+    """What the clients of one route saw while other leases came and went."""
+
+    failures: list[str] = field(default_factory=list)
+    answered: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("new", "kept", "idle", "ws"), 0)
+    )
+    reconnects: int = 0
+    to_route: list[float] = field(default_factory=list)  # an allocate's start to its name answering
+    to_gone: list[float] = field(default_factory=list)  # a release's start to its name's 404
+
+
+def test_fifty_route_changes_drop_nothing_on_another_route(named: Named, serve: Any) -> None:
+    """Routes follow the ledger with no reload: while 50 leases are made and released, a
+    worktree's clients on new connections and on kept-alive ones (one busy, one idle
+    between requests, neither retrying) lose no request, its kept-alive connections are
+    never closed, a long request started before the changes completes and its open
+    WebSocket keeps echoing."""
+    from websockets.sync.client import connect
+    from websockets.sync.server import ServerConnection
+    from websockets.sync.server import serve as ws_serve
+
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.service import PortAllocatorService
+
+    start(named)
+    a = worktree_lease(named, named.a)
+    serve(a["web_port"], "a")
+
+    def echo(connection: ServerConnection) -> None:
+        for message in connection:
+            connection.send(f"echo {message!s}")
+
+    ws_server = ws_serve(echo, "127.0.0.1", a["ws_port"])
+    threading.Thread(target=ws_server.serve_forever, daemon=True).start()
+    host = host_of(a["urls"]["web"])
+    service = PortAllocatorService(PortAllocatorConfig.from_env({**os.environ, **named.env}))
+    stop = threading.Event()
+    seen = Churn()
+
+    def fresh() -> None:  # a new connection for every request
+        while not stop.is_set():
+            try:
+                answer = get(named.port, host)
+            except (OSError, http.client.HTTPException) as exc:
+                seen.failures.append(f"new connection: {exc!r}")
+                continue
+            if answer != (200, "a"):
+                seen.failures.append(f"new connection: {answer}")
+            seen.answered["new"] += 1
+            # Each closed connection holds its ephemeral port in TIME-WAIT for a minute,
+            # some in 40000-41999, where the next tests look for free blocks: not many.
+            time.sleep(0.01)
+
+    def kept(key: str, pause: float) -> None:  # one connection, kept alive, never retried
+        connection = http.client.HTTPConnection("127.0.0.1", named.port, timeout=10)
+        sock = None
+        try:
+            while not stop.is_set():
+                try:
+                    connection.request("GET", "/", headers={"Host": host})
+                    if connection.sock is not sock:
+                        seen.reconnects += sock is not None
+                        sock = connection.sock
+                    response = connection.getresponse()
+                    answer = (response.status, response.read().decode())
+                except (OSError, http.client.HTTPException) as exc:
+                    seen.failures.append(f"kept-alive ({key}): {exc!r}")
+                    connection.close()
+                    continue
+                if answer != (200, "a"):
+                    seen.failures.append(f"kept-alive ({key}): {answer}")
+                seen.answered[key] += 1
+                time.sleep(pause)
+        finally:
+            connection.close()
+
+    slow: list[tuple[int, str]] = []
+    clients = [
+        threading.Thread(target=fresh),
+        threading.Thread(target=kept, args=("kept", 0.0)),
+        threading.Thread(target=kept, args=("idle", 0.05)),  # idle between its requests
+        threading.Thread(target=lambda: slow.append(get(named.port, host, "/slow?s=8", 30))),
+    ]
+    url = a["urls"]["ws"].replace("http://", "ws://") + "/hmr"
+    sock = socket.create_connection(("127.0.0.1", named.port), timeout=10)
+    try:
+        with connect(url, sock=sock, open_timeout=10) as socket_client:
+            for thread in clients:
+                thread.start()
+            began = time.monotonic()
+            for cycle in range(50):
+                session = f"churn-{cycle % 5}"
+                changed = time.perf_counter()
+                made = service.allocate(session)
+                name = host_of(made.urls["db"])
+                assert get(named.port, name)[0] == 502  # routed at once (nothing listens)
+                seen.to_route.append(time.perf_counter() - changed)
+                changed = time.perf_counter()
+                assert service.release(session)
+                assert get(named.port, name)[0] == 404
+                seen.to_gone.append(time.perf_counter() - changed)
+                socket_client.send(f"cycle {cycle}")
+                assert socket_client.recv(timeout=10) == f"echo cycle {cycle}"
+                seen.answered["ws"] += 1
+                time.sleep(0.03)  # the clients' turn (one process: one interpreter lock)
+            churned = time.monotonic() - began
+            assert not slow, "the long request must span the changes"
+            stop.set()
+            for thread in clients:
+                thread.join(30)
+            socket_client.send("after")
+            assert socket_client.recv(timeout=10) == "echo after"
+    finally:
+        stop.set()
+        ws_server.shutdown()
+    print(
+        f"50 allocate/release cycles in {churned:.2f} s; answered {seen.answered}; "
+        f"allocate to route p50 {statistics.median(seen.to_route) * 1000:.1f} ms, "
+        f"release to 404 p50 {statistics.median(seen.to_gone) * 1000:.1f} ms"
+    )
+    assert seen.failures == []
+    assert seen.reconnects == 0  # no kept-alive connection was closed under its client
+    assert slow == [(200, "slow a")]
+    assert seen.answered["new"] >= 20 and seen.answered["kept"] >= 20
+    assert seen.answered["idle"] >= 10 and seen.answered["ws"] == 50
+    # Caddy's configuration was loaded once, at start: never again (each load logs its
+    # server running anew, and the one before it stopped).
+    log = caddy.Files(proxy.directory(named.state)).log.read_text()
+    assert log.count('"server running"') == 1 and "stopped previous server" not in log
+
+
 def test_a_hostile_session_id_gets_a_label_and_injects_nothing(named: Named, serve: Any) -> None:
     start(named)
     hostile = '"}]},{"handle":[{"handler":"file_server","root":"/"}]} Host: x'
@@ -513,6 +654,229 @@ def test_a_hostile_session_id_gets_a_label_and_injects_nothing(named: Named, ser
         for host in hosts
     )
     assert get(named.port, "anything.localhost", "/etc/passwd")[0] == 404
+
+
+def _raw(port: int, request: bytes) -> tuple[int, bytes]:
+    """REQUEST as sent, byte for byte (http.client checks a Host header before sending)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_a_hostile_host_header_is_looked_up_nowhere_and_reaches_no_server(
+    named: Named, serve: Any
+) -> None:
+    """Only a Host that is a name portalloc could have made is looked up in the route
+    directory (as `<host>/[0-9]*`, placeholders escaped); anything else is 404 (or Go's
+    400 for a Host it refuses), never a file read, never a server."""
+    start(named)
+    a = worktree_lease(named, named.a)
+    serve(a["web_port"], "a")
+    root = proxy.directory(named.state) / proxy.ROUTES_DIR
+    # A name portalloc would never make, planted with a's port: never looked up.
+    (root / "x_y.localhost").mkdir()
+    (root / "x_y.localhost" / str(a["web_port"])).touch()
+    hosts = [
+        "../../etc/passwd", "web.shop.localhost/../..", "{file./etc/passwd}.localhost",
+        "WEB.shop.localhost", "web.shop.localhost.", "x.web.shop.localhost", "x_y.localhost",
+        "%2e%2e.localhost", "*.shop.localhost", "[0-9]*.localhost", "web.*.localhost",
+        "localhost", "routes.localhost", "web.shop.localhost\\..", "web.shop.localhost%00",
+    ]  # fmt: skip
+    for host in hosts:
+        request = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        status, data = _raw(named.port, request)
+        assert status in (400, 404) and not data.endswith(b"\r\n\r\na"), (host, status)
+    # The name asked for in an absolute-form request line is the one routed (RFC 9112
+    # 3.2.2), whatever the Host says: still only a name with a lease.
+    for target, expected in (("web.shop.localhost", 200), ("nobody.localhost", 404)):
+        line = f"GET http://{target}/ HTTP/1.1\r\nHost: x.localhost\r\nConnection: close\r\n\r\n"
+        assert _raw(named.port, line.encode())[0] == expected
+    assert get(named.port, "web.shop.localhost") == (200, "a")
+
+
+# --- the route directory: no Caddy needed ---
+
+
+def _running(state: Path) -> Path:
+    """What a write sees of a running proxy (its private directory and admin socket)."""
+    where = proxy.directory(state)
+    where.mkdir(parents=True, mode=0o700)
+    (where / proxy.ADMIN_SOCKET).touch()
+    return where
+
+
+def _names(where: Path) -> dict[str, list[str]]:
+    root = where / proxy.ROUTES_DIR
+    return {entry.name: sorted(item.name for item in entry.iterdir()) for entry in root.iterdir()}
+
+
+def test_leases_tell_what_changed_without_reading_every_lease(tmp_path: Path) -> None:
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.ledger.store import INDEX_MIN_LEASES
+    from portalloc.models import Leases
+    from portalloc.service import PortAllocatorService
+
+    a, b, c = _lease("a", 10000, "a"), _lease("b", 10010, "b"), _lease("c", 10020, "c")
+    plain = Leases({"a": a, "b": b})
+    later = plain.updated({"a": None, "c": c}).updated({"b": b._replace(ttl_minutes=5)})
+    assert sorted(later.changed_since(plain) or []) == ["a", "b", "c"]
+    assert plain.updated({}).changed_since(plain) == []
+    # The ledger's own table (a file of at least INDEX_MIN_LEASES leases): only the
+    # leases changed since the file was read are compared.
+    config = PortAllocatorConfig(
+        state_dir=tmp_path / "state", base=20000, range=4, max_sessions=500,
+        skip_port_check=True,
+    )  # fmt: skip
+    service = PortAllocatorService(config)
+    for number in range(INDEX_MIN_LEASES + 10):
+        service.allocate(f"s{number}")
+    service = PortAllocatorService(config)  # a new process: reads the file and its index
+    with service.ledger.locked():
+        loaded = service.ledger.load().leases
+    assert type(loaded) is not Leases
+    changed = loaded.updated({"new": _lease("new", 30000, "new"), "s3": None})
+    assert sorted(changed.changed_since(loaded) or []) == ["new", "s3"]
+    assert changed.changed_since(plain) is None  # two unrelated tables: cannot tell
+
+
+def test_a_write_with_the_proxy_running_touches_only_the_names_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.service import PortAllocatorService
+
+    config = PortAllocatorConfig(
+        state_dir=tmp_path / "state", base=20000, range=4, max_sessions=500,
+        skip_port_check=True,
+    )  # fmt: skip
+    service = PortAllocatorService(config)
+    for number in range(100):
+        service.allocate(f"s{number}")
+    assert not proxy.directory(config.state_dir).exists()  # no proxy: nothing of it
+    where = _running(config.state_dir)
+    service.allocate("s0")  # a refresh: no name changed, nothing written
+    assert not (where / proxy.ROUTES_DIR).exists()
+    service = PortAllocatorService(config)
+    service.sync_proxy()  # as `proxy start` does: every name
+    assert len(_names(where)) == 100 * len(service.get("s0").urls)
+    tables: list[int] = []
+    original = names.table
+
+    def table(leases: Any) -> list[names.Route]:
+        leases = list(leases)
+        tables.append(len(leases))
+        return original(leases)
+
+    def whole(*_args: Any) -> None:
+        raise AssertionError("a write rebuilt every name")
+
+    monkeypatch.setattr(names, "table", table)
+    monkeypatch.setattr(names, "sync", whole)
+    service = PortAllocatorService(config)  # a new process, as each CLI command is
+    made = service.allocate("new")
+    assert max(tables) == 1  # one lease's names, whatever the number of leases
+    hosts = {host_of(url): made.ports[name] for name, url in made.urls.items()}
+    present = _names(where)
+    assert all(present[host] == [str(port)] for host, port in hosts.items())
+    assert len(present) == 101 * len(hosts)
+    assert service.release("new")
+    assert not set(hosts) & set(_names(where))
+    ledger = config.state_dir / "leases.json"
+    assert (where / proxy.STAMP).read_bytes() == proxy.ledger_key(ledger) != b""
+
+
+def test_routes_a_write_left_behind_are_rebuilt_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route directory is stamped with the ledger file it follows: a write that finds
+    another file there (one that died between the ledger and the routes, one by another
+    user of a shared state dir, who cannot reach this proxy) rebuilds every name."""
+    from portalloc.config import PortAllocatorConfig
+    from portalloc.service import PortAllocatorService
+
+    config = PortAllocatorConfig(state_dir=tmp_path / "state", base=20000, skip_port_check=True)
+    where = _running(config.state_dir)
+    service = PortAllocatorService(config)
+    a, b, c = service.allocate("a"), service.allocate("b"), service.allocate("c")
+    hosts = {
+        allocation.session_id: {host_of(url) for url in allocation.urls.values()}
+        for allocation in (a, b, c)
+    }
+    assert hosts["b"] | hosts["c"] <= set(_names(where))
+    # A write dies after saving the ledger, before its routes follow: b's names stay.
+    with monkeypatch.context() as patch:
+        patch.setattr(names, "follow", lambda *args: None)
+        assert service.release("b")
+    assert hosts["b"] <= set(_names(where))
+    # A write that does not see this proxy (another user's): c's names stay.
+    (where / proxy.ADMIN_SOCKET).rename(where / "away")
+    assert service.release("c")
+    (where / "away").rename(where / proxy.ADMIN_SOCKET)
+    assert hosts["c"] <= set(_names(where))
+    # Whatever else is there goes too: a file, a link, a temp file left in a name.
+    root = where / proxy.ROUTES_DIR
+    (root / "junk").touch()
+    (root / "web.evil.localhost").symlink_to(root / host_of(a.urls["db"]))
+    (root / host_of(a.urls["db"]) / ".tmp").touch()
+    d = service.allocate("d")  # the ledger is not the stamped file: every name, rebuilt
+    expected = {
+        host_of(url): [str(allocation.ports[name])]
+        for allocation in (a, d)
+        for name, url in allocation.urls.items()
+    }
+    assert _names(where) == expected
+
+
+def test_a_name_two_leases_claim_is_never_moved_to_the_other(tmp_path: Path) -> None:
+    """A ledger edited by hand may give two leases one slug: the name stays with the
+    lease that had it, and a sync gives it to the lowest block; never both ports."""
+    from portalloc.models import Leases
+
+    root = tmp_path / "routes"
+    a, twin = _lease("a", 10000, "shop"), _lease("b", 10010, "shop")
+
+    def step(before: Leases, changes: dict[str, Lease | None]) -> Leases:
+        after = before.updated(changes)
+        names._apply(root, before, after, after.changed_since(before) or [])
+        return after
+
+    def answered() -> dict[str, list[str]]:
+        return {
+            entry.name: sorted(item.name for item in entry.iterdir()) for entry in root.iterdir()
+        }
+
+    leases = step(Leases(), {"a": a})
+    assert answered()["web.shop.localhost"] == ["10000"]
+    leases = step(leases, {"b": twin})
+    assert answered()["web.shop.localhost"] == ["10000"]
+    moved = a._replace(start=10020, ports=(("web", 10020), ("ws", 10021)))
+    leases = step(leases, {"a": moved})  # its own name follows it
+    assert answered()["web.shop.localhost"] == ["10020"]
+    leases = step(leases, {"a": None})
+    assert "web.shop.localhost" not in answered()
+    names.sync(root, leases.values())
+    assert answered()["web.shop.localhost"] == ["10010"]
+
+
+def test_only_names_portalloc_makes_are_route_names() -> None:
+    import re
+
+    made = [*_lease("s", 10000, "feat-x").hosts().values(), "a.localhost", f"{'x' * 63}.localhost"]
+    for host in made:
+        assert names.valid_host(host) and re.fullmatch(routes.HOST_PATTERN, host), host
+    for host in (
+        "localhost", "a.b.c.localhost", "../x.localhost", "A.localhost", "a_b.localhost",
+        "-a.localhost", "a.localhost.", "a.example", f"{'x' * 64}.localhost", "a..localhost",
+        "a/b.localhost", "a.localhost\n", ".localhost", "{file./etc/passwd}.localhost",
+    ):  # fmt: skip
+        assert not names.valid_host(host), host
+        assert not re.fullmatch(routes.HOST_PATTERN, host), host
+    # Caddy is never told a name, a path or a placeholder that reads a file.
+    config = json.dumps(routes.document(["fd/3"], True, Path("/state/proxy-0")))
+    assert "{file." not in config and "feat-x" not in config
 
 
 # --- a real browser ---

@@ -425,6 +425,14 @@ class _IndexedLeases(Leases):
         """How many leases differ from the file's."""
         return len(self._replaced) + len(self._removed) + len(self._added)
 
+    def changed_since(self, earlier: Leases) -> list[str] | None:
+        # Both made from one file: only the leases either changed since can differ.
+        if not isinstance(earlier, _IndexedLeases) or earlier._file is not self._file:
+            return None
+        keys = {*self._replaced, *self._removed, *self._added}
+        keys.update(earlier._replaced, earlier._removed, earlier._added)
+        return [key for key in keys if earlier.get(key) is not self.get(key)]
+
     def updated(self, changes: Mapping[str, Lease | None]) -> Leases:
         replaced, removed, added = dict(self._replaced), set(self._removed), dict(self._added)
         for key, lease in changes.items():

@@ -1,6 +1,7 @@
-"""The Caddy process portalloc runs: found, started in the background, told its routes
-through its admin API on a unix socket, asked what it serves, and stopped by the PID
-it was started with (never by name)."""
+"""The Caddy process portalloc runs: found, started in the background with a
+configuration that never changes (its routes are files, `names`), asked through its admin
+API on a unix socket whether it answers, and stopped by the PID it was started with
+(never by name)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,13 +24,13 @@ from portalloc.errors import PortallocError
 from portalloc.fs import atomic_write, open_append, open_directory, read_bytes
 from portalloc.models import Lease
 from portalloc.probe import has_ipv6
-from portalloc.proxy import private
-from portalloc.proxy.routes import ADMIN_SOCKET, SERVER, Route, caddy_routes, document, served
+from portalloc.proxy import ADMIN_SOCKET, ROUTES_DIR, names, private
+from portalloc.proxy.routes import SERVER, document
 
 ROUTES_PATH = f"/config/apps/http/servers/{SERVER}/routes"
 START_TIMEOUT = 10.0  # seconds for Caddy to answer after it was started
 STOP_TIMEOUT = 10.0  # seconds for it to exit after it was asked to
-ADMIN_TIMEOUT = 5.0  # seconds for one admin request (a reload waits for nothing else)
+ADMIN_TIMEOUT = 5.0  # seconds for one admin request
 # An AF_UNIX path holds at most 108 bytes on Linux, 104 on macOS.
 MAX_SOCKET_PATH = 100
 
@@ -177,27 +178,6 @@ def admin(
     return response.status, answer
 
 
-def push_routes(directory: Path, leases: Iterable[Lease], warn: Callable[[str], None]) -> bool:
-    """Replace the running proxy's routes with those of LEASES; False when no proxy took
-    them (none runs: nothing said; one that fails: one line through WARN)."""
-    from portalloc.proxy.routes import table
-
-    files = Files(directory)
-    try:
-        status, answer = admin(files, "PATCH", ROUTES_PATH, caddy_routes(table(leases)))
-    except FileNotFoundError:
-        return False
-    except ConnectionRefusedError:
-        return False  # its socket left by a Caddy that died: `proxy start` restarts it
-    except OSError as exc:
-        warn(f"proxy at {files.socket} did not take the new routes: {exc}")
-        return False
-    if status != 200:
-        warn(f"proxy refused the new routes ({status}): {answer}")
-        return False
-    return True
-
-
 def read_process(files: Files) -> Process | None:
     """The Caddy the PID file names, if it still runs (same PID, same start time, and its
     command line is ours: a PID file edited to name another process names none)."""
@@ -227,16 +207,18 @@ def status(directory: Path) -> Status:
     if process is None:
         return Status(False, directory, crashed=files.pid.exists())
     try:
-        code, answer = admin(files, "GET", ROUTES_PATH)
+        code, _answer = admin(files, "GET", ROUTES_PATH)
     except OSError:
         return Status(False, directory, process, crashed=True)
-    routes = tuple(served(answer)) if code == 200 else ()
+    routes = tuple(names.served(directory)) if code == 200 else ()
     return Status(True, directory, process, routes)
 
 
-def start(directory: Path, port: int, routes: list[Route]) -> tuple[Status, bool]:
-    """Start Caddy on PORT unless it runs; return its status and whether it was started.
-    A Caddy that crashed (its PID file names no running Caddy) is started anew."""
+def start(directory: Path, port: int, leases: Iterable[Lease] = ()) -> tuple[Status, bool]:
+    """Start Caddy on PORT unless it runs, answering the names of LEASES (the caller
+    syncs them with the ledger once it answers: `service.sync_proxy`); return its status
+    and whether it was started. A Caddy that crashed (its PID file names no running
+    Caddy) is started anew."""
     files = Files(directory)
     _ensure(directory)
     with _locked(files):
@@ -252,8 +234,11 @@ def start(directory: Path, port: int, routes: list[Route]) -> tuple[Status, bool
         ipv6 = has_ipv6()
         sockets = _bind(port, ipv6)
         try:
+            # Whatever a Caddy before this one was left answering goes first.
+            names.clear(directory)
+            names.sync(directory / ROUTES_DIR, leases)
             listen = [f"fd/{sock.fileno()}" for sock in sockets]
-            config = json.dumps(document(listen, ipv6, directory, routes), indent=1).encode()
+            config = json.dumps(document(listen, ipv6, directory), indent=1).encode()
             atomic_write(files.config, config, 0o600)
             output = open_append(files.output)
             try:
@@ -365,6 +350,7 @@ def stop(directory: Path) -> Process | None:
                 pass
             _terminate(process.pid, process.started)
         _clean(files)
+        names.clear(directory)
         return process
 
 

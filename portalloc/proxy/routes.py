@@ -1,83 +1,70 @@
-"""Caddy's configuration, built as data from the leases: never a template a session id,
-a slug or a project file could write into. Pure: no I/O."""
+"""Caddy's configuration, built as data: never a template a session id, a slug or a
+project file could write into, and the same whatever the leases. Pure: no I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from portalloc.models import Lease
+from portalloc.proxy import ADMIN_SOCKET, ROUTES_DIR
+from portalloc.rules import DNS_LABEL, URL_DOMAIN
 
 SERVER = "portalloc"  # the name of Caddy's one HTTP server
-ADMIN_SOCKET = "admin.sock"  # relative: Caddy runs in the proxy's directory
-# Caddy closes a proxied stream (a WebSocket, an event stream) when the configuration it
-# was opened under is replaced, unless told to wait: every lease change replaces the
-# routes, and a dev server's hot-reload socket must not drop because another worktree
-# got its ports. A day is longer than any dev session holds one.
-STREAM_CLOSE_DELAY = "24h"
 NOT_FOUND_BODY = "portalloc: no lease has this name\n"
+# The names the proxy answers, whole: `<label>.<slug>.localhost` or `<slug>.localhost`,
+# DNS labels, lowercase (as browsers send them). Nothing else is looked up on disk.
+_LABEL = DNS_LABEL.pattern
+HOST_PATTERN = rf"^(?:{_LABEL}\.)?{_LABEL}\.{re.escape(URL_DOMAIN)}$"
+# The file the lookup found, relative to the route directory: `/<host>/<port>`.
+PORT_PATTERN = r"^/[a-z0-9.-]+/([1-9][0-9]{0,4})$"
+# Where the port of the name asked for is, once both patterns matched.
+PORT_PLACEHOLDER = "{http.regexp.portalloc_port.1}"
 
 
-class Route(NamedTuple):
-    """One name the proxy answers, and the port of the lease it forwards to."""
+def caddy_routes() -> list[dict[str, Any]]:
+    """The routes of Caddy's server, the same whatever the leases: a name is looked up in
+    the route directory on every request, so a lease change never touches Caddy's
+    configuration (a change through its admin API would be a reload, and a reload
+    closes idle keep-alive connections on every route).
 
-    host: str
-    port: int
-    session_id: str
-
-
-def table(leases: Iterable[Lease]) -> list[Route]:
-    """Every host name of every lease, to that lease's own port, lowest block first.
-
-    Only a port inside the lease's own block is routed to, and a name two leases claim
-    (a hand-edited ledger) goes to the first one alone: no input makes a name forward
-    to another lease's port."""
-    routes: list[Route] = []
-    seen: set[str] = set()
-    for lease in sorted(leases, key=lambda lease: lease.start):
-        ports = dict(lease.ports)
-        for name, host in lease.hosts().items():
-            port = ports.get(name or lease.bare or "")
-            if port is None or not lease.start <= port <= lease.end or host in seen:
-                continue
-            seen.add(host)
-            routes.append(Route(host, port, lease.session_id))
-    return routes
-
-
-# The placeholder the name table fills with the port of the name asked for.
-PORT_PLACEHOLDER = "{portalloc.port}"
-
-
-def caddy_routes(routes: Iterable[Route]) -> list[dict[str, Any]]:
-    """The routes of Caddy's server: a table from name to port (one lookup per request
-    whatever the number of leases, and one small configuration to load), a reverse proxy
-    to that port on loopback, and 404 for every name not in the table."""
-    table = {
-        "handler": "map",
-        "source": "{http.request.host}",
-        "destinations": [PORT_PLACEHOLDER],
-        "mappings": [{"input": route.host, "outputs": [str(route.port)]} for route in routes],
-        "defaults": [""],
+    Three steps, each a route inside the last, since the matchers of one route run in no
+    set order: the Host is a name portalloc could have made (else 404, and nothing is
+    looked up); a file `<host>/<port>` exists in the route directory (the `file`
+    matcher: placeholders in its pattern are escaped, never globbed, and the path is
+    kept inside its root); its name is a port. Then a reverse proxy to that port on
+    loopback. Every other request: 404."""
+    by_port = {
+        "match": [
+            {
+                "vars_regexp": {
+                    "{http.matchers.file.relative}": _named("portalloc_port", PORT_PATTERN)
+                }
+            }
+        ],
+        "handle": [_reverse_proxy("127.0.0.1")],
+    }
+    by_file = {
+        "match": [{"file": {"root": ROUTES_DIR, "try_files": ["/{http.request.host}/[0-9]*"]}}],
+        "handle": [{"handler": "subroute", "routes": [by_port]}],
     }
     return [
-        {"handle": [table]},
         {
-            "match": [{"not": [{"vars": {PORT_PLACEHOLDER: [""]}}]}],
-            "handle": [_reverse_proxy("127.0.0.1")],
-            "terminal": True,
+            "match": [
+                {"vars_regexp": {"{http.request.host}": _named("portalloc_host", HOST_PATTERN)}}
+            ],
+            "handle": [{"handler": "subroute", "routes": [by_file]}],
         },
         _not_found(),
     ]
 
 
+def _named(name: str, pattern: str) -> dict[str, str]:
+    return {"name": name, "pattern": pattern}
+
+
 def _reverse_proxy(address: str) -> dict[str, Any]:
-    return {
-        "handler": "reverse_proxy",
-        "upstreams": [{"dial": f"{address}:{PORT_PLACEHOLDER}"}],
-        "stream_close_delay": STREAM_CLOSE_DELAY,
-    }
+    return {"handler": "reverse_proxy", "upstreams": [{"dial": f"{address}:{PORT_PLACEHOLDER}"}]}
 
 
 def ipv6_fallback() -> dict[str, Any]:
@@ -117,13 +104,11 @@ def _not_found() -> dict[str, Any]:
     }
 
 
-def document(
-    listen: list[str], ipv6: bool, directory: Path, routes: Iterable[Route]
-) -> dict[str, Any]:
-    """Caddy's whole configuration: the server on LISTEN (`fd/N`: loopback sockets
-    portalloc bound and handed over), the admin endpoint on a unix socket in DIRECTORY
-    (mode 0200: its owner alone may connect), its storage and log there too, nothing
-    written anywhere else."""
+def document(listen: list[str], ipv6: bool, directory: Path) -> dict[str, Any]:
+    """Caddy's whole configuration, loaded once at start and never changed: the server on
+    LISTEN (`fd/N`: loopback sockets portalloc bound and handed over), the admin endpoint
+    on a unix socket in DIRECTORY (mode 0200: its owner alone may connect), its storage,
+    log and route directory there too, nothing written anywhere else."""
     return {
         "admin": {"listen": f"unix/{ADMIN_SOCKET}", "config": {"persist": False}},
         "logging": {
@@ -147,25 +132,10 @@ def document(
                         "listen": listen,
                         "protocols": ["h1", "h2", "h2c"],
                         "automatic_https": {"disable": True},
-                        "routes": caddy_routes(routes),
+                        "routes": caddy_routes(),
                         **({"errors": ipv6_fallback()} if ipv6 else {}),
                     }
                 }
             }
         },
     }
-
-
-def served(config_routes: object) -> list[tuple[str, int]]:
-    """(host, port) of each name in Caddy's answer for the server's routes."""
-    found: list[tuple[str, int]] = []
-    try:
-        mappings = config_routes[0]["handle"][0]["mappings"]  # type: ignore[index]
-    except (KeyError, IndexError, TypeError):
-        return found
-    for mapping in mappings if isinstance(mappings, list) else ():
-        try:
-            found.append((str(mapping["input"]), int(mapping["outputs"][0])))
-        except (KeyError, IndexError, TypeError, ValueError):
-            continue
-    return found
