@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from portalloc.facts import owner_alive, path_exists, utcnow, worktree_of
-from portalloc.ledger.codec import read_lease
+from portalloc.ledger.store import read_every_lease, read_lease
 from portalloc.rules import validate_session_id
 from portalloc.trust import private_dir
 
@@ -96,14 +96,4 @@ def leases(config: PortAllocatorConfig) -> list[Lease] | None:
     it can read: for shell completion, which runs on Tab and must neither wait for
     the lock nor write (nor hang: a FIFO or symlink at the ledger's name is refused
     unread). Not decided on: an expired lease is still offered."""
-    import json
-
-    from portalloc.fs import read_bytes
-    from portalloc.ledger.codec import parse_document
-
-    try:
-        document = json.loads(read_bytes(config.ledger_file, follow=False))
-        parsed = parse_document(document)
-    except Exception:  # unreadable, not JSON, a newer version, not the ledger's shape
-        return None
-    return list(parsed.state.leases.values())
+    return read_every_lease(config.ledger_file)

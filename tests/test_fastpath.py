@@ -190,7 +190,7 @@ def test_read_path_serves_without_typer_and_without_the_lock(state_dir: Path) ->
 
 
 def test_a_ledger_not_in_saves_shape_goes_the_locked_way(state_dir: Path) -> None:
-    from portalloc.ledger.codec import read_lease
+    from portalloc.ledger.store import read_lease
 
     save(state_dir, lease("s", 10000))
     path = state_dir / "leases.json"
@@ -213,28 +213,28 @@ def test_the_read_path_scans_the_file_in_pieces_of_any_size(
     """The read path goes through the ledger in pieces, one buffer reused (a 5 MiB bytes
     object costs more in page faults than the scan): an id straddling two pieces, in the
     first or the last lease, is found; a second copy, a changed byte or a cut is not."""
-    from portalloc.ledger import codec
+    from portalloc.ledger import codec, store
 
-    monkeypatch.setattr(codec, "_CHUNK", chunk)
+    monkeypatch.setattr(store, "_CHUNK", chunk)
     leases = [lease(session, 10000 + 100 * i) for i, session in enumerate(SESSIONS)]
     save(state_dir, *leases)
     path = state_dir / "leases.json"
     data = path.read_bytes()
     for raw in leases:
-        found = codec.read_lease(path, str(raw["session_id"]))
+        found = store.read_lease(path, str(raw["session_id"]))
         assert found is not None and codec.lease_to_raw(found) == raw
-    assert codec.read_lease(path, "nobody") is None
+    assert store.read_lease(path, "nobody") is None
     # Any one byte changed: the CRC-32 no longer matches (or the shape is not save()'s).
     at = flip % len(data)
     path.write_bytes(data[:at] + bytes([data[at] ^ 0x20]) + data[at + 1 :])
-    changed = codec.read_lease(path, "s")
+    changed = store.read_lease(path, "s")
     assert changed is None or at >= len(data) - 10  # in the CRC's digits, "a" is "A"
     path.write_bytes(data[: at or 1])
-    assert codec.read_lease(path, "s") is None
+    assert store.read_lease(path, "s") is None
     # The same lease twice, CRC and all: the locked path decides.
     save(state_dir, *leases, lease("s", 20000))
-    assert codec.read_lease(path, "s") is None
-    assert codec.read_lease(path, SESSIONS[1]) is not None
+    assert store.read_lease(path, "s") is None
+    assert store.read_lease(path, SESSIONS[1]) is not None
 
 
 ALLOCATE = [

@@ -21,12 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # portalloc's own: the entry point, settings, the one read (reading: whether a lease
 # stands as it is) and the ledger's shapes and bytes it reads without the lock
-# (ledger/format.py, ledger/codec.py, and the package's __init__.py, which imports
-# nothing), the lease rules and values, the renderers, the facts a reclaim asks,
-# whether the state dir is private (trust). Not the allocator (asked only where a
-# project file's profile applies), not profile.py (only where a project file is
-# found), not the ledger's store or index (the lock, the index), the service, the
-# host, the probe or any framework.
+# (ledger/format.py, ledger/codec.py, ledger/store.py for read_lease, and the
+# package's __init__.py, which imports nothing), the lease rules and values, the
+# renderers, the facts a reclaim asks, whether the state dir is private (trust). Not
+# the allocator (asked only where a project file's profile applies), not profile.py
+# (only where a project file is found), not the ledger's index or encoder (a locked
+# load, a save), the service, the host, the probe or any framework.
 PORTALLOC = {
     "portalloc",
     "portalloc.adapters",
@@ -35,6 +35,7 @@ PORTALLOC = {
     "portalloc.ledger",
     "portalloc.ledger.codec",
     "portalloc.ledger.format",
+    "portalloc.ledger.store",
     "portalloc.config",
     "portalloc.errors",
     "portalloc.facts",

@@ -1,23 +1,20 @@
 """The ledger's bytes and its state, each way, under one set of lease rules: a lease to
 and from its raw form (format.py's shapes), a document to the state (parse_document),
 the checks before a save (refuse_unloadable, validate), the bytes save() writes (dump:
-compact JSON ending in a CRC-32; encoder.py writes the same in pieces), and
-read_lease, one lease read without the lock.
+compact JSON ending in a CRC-32; encoder.py writes the same in pieces).
 
-Below index.py, encoder.py and store.py, and with format.py all of the ledger the read path
+Below index.py, encoder.py and store.py; with format.py and store.py (whose index and
+encoder imports wait for a locked load or a save) all of the ledger the read path
 (`portalloc env`) imports: every module it imports is start-up time (bench/README.md).
 """
 
 from __future__ import annotations
 
-import codecs
 import json
-import os
 import zlib
 from bisect import bisect_right
 
 from portalloc.errors import InvalidSessionId, LeaseRefused
-from portalloc.fs import MAX_READ, UnsafeFile, open_regular
 from portalloc.ledger.format import DOCUMENT_KEYS, LEASE_KEYS, LEDGER_VERSION, _Malformed, migrate
 from portalloc.models import Lease, LedgerState, Owner, isoformat, parse_iso
 from portalloc.rules import DNS_LABEL, has_unprintable, lease_problem, validate_session_id
@@ -25,7 +22,6 @@ from portalloc.rules import DNS_LABEL, has_unprintable, lease_problem, validate_
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
-    from pathlib import Path
     from typing import Any
 
     from portalloc.ledger.format import RawLease, RawLedger, RawOwner
@@ -324,95 +320,3 @@ def _with_crc(body: bytes) -> bytes:
 def dump(document: RawLedger) -> bytes:
     """The bytes save() writes: compact JSON, its CRC-32 as the last key."""
     return _with_crc(_json(document))
-
-
-_TRAILER = len(_CRC_KEY) + 10  # the key, 8 hex digits, `"}`
-# The read path goes through the file in pieces of this size, one buffer reused: a
-# fresh bytes object of a 5 MiB ledger costs more in page faults than the scan itself
-# (bench/README.md, "env S at 10,000 leases").
-_CHUNK = 1 << 16
-
-
-def _expected_crc(trailer: bytes) -> int | None:
-    """The CRC-32 a file save() wrote ends with (TRAILER: its last _TRAILER bytes)."""
-    if len(trailer) != _TRAILER or not trailer.startswith(_CRC_KEY) or trailer[-2:] != b'"}':
-        return None
-    try:
-        return int(trailer[-10:-2], 16)
-    except ValueError:
-        return None
-
-
-def _find_once(fd: int, size: int, needle: bytes) -> int | None:
-    """Where NEEDLE starts in the file FD (SIZE bytes), if the file is one save() wrote,
-    unchanged since (its CRC-32 says so), and holds NEEDLE exactly once; else None."""
-    body = size - _TRAILER  # everything the CRC covers, bar the `}` it ends with
-    expected = _expected_crc(os.pread(fd, _TRAILER, body)) if body > 0 else None
-    if expected is None or os.pread(fd, len(_PREFIX), 0) != _PREFIX.encode():
-        return None
-    # A needle may straddle two pieces: the last KEEP bytes of one are carried to the
-    # front of the buffer, before the next is read in behind them.
-    keep = len(needle) - 1
-    buffer = bytearray(keep + _CHUNK)
-    view = memoryview(buffer)
-    crc, done, carried, found = 0, 0, 0, None
-    while done < body:
-        count = os.readv(fd, [view[keep : keep + min(_CHUNK, body - done)]])
-        if count == 0:
-            return None  # shorter than it said: cut since
-        crc = zlib.crc32(view[keep : keep + count], crc)
-        end = keep + count
-        at = buffer.find(needle, keep - carried, end)
-        while at >= 0:
-            if found is not None:
-                return None  # twice: the locked path decides
-            found = done + at - keep
-            at = buffer.find(needle, at + 1, end)
-        carried = min(keep, carried + count)
-        buffer[keep - carried : keep] = buffer[end - carried : end]
-        done += count
-    if zlib.crc32(b"}", crc) != expected:
-        return None
-    return found
-
-
-def read_lease(path: Path | str, session_id: str) -> Lease | None:
-    """The session's lease as last written, read without the lock (the file is only ever
-    replaced whole), decoding that lease alone; None when unsure, for the locked path.
-
-    Only a file save() wrote, unchanged since (its CRC-32 says so), qualifies. In such
-    a file every lease holds only the keys save() writes, the others being objects of
-    integers and strings, and inside JSON strings every `"` is escaped: so
-    `{"session_id":<id>,` starts that session's lease in the leases list and nothing
-    else. Anything else is left to the locked path, which checks the whole document
-    (and refuses a ledger that is a symlink, a FIFO or a device).
-    """
-    needle = (_LEASE_START + json.dumps(session_id, ensure_ascii=False) + ",").encode("utf-8")
-    try:
-        fd, info = open_regular(path, follow=False)
-    except (OSError, UnsafeFile):
-        return None
-    try:
-        if info.st_size > MAX_READ:
-            return None
-        start = _find_once(fd, info.st_size, needle)
-        if start is None:
-            return None
-        # From the same descriptor, so from the same file whatever replaced it since:
-        # the lease on, as far as a lease can reach (a 4096-character id and its
-        # variables fit many times over); a lease cut off there fails to parse and goes
-        # the locked way.
-        window = os.pread(fd, _LEASE_WINDOW, start)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    try:
-        # final=False: a character cut at the window's end is left out, not an error;
-        # a byte that is not UTF-8 anywhere else still is one.
-        text, _used = codecs.utf_8_decode(window, "strict", False)
-        raw, _end = json.JSONDecoder().raw_decode(text)
-        lease = lease_from_raw(raw)
-    except (ValueError, RecursionError, _Malformed):
-        return None
-    return lease if lease.session_id == session_id else None

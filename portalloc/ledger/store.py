@@ -1,21 +1,25 @@
 """The ledger's store: leases.json, its lock and its index file in the state directory.
 The lock, load (in full by codec.py, or through the index), save (encoded by encoder.py,
-written by fs.atomic_write), quarantine. No other module opens those files but the
-reads without the lock: codec.read_lease (one lease) and portalloc.reading.leases
-(every lease, for completion); tests/test_ledger_ownership.py."""
+written by fs.atomic_write), quarantine; and the reads without the lock (read_lease,
+one lease, for the read path; read_every_lease, for completion). No other module opens
+those files (tests/test_ledger_ownership.py). The read path imports this module: the
+index, the encoder and contextlib are imported where a locked load or a save needs
+them (tests/test_read_path_imports.py)."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import stat
 import time
-from contextlib import contextmanager
+import zlib
 from datetime import UTC, datetime
 
 from portalloc.config import LEDGER_NAME
 from portalloc.errors import LedgerError, LockTimeout
 from portalloc.fs import (
+    MAX_READ,
     Chunk,
     FileRange,
     UnsafeFile,
@@ -23,28 +27,23 @@ from portalloc.fs import (
     is_temp_name,
     lstat_regular,
     open_regular,
+    read_bytes,
     read_open,
     read_with_stat,
 )
 from portalloc.ledger.codec import (
+    _CRC_KEY,
+    _LEASE_START,
+    _LEASE_WINDOW,
+    _PREFIX,
     _files_from_raw,
     _slugs_from_raw,
+    lease_from_raw,
     parse_document,
     refuse_unloadable,
     validate,
 )
-from portalloc.ledger.encoder import encode
 from portalloc.ledger.format import LEDGER_VERSION, _Malformed, _TooNew
-from portalloc.ledger.index import (
-    _Index,
-    _IndexedLeases,
-    _own,
-    _seal,
-    _stat_key,
-    _Written,
-    dump_index,
-    parse_index,
-)
 from portalloc.models import Lease, LedgerState
 
 TYPE_CHECKING = False
@@ -55,6 +54,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     import filelock
+
+    from portalloc.ledger.index import _Index
 
 # Short: under contention filelock's default 50 ms poll is mostly idle waiting.
 LOCK_POLL_SECONDS = 0.002
@@ -142,6 +143,8 @@ class Ledger:
 
     def locked(self) -> AbstractContextManager[None]:
         """Hold the ledger's lock; raise LockTimeout past the configured timeout."""
+        from contextlib import contextmanager  # not on the read path, which never locks
+
         return contextmanager(self._hold)()
 
     def _hold(self) -> Iterator[None]:
@@ -195,6 +198,8 @@ class Ledger:
             return None
         except OSError as exc:
             raise LedgerError(self.path, f"cannot read: {exc.strerror or exc}") from None
+        from portalloc.ledger.index import _stat_key
+
         return _stat_key(st)
 
     def load(self) -> LedgerState:
@@ -214,6 +219,10 @@ class Ledger:
         return state
 
     def _load(self) -> LedgerState:
+        # The index and the encoder are a write's (and a locked load's): the read path,
+        # which imports this module for its reads without the lock, needs neither.
+        from portalloc.ledger.index import _own
+
         fd: int | None = None
         try:
             fd, info = open_regular(self.path, follow=False)
@@ -279,6 +288,8 @@ class Ledger:
         """The state in the file (as INFO; its bytes DATA, or open as FD), parsing only the
         end of it, if it is exactly what save() last wrote here for this user (its index
         says so); else None. With FD, the state keeps it (closed with the state)."""
+        from portalloc.ledger.index import _IndexedLeases, _seal, _Written
+
         if self.index_path is None:
             return None
         index = self._read_index(_seal([] if data is None else [data], info))
@@ -313,6 +324,8 @@ class Ledger:
         # another user could otherwise vouch for a ledger of theirs.
         if info.st_uid != os.geteuid() or info.st_mode & 0o077:
             return None
+        from portalloc.ledger.index import parse_index
+
         return parse_index(blob, seal)
 
     def _write_index(self, payload: list[Chunk], index: _Index) -> None:
@@ -326,6 +339,8 @@ class Ledger:
             except OSError:
                 pass
             return
+        from portalloc.ledger.index import _seal, dump_index
+
         try:
             content = dump_index(index, _seal(payload, self.path.stat()))
             try:
@@ -370,6 +385,9 @@ class Ledger:
 
     def save(self, state: LedgerState) -> None:
         """Validate, then write atomically and durably. Call only while holding the lock."""
+        from portalloc.ledger.encoder import encode
+        from portalloc.ledger.index import _IndexedLeases
+
         leases = state.leases
         if isinstance(leases, _IndexedLeases):
             # The leases save() wrote and indexed were checked then: only the changes now.
@@ -412,3 +430,111 @@ class Ledger:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+# --- the reads without the lock ---------------------------------------------------------
+# The file is only ever replaced whole (fs.atomic_write), so a reader that takes no lock
+# sees one version of it or the next, never a torn one.
+
+_TRAILER = len(_CRC_KEY) + 10  # the key, 8 hex digits, `"}`
+# The read path goes through the file in pieces of this size, one buffer reused: a
+# fresh bytes object of a 5 MiB ledger costs more in page faults than the scan itself
+# (bench/README.md, "env S at 10,000 leases").
+_CHUNK = 1 << 16
+
+
+def _expected_crc(trailer: bytes) -> int | None:
+    """The CRC-32 a file save() wrote ends with (TRAILER: its last _TRAILER bytes)."""
+    if len(trailer) != _TRAILER or not trailer.startswith(_CRC_KEY) or trailer[-2:] != b'"}':
+        return None
+    try:
+        return int(trailer[-10:-2], 16)
+    except ValueError:
+        return None
+
+
+def _find_once(fd: int, size: int, needle: bytes) -> int | None:
+    """Where NEEDLE starts in the file FD (SIZE bytes), if the file is one save() wrote,
+    unchanged since (its CRC-32 says so), and holds NEEDLE exactly once; else None."""
+    body = size - _TRAILER  # everything the CRC covers, bar the `}` it ends with
+    expected = _expected_crc(os.pread(fd, _TRAILER, body)) if body > 0 else None
+    if expected is None or os.pread(fd, len(_PREFIX), 0) != _PREFIX.encode():
+        return None
+    # A needle may straddle two pieces: the last KEEP bytes of one are carried to the
+    # front of the buffer, before the next is read in behind them.
+    keep = len(needle) - 1
+    buffer = bytearray(keep + _CHUNK)
+    view = memoryview(buffer)
+    crc, done, carried, found = 0, 0, 0, None
+    while done < body:
+        count = os.readv(fd, [view[keep : keep + min(_CHUNK, body - done)]])
+        if count == 0:
+            return None  # shorter than it said: cut since
+        crc = zlib.crc32(view[keep : keep + count], crc)
+        end = keep + count
+        at = buffer.find(needle, keep - carried, end)
+        while at >= 0:
+            if found is not None:
+                return None  # twice: the locked path decides
+            found = done + at - keep
+            at = buffer.find(needle, at + 1, end)
+        carried = min(keep, carried + count)
+        buffer[keep - carried : keep] = buffer[end - carried : end]
+        done += count
+    if zlib.crc32(b"}", crc) != expected:
+        return None
+    return found
+
+
+def read_lease(path: Path | str, session_id: str) -> Lease | None:
+    """The session's lease as last written, read without the lock (the file is only ever
+    replaced whole), decoding that lease alone; None when unsure, for the locked path.
+
+    Only a file save() wrote, unchanged since (its CRC-32 says so), qualifies. In such
+    a file every lease holds only the keys save() writes, the others being objects of
+    integers and strings, and inside JSON strings every `"` is escaped: so
+    `{"session_id":<id>,` starts that session's lease in the leases list and nothing
+    else. Anything else is left to the locked path, which checks the whole document
+    (and refuses a ledger that is a symlink, a FIFO or a device).
+    """
+    needle = (_LEASE_START + json.dumps(session_id, ensure_ascii=False) + ",").encode("utf-8")
+    try:
+        fd, info = open_regular(path, follow=False)
+    except (OSError, UnsafeFile):
+        return None
+    try:
+        if info.st_size > MAX_READ:
+            return None
+        start = _find_once(fd, info.st_size, needle)
+        if start is None:
+            return None
+        # From the same descriptor, so from the same file whatever replaced it since:
+        # the lease on, as far as a lease can reach (a 4096-character id and its
+        # variables fit many times over); a lease cut off there fails to parse and goes
+        # the locked way.
+        window = os.pread(fd, _LEASE_WINDOW, start)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        # final=False: a character cut at the window's end is left out, not an error;
+        # a byte that is not UTF-8 anywhere else still is one.
+        text, _used = codecs.utf_8_decode(window, "strict", False)
+        raw, _end = json.JSONDecoder().raw_decode(text)
+        lease = lease_from_raw(raw)
+    except (ValueError, RecursionError, _Malformed):
+        return None
+    return lease if lease.session_id == session_id else None
+
+
+def read_every_lease(path: Path | str) -> list[Lease] | None:
+    """Every lease the file at PATH holds, as the locked load parses them (migrated, each
+    held to the lease rules, the unusable left out), read without the lock; None when
+    there is no file it can read (a FIFO or symlink at its name is refused unread)."""
+    try:
+        document = json.loads(read_bytes(path, follow=False))
+        parsed = parse_document(document)
+    except Exception:  # unreadable, not JSON, a newer version, not the ledger's shape
+        return None
+    return list(parsed.state.leases.values())
