@@ -34,10 +34,24 @@ class FileRange:
     kernel copies file to file (a ledger of 10,000 leases rewritten for one new lease
     never passes through the process)."""
 
-    __slots__ = ("fd", "length", "offset")
+    __slots__ = ("expect", "fd", "length", "offset")
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
+    def __init__(
+        self, fd: int, offset: int, length: int, expect: tuple[int, ...] | None = None
+    ) -> None:
         self.fd, self.offset, self.length = fd, offset, length
+        # The file's key (file_key) when its bytes were vouched for: a write that copied
+        # from a file changed since (in place, by a program that takes no lock) fails.
+        self.expect = expect
+
+    def check(self) -> None:
+        """OSError if the file is no longer the one EXPECT names."""
+        if self.expect is not None and file_key(os.fstat(self.fd)) != self.expect:
+            raise OSError(
+                errno.ESTALE,
+                "it changed on disk while being saved, written by a program that takes "
+                "no lock; nothing was saved, run the command again",
+            )
 
     def __len__(self) -> int:
         return self.length
@@ -319,9 +333,17 @@ def atomic_write(
                 pass
 
 
+def file_key(info: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file's bytes from another: a write in place moves its
+    size or mtime. Not the ctime, which a rename over the file (or a link) moves too: a
+    long-lived process copies from the version it read even after it was replaced."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 def _copy(source: FileRange, fd: int) -> None:
     """SOURCE's bytes onto FD, kernel to kernel where the system can (Linux), else read
-    and written a MiB at a time."""
+    and written a MiB at a time; OSError if SOURCE changed before the copy ended."""
+    source.check()
     done = 0
     copy = getattr(os, "copy_file_range", None)
     while copy is not None and done < source.length:
@@ -339,6 +361,7 @@ def _copy(source: FileRange, fd: int) -> None:
         view = memoryview(piece)
         while view:
             view = view[os.write(fd, view) :]
+    source.check()
 
 
 _NO_COPY_ERRNOS = frozenset(

@@ -487,3 +487,82 @@ def test_a_fifo_in_place_of_the_index_does_not_hang(state_dir: Path, clock: Fake
     index.unlink()
     os.mkfifo(index, 0o600)
     assert service(state_dir, clock).allocate("b").session_id == "b"
+
+
+# --- what a hostile review found (2026-12-07) -------------------------------------------
+
+
+def test_a_ledger_rewritten_in_place_during_a_save_is_never_spliced(
+    state_dir: Path, clock: FakeClock
+) -> None:
+    """A save copies the leases it did not change from the file it loaded (kept open, not
+    read): a program that rewrites the file in place meanwhile, taking no lock, makes
+    the save fail in one line with nothing written, never a file spliced from both."""
+    svc = service(state_dir, clock)
+    for session in ("a", "b", "c"):
+        svc.allocate(session)
+    path = state_dir / "leases.json"
+    ledger = service(state_dir, clock).ledger
+    with ledger.locked():
+        state = ledger.load()  # through the index: the file held open, not read
+        edited = path.read_bytes().replace(b'"ttl_minutes":120', b'"ttl_minutes":999', 1)
+        with path.open("r+b") as file:  # in place, same length, as an editor may
+            file.write(edited)
+        info = path.stat()  # at a later clock tick than the save that wrote it
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+        with pytest.raises(PortallocError, match="changed on disk while being saved"):
+            ledger.save(state.with_leases(state.leases.updated({"b": None})))
+    assert path.read_bytes() == edited  # the editor's file, whole; no temp file left
+    assert sorted(p.name for p in state_dir.iterdir() if ".tmp" in p.name) == []
+    assert sorted(service(state_dir, clock).ledger.load().leases) == ["a", "b", "c"]
+
+
+def test_an_index_that_does_not_describe_its_file_is_removed_in_one_line(
+    state_dir: Path, clock: FakeClock
+) -> None:
+    """An index whose seal matches but whose columns do not (made by hand): the lease it
+    misplaces is never guessed at; one line, the index removed, and the next command
+    reads the file whole."""
+    from portalloc.ledger.index import _seal, dump_index, parse_index
+
+    svc = service(state_dir, clock)
+    for session in ("a", "b", "c"):
+        svc.allocate(session)
+    path, index_path = state_dir / "leases.json", next(state_dir.glob("leases.json.index-*"))
+    seal = _seal([], path.stat())
+    index = parse_index(index_path.read_bytes(), seal)
+    assert index is not None
+    index.bounds[2] += 5  # lease "b" starts five bytes late
+    atomic_write(index_path, b"".join(dump_index(index, seal)))
+    with pytest.raises(PortallocError, match="index does not describe lease 1"):
+        service(state_dir, clock).release("b")
+    assert not index_path.exists()
+    service(state_dir, clock).release("b")
+    assert sorted(service(state_dir, clock).ledger.load().leases) == ["a", "c"]
+
+
+def test_a_name_two_leases_claim_is_the_first_ones(state_dir: Path, clock: FakeClock) -> None:
+    """A file another user of a shared state dir wrote may give a lease of theirs another
+    lease's slug: the load rules leave the second claimant out (the proxy would route
+    that name to a port outside its lease), and no save ever writes two."""
+    svc = service(state_dir, clock)
+    for session in ("alpha", "beta"):
+        svc.allocate(session)
+    path = state_dir / "leases.json"
+    forge(path, {"slug": "alpha"}, "beta")
+    warnings: list[str] = []
+    config = PortAllocatorConfig(state_dir=state_dir, skip_port_check=True)
+    other = PortAllocatorService(config, clock=clock, on_warning=warnings.append)
+    assert sorted(other.ledger.load().leases) == ["alpha"]
+    assert any("has 'alpha''s name" in warning for warning in warnings)
+    other.allocate("gamma")
+    state = other.ledger.load()
+    twin = state.leases["gamma"]._replace(slug="alpha")
+    with other.ledger.locked(), pytest.raises(AssertionError, match="two leases are named"):
+        other.ledger.save(state.with_leases(state.leases.updated({"gamma": twin})))
+    fresh = service(state_dir, clock).ledger  # through the index: only the change checked
+    with fresh.locked():
+        indexed = fresh.load()
+        assert type(indexed.leases).__name__ == "_IndexedLeases"
+        with pytest.raises(AssertionError, match="two leases are named"):
+            fresh.save(indexed.with_leases(indexed.leases.updated({"gamma": twin})))

@@ -138,10 +138,16 @@ def validate(state: LedgerState) -> None:
     checking every lease (of an indexed file, save() checks only the changes since)."""
     starts, ends, keys = state.leases.sorted_spans()
     previous_end, previous_id = 0, ""
+    named: set[str] = set()
     for start, end, session_id in zip(starts, ends, keys, strict=True):
         if start <= previous_end:
             raise AssertionError(f"leases {previous_id!r} and {session_id!r} overlap")
-        _check_written(session_id, state.leases[session_id])
+        lease = state.leases[session_id]
+        _check_written(session_id, lease)
+        if lease.slug is not None:
+            if lease.slug in named:
+                raise AssertionError(f"two leases are named {lease.slug!r}")
+            named.add(lease.slug)
         previous_end, previous_id = end, session_id
 
 
@@ -217,6 +223,7 @@ def parse_document(document: object) -> Parsed:
     known: dict[int, tuple[Lease, Any]] = {}
     dropped: list[str] = []
     spans = _Spans()
+    named: dict[str, str] = {}  # slug -> the session whose name it is
     for raw in raw_leases:
         try:
             lease = lease_from_raw(raw)
@@ -231,6 +238,13 @@ def parse_document(document: object) -> Parsed:
             # The first one in the file keeps the block; nothing else can be decided.
             dropped.append(f"lease {lease.session_id!r} overlaps {clash.session_id!r}")
             continue
+        if lease.slug is not None and lease.slug in named:
+            # A name is one lease's: two claiming it would have the proxy pick a port
+            # for a worktree that may not be its own. The first keeps it, as a block.
+            dropped.append(f"lease {lease.session_id!r} has {named[lease.slug]!r}'s name")
+            continue
+        if lease.slug is not None:
+            named[lease.slug] = lease.session_id
         spans.add(lease)
         leases[lease.session_id] = lease
         known[id(lease)] = (lease, raw)

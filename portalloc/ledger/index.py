@@ -16,6 +16,7 @@ import zlib
 from array import array
 from bisect import bisect_right
 from collections.abc import (
+    Callable,
     ItemsView,
     Iterable,
     Iterator,
@@ -27,6 +28,7 @@ from itertools import chain, compress
 
 from portalloc.fs import Chunk, FileRange
 from portalloc.ledger.codec import _PREFIX, _check_written, lease_from_raw
+from portalloc.ledger.format import _Malformed
 from portalloc.models import Lease, Leases
 
 # Not typing's: `allocate` imports this module, and start-up is its budget too.
@@ -218,11 +220,34 @@ class _Written:
     the few it parses and the end of the file, and its save has the kernel copy the
     rest (fs.FileRange)."""
 
-    __slots__ = ("__weakref__", "_names", "_parsed", "_positions", "_spans", "data", "fd", "index")
+    __slots__ = (
+        "__weakref__",
+        "_names",
+        "_parsed",
+        "_positions",
+        "_spans",
+        "data",
+        "distrust",
+        "fd",
+        "index",
+        "key",
+    )
 
-    def __init__(self, index: _Index, data: bytes | None = None, fd: int | None = None) -> None:
+    def __init__(
+        self,
+        index: _Index,
+        data: bytes | None = None,
+        fd: int | None = None,
+        *,
+        key: tuple[int, ...] | None = None,
+        distrust: Callable[[str], Exception] | None = None,
+    ) -> None:
         self.data = data
         self.fd = fd
+        self.key = key  # the file's fs.file_key when it was loaded (FD only)
+        # What a lease that does not match the index raises (the store removes the
+        # index, so the next command reads the file whole).
+        self.distrust = distrust
         if fd is not None:
             import weakref
 
@@ -248,7 +273,7 @@ class _Written:
             return memoryview(self.data)[begin:end]
         if self.fd is None:
             raise AssertionError("a written ledger without its bytes")
-        return FileRange(self.fd, begin, end - begin)
+        return FileRange(self.fd, begin, end - begin, expect=self.key)
 
     def crc(self, part: FileRange, crc: int) -> int:
         """The CRC-32 CRC continued over PART, a piece of this file."""
@@ -271,11 +296,19 @@ class _Written:
         lease = self._parsed.get(position)
         if lease is None:
             bounds = self.index.bounds
-            text = self.read(bounds[2 * position], bounds[2 * position + 1])
-            # Checked by the same rules as every lease read in full: it may be printed.
-            lease = lease_from_raw(json.loads(text))
-            if lease.session_id != self.index.ids[position]:
-                raise AssertionError(f"the ledger index does not match lease {position}")
+            try:
+                text = self.read(bounds[2 * position], bounds[2 * position + 1])
+                # Checked by the same rules as every lease read in full: it may be printed.
+                lease = lease_from_raw(json.loads(text))
+            except (OSError, ValueError, RecursionError, _Malformed):
+                lease = None
+            if lease is None or lease.session_id != self.index.ids[position]:
+                # The file is not what its index says (changed in place since, or an
+                # index made by hand): never guessed at.
+                reason = f"its index does not describe lease {position} as it is in the file"
+                if self.distrust is None:
+                    raise AssertionError(reason)
+                raise self.distrust(reason)
             self._parsed[position] = lease
         return lease
 
@@ -456,8 +489,15 @@ class _IndexedLeases(Leases):
         ids = self._file.index.ids
         fresh = sorted(self.fresh(), key=lambda lease: lease.start)
         previous: Lease | None = None
+        slugs, named = self._file.index.slugs, set()
         for lease in fresh:
             _check_written(lease.session_id, lease)
+            if lease.slug is not None:
+                # One lease per name, as validate() checks (a list search in C).
+                at = slugs.index(lease.slug) if lease.slug in slugs else -1
+                if lease.slug in named or (at >= 0 and at not in touched):
+                    raise AssertionError(f"two leases are named {lease.slug!r}")
+                named.add(lease.slug)
             if previous is not None and lease.start <= previous.end:
                 raise AssertionError(
                     f"leases {previous.session_id!r} and {lease.session_id!r} overlap"

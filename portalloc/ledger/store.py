@@ -24,6 +24,7 @@ from portalloc.fs import (
     FileRange,
     UnsafeFile,
     atomic_write,
+    file_key,
     is_temp_name,
     lstat_regular,
     open_regular,
@@ -309,8 +310,23 @@ class Ledger:
             slugs = _slugs_from_raw(tail["slugs"])
         except (ValueError, KeyError, TypeError, RecursionError, OSError, _Malformed):
             return None
-        written = _Written(index, data=data, fd=None if data is not None else fd)
+        if data is not None:
+            written = _Written(index, data=data)
+        else:
+            written = _Written(index, fd=fd, key=file_key(info), distrust=self._distrust)
         return LedgerState(_IndexedLeases(written), index.homes, files, slugs)
+
+    def _distrust(self, reason: str) -> LedgerError:
+        """The error for a file its index does not describe (changed in place since it was
+        loaded, or an index made by hand): the index goes, the next command reads the
+        file whole, and this one stops with nothing written."""
+        if self.index_path is not None:
+            try:
+                os.unlink(self.index_path)
+            except OSError:
+                pass
+        self._cached = None
+        return LedgerError(self.path, f"{reason}; removed the index, run the command again")
 
     def _read_index(self, seal: bytes) -> _Index | None:
         if self.index_path is None:
