@@ -452,21 +452,28 @@ def test_routes_change_while_a_long_request_is_in_flight(named: Named, serve: An
     assert answer == [(200, "slow a")]
 
 
-def test_websocket_and_event_stream_pass_through_a_route_change(named: Named, serve: Any) -> None:
-    from websockets.sync.client import connect
+def echo_server(port: int) -> Any:
+    """A WebSocket server on PORT answering each message with `echo <message>`, served
+    from a thread until its shutdown()."""
     from websockets.sync.server import ServerConnection
     from websockets.sync.server import serve as ws_serve
-
-    start(named)
-    a = worktree_lease(named, named.a)
-    serve(a["web_port"], "a")
 
     def echo(connection: ServerConnection) -> None:
         for message in connection:
             connection.send(f"echo {message!s}")
 
-    server = ws_serve(echo, "127.0.0.1", a["ws_port"])
+    server = ws_serve(echo, "127.0.0.1", port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_websocket_and_event_stream_pass_through_a_route_change(named: Named, serve: Any) -> None:
+    from websockets.sync.client import connect
+
+    start(named)
+    a = worktree_lease(named, named.a)
+    serve(a["web_port"], "a")
+    server = echo_server(a["ws_port"])
     try:
         url = a["urls"]["ws"].replace("http://", "ws://") + "/hmr"
         # Python's resolver does not know *.localhost (browsers and curl do): the socket
@@ -546,8 +553,6 @@ def test_fifty_route_changes_drop_nothing_on_another_route(named: Named, serve: 
     never closed, a long request started before the changes completes and its open
     WebSocket keeps echoing."""
     from websockets.sync.client import connect
-    from websockets.sync.server import ServerConnection
-    from websockets.sync.server import serve as ws_serve
 
     from portalloc.config import PortAllocatorConfig
     from portalloc.service import PortAllocatorService
@@ -555,13 +560,7 @@ def test_fifty_route_changes_drop_nothing_on_another_route(named: Named, serve: 
     start(named)
     a = worktree_lease(named, named.a)
     serve(a["web_port"], "a")
-
-    def echo(connection: ServerConnection) -> None:
-        for message in connection:
-            connection.send(f"echo {message!s}")
-
-    ws_server = ws_serve(echo, "127.0.0.1", a["ws_port"])
-    threading.Thread(target=ws_server.serve_forever, daemon=True).start()
+    ws_server = echo_server(a["ws_port"])
     host = host_of(a["urls"]["web"])
     service = PortAllocatorService(PortAllocatorConfig.from_env({**os.environ, **named.env}))
     stop = threading.Event()
