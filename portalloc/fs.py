@@ -56,6 +56,10 @@ class FileRange:
     def __len__(self) -> int:
         return self.length
 
+    def read(self) -> bytes:
+        """The bytes, at once."""
+        return b"".join(self.pieces())
+
     def pieces(self, size: int = 1 << 20) -> Iterable[bytes]:
         """The bytes, SIZE at a time; OSError if the file is shorter than it was."""
         done = 0
@@ -305,10 +309,8 @@ def atomic_write(
             for part in [data] if isinstance(data, bytes) else data:
                 if isinstance(part, FileRange):
                     _copy(part, fd)
-                    continue
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
+                else:
+                    _write_all(fd, part)
             if durable:
                 # The data and the size it needs, not the times: the rename below and
                 # the directory's fsync make it the file (fsync where there is no
@@ -358,10 +360,15 @@ def _copy(source: FileRange, fd: int) -> None:
         done += count
     rest = FileRange(source.fd, source.offset + done, source.length - done)
     for piece in rest.pieces():
-        view = memoryview(piece)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, piece)
     source.check()
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """All of DATA onto FD, however many writes that takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 _NO_COPY_ERRNOS = frozenset(
@@ -376,9 +383,7 @@ def write_report(prefix: str, text: str) -> str:
 
     fd, path = tempfile.mkstemp(prefix=prefix, suffix=".txt")
     try:
-        view = memoryview(text.encode("utf-8", "backslashreplace"))
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, text.encode("utf-8", "backslashreplace"))
     finally:
         os.close(fd)
     return path

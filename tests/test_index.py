@@ -188,7 +188,7 @@ def test_an_index_that_cannot_be_believed_is_ignored(
 
 
 def _joined(parts: list[Chunk]) -> bytes:
-    return b"".join(b"".join(p.pieces()) if isinstance(p, FileRange) else p for p in parts)
+    return b"".join(p.read() if isinstance(p, FileRange) else p for p in parts)
 
 
 def _is_dump(data: bytes) -> None:

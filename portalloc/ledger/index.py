@@ -261,11 +261,8 @@ class _Written:
 
     def read(self, begin: int, end: int) -> bytes:
         """The file's bytes from BEGIN to END."""
-        if self.data is not None:
-            return self.data[begin:end]
-        if self.fd is None:
-            raise AssertionError("a written ledger without its bytes")
-        return b"".join(FileRange(self.fd, begin, end - begin).pieces())
+        part = self.chunk(begin, end)
+        return part.read() if isinstance(part, FileRange) else bytes(part)
 
     def chunk(self, begin: int, end: int) -> Chunk:
         """The file's bytes from BEGIN to END, for a write: not copied where avoidable."""

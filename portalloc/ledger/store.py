@@ -301,8 +301,7 @@ class Ledger:
             if data is not None:
                 end = data[index.files_at + 1 :]
             elif fd is not None:
-                size = info.st_size - index.files_at - 1
-                end = b"".join(FileRange(fd, index.files_at + 1, size).pieces())
+                end = FileRange(fd, index.files_at + 1, info.st_size - index.files_at - 1).read()
             else:
                 return None
             tail = json.loads(b"{" + end)
@@ -310,10 +309,8 @@ class Ledger:
             slugs = _slugs_from_raw(tail["slugs"])
         except (ValueError, KeyError, TypeError, RecursionError, OSError, _Malformed):
             return None
-        if data is not None:
-            written = _Written(index, data=data)
-        else:
-            written = _Written(index, fd=fd, key=file_key(info), distrust=self._distrust)
+        key = None if data is not None else file_key(info)
+        written = _Written(index, data=data, fd=fd, key=key, distrust=self._distrust)
         return LedgerState(_IndexedLeases(written), index.homes, files, slugs)
 
     def _distrust(self, reason: str) -> LedgerError:
@@ -336,11 +333,12 @@ class Ledger:
             blob, info = read_with_stat(self.index_path, follow=False)
         except (OSError, UnsafeFile):
             return None
+        from portalloc.ledger.index import _own, parse_index
+
         # Written by this user and writable by nobody else: in a shared state dir
         # another user could otherwise vouch for a ledger of theirs.
-        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        if not _own(info):
             return None
-        from portalloc.ledger.index import parse_index
 
         return parse_index(blob, seal)
 
