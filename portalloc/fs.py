@@ -419,7 +419,31 @@ def open_directory(path: Path | str) -> int:
 def open_append(path: Path | str, mode: int = 0o600) -> int:
     """A descriptor appending to the regular file PATH, made MODE when missing and never
     opened through a symlink: a child process's output (Caddy's)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    return _open_made(path, os.O_WRONLY | os.O_APPEND, mode)
+
+
+def open_lock(path: Path | str, mode: int = 0o600) -> int:
+    """A descriptor of the regular file PATH to flock(2), never opened through a symlink
+    and never blocking on a FIFO put there: a lock file, as filelock opens it. Made MODE
+    when missing (the umask notwithstanding, so a shared directory's group can lock it
+    too); another user's, not writable by this one, is opened to read (flock needs no
+    more)."""
+    try:
+        fd = _open_made(path, os.O_RDWR | os.O_EXCL, mode)
+    except FileExistsError:
+        try:
+            return _open_made(path, os.O_RDWR, mode)
+        except PermissionError:
+            return _open_made(path, os.O_RDONLY, mode)
+    try:
+        os.fchmod(fd, mode)
+    except OSError:  # a file system without modes: as made
+        pass
+    return fd
+
+
+def _open_made(path: Path | str, access: int, mode: int) -> int:
+    flags = access | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags | NOFOLLOW, mode)
     try:
         info = os.fstat(fd)

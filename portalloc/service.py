@@ -58,7 +58,10 @@ class PortAllocatorService:
         port_is_free: Callable[[int], bool] | None = None,
         owner_alive: Callable[[Owner], bool] | None = None,
         on_warning: Callable[[str], None] = _log_warning,
+        command_line: bool = False,
     ) -> None:
+        """COMMAND_LINE: this service is a command-line process's, one command on its
+        main thread, which may wait for the ledger's lock in the kernel (Ledger)."""
         self.config = config if config is not None else PortAllocatorConfig.from_env()
         from portalloc.trust import private_dir
 
@@ -83,6 +86,7 @@ class PortAllocatorService:
             on_warning,
             self.clock,
             self.host.lock_holder,
+            alarm_wait=command_line,
         )
 
     def clock(self) -> datetime:
@@ -102,6 +106,7 @@ class PortAllocatorService:
         A saved change hands the running proxy the names of the leases it changed (ROUTES:
         of every lease), still under the lock, so they reach it in the order the ledger
         changed."""
+        self._ready()
         with self.ledger.locked():
             now = self.host.now()
             loaded = self.ledger.load()
@@ -121,6 +126,17 @@ class PortAllocatorService:
             if save or routes:
                 self._save(loaded, state, save=save, routes=routes)
         return Outcome(value, state, now, reclaimed)
+
+    def _ready(self) -> None:
+        """Before the lock: import and build what a transaction needs under it. With many
+        commands starting at once, the holder shares the CPU with all of them, and every
+        millisecond of its work under the lock costs the waiters a round of the scheduler
+        (bench/README.md)."""
+        from portalloc import proxy  # noqa: F401  # _save's
+        from portalloc.rules import dns_label
+
+        dns_label("-")  # a new lease's slug: unicodedata and the pattern
+        self.ledger.ready_to_write()
 
     def _save(self, loaded: LedgerState, state: LedgerState, *, save: bool, routes: bool) -> None:
         """SAVE the state DECIDE made of LOADED, and have the proxy's routes follow (ROUTES,
@@ -428,14 +444,16 @@ def open_service(
     config: PortAllocatorConfig | None = None,
     *,
     on_warning: Callable[[str], None] = _log_warning,
+    command_line: bool = False,
 ) -> PortAllocatorService:
     """The service of an entry point (the CLI, MCP, HTTP, the pytest plugin,
     get_port_allocator): CONFIG, else the settings the environment and the project file
     give now; warnings to ON_WARNING (a terminal's stderr, else the `portalloc`
     logger). It keeps settings only, every lease lives in the ledger: one may serve a
     process's life or a single call alike. (A test or an embedder that fakes the host
-    builds PortAllocatorService itself.)"""
-    return PortAllocatorService(config, on_warning=on_warning)
+    builds PortAllocatorService itself.) COMMAND_LINE: the CLI's, see
+    PortAllocatorService."""
+    return PortAllocatorService(config, on_warning=on_warning, command_line=command_line)
 
 
 @cache

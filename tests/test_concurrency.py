@@ -74,10 +74,12 @@ def race(
     workdir: Path,
     argvs: Sequence[Sequence[str]],
     *,
-    mode: str,
+    mode: str | Sequence[str],
     env: Mapping[str, str] | None = None,
 ) -> list[Outcome]:
-    """Start one worker per argv, wait until all are ready, then release them at once."""
+    """Start one worker per argv, wait until all are ready, then release them at once.
+    MODE: "api" or "cli", for all of them or one per argv."""
+    modes = [mode] * len(argvs) if isinstance(mode, str) else list(mode)
     workdir.mkdir()
     barrier = workdir / "barrier"
     barrier.touch()
@@ -87,13 +89,13 @@ def race(
         fcntl.flock(hold, fcntl.LOCK_EX)
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", RACE_WORKER, str(barrier), str(flag), mode, *argv],
+                [sys.executable, "-c", RACE_WORKER, str(barrier), str(flag), kind, *argv],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
                 env=full_env,
             )
-            for flag, argv in zip(ready, argvs, strict=True)
+            for flag, kind, argv in zip(ready, modes, argvs, strict=True)
         ]
         try:
             deadline = time.monotonic() + 60
@@ -200,6 +202,36 @@ def test_forty_processes_same_session_share_one_lease(state_dir: Path, tmp_path:
 
 
 @pytest.mark.usefixtures("exact_ports")
+def test_command_lines_waiting_in_the_kernel_and_api_callers_exclude_each_other(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    # The CLI waits for the lock in flock(2) itself, the Python API through filelock:
+    # thirty of each at once, alternating, still get thirty disjoint blocks each.
+    count = 60
+    sessions = [f"mix-{index}" for index in range(count)]
+    modes = ["cli" if index % 2 else "api" for index in range(count)]
+    argvs = [
+        ["allocate", s, "--json"] if m == "cli" else [s]
+        for s, m in zip(sessions, modes, strict=True)
+    ]
+    outcomes = race(
+        tmp_path / "race", argvs, mode=modes, env={"PORT_ALLOC_MAX_SESSIONS": str(count)}
+    )
+    assert [o.returncode for o in outcomes] == [0] * count, [o.stderr for o in outcomes]
+    assert_raced(outcomes)
+    allocations = [
+        json.loads(o.stdout)["allocation"] if m == "cli" else json.loads(o.stdout)
+        for o, m in zip(outcomes, modes, strict=True)
+    ]
+    assert [a["session_id"] for a in allocations] == sessions
+    assert_disjoint(
+        [(a["block_start"], a["block_end"]) for a in allocations],
+        [port for a in allocations for port in allocation_ports(a).values()],
+    )
+    document = load_ledger(state_dir)
+    assert ledger_ports(document) == {a["session_id"]: allocation_ports(a) for a in allocations}
+
+
 def test_twelve_processes_eight_slots_exactly_eight_win(state_dir: Path, tmp_path: Path) -> None:
     # Half of them ask for JSON, so both failure shapes of the contract are seen.
     argvs = [
@@ -390,9 +422,108 @@ with get_port_allocator().ledger.locked():
 """
 
 
-def test_lock_held_past_timeout_exits_1_naming_lock_and_holder(
+def blocked_on_flock(pid: int) -> bool:
+    """Whether PID waits in the kernel for a flock (a `->` line of /proc/locks)."""
+    return any(
+        line.split()[1:3] == ["->", "FLOCK"] and line.split()[5] == str(pid)
+        for line in Path("/proc/locks").read_text().splitlines()
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="no /proc/locks (not Linux)")
+def test_a_command_line_waits_in_the_kernel_and_the_release_wakes_it(
     state_dir: Path, tmp_path: Path
 ) -> None:
+    # A command waiting for the lock sleeps in flock(2), queued by the kernel, instead of
+    # polling: it takes no CPU from the holder, and goes on as soon as it is released.
+    assert run_cli("allocate", "existing").returncode == 0
+    script = tmp_path / "hold_ledger_lock.py"
+    script.write_text(HOLDER)
+    env = {**os.environ, "PORTALLOC_LOCK_TIMEOUT": "60"}
+    with lock_holder([sys.executable, str(script)]):
+        waiter = subprocess.Popen(
+            [sys.executable, "-m", "portalloc", "allocate", "newcomer", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not blocked_on_flock(waiter.pid):
+                assert waiter.poll() is None, waiter.communicate()
+                assert time.monotonic() < deadline, "the command never queued for the lock"
+                time.sleep(0.02)
+        except BaseException:
+            waiter.kill()
+            waiter.communicate()
+            raise
+        released = time.monotonic()
+    out, err = waiter.communicate(timeout=60)
+    woken = time.monotonic() - released
+    assert waiter.returncode == 0, err
+    assert json.loads(out)["allocation"]["session_id"] == "newcomer"
+    assert woken < 30, woken  # woken by the release, long before its 60 s timeout
+
+
+ALARM_USER = r"""
+import signal, sys
+from portalloc.errors import LockTimeout
+from portalloc.service import open_service
+
+def mine(signum, frame):
+    print("my alarm went off", flush=True)
+
+if sys.argv[1] == "own-alarm":
+    signal.signal(signal.SIGALRM, mine)
+    signal.setitimer(signal.ITIMER_REAL, 50)
+service = open_service(command_line=True)
+try:
+    with service.ledger.locked():
+        print("locked", flush=True)
+except LockTimeout as exc:
+    print("timeout:", exc, flush=True)
+expected = mine if sys.argv[1] == "own-alarm" else signal.SIG_DFL
+print("handler kept:", signal.getsignal(signal.SIGALRM) is expected)
+left = signal.getitimer(signal.ITIMER_REAL)[0]
+print("timer:", "running" if left > 40 else "none" if left == 0 else left)
+"""
+
+
+@pytest.mark.parametrize("alarm", ["none", "own-alarm"])
+def test_waiting_for_the_lock_leaves_the_processs_own_alarm_alone(
+    state_dir: Path, tmp_path: Path, alarm: str
+) -> None:
+    # SIGALRM bounds the kernel wait only where nothing else uses it; where the process
+    # has its own handler and timer (an embedder, pytest-timeout), filelock waits, and
+    # the handler and the timer are the process's own afterwards either way.
+    assert run_cli("allocate", "existing").returncode == 0
+    script = tmp_path / "hold_ledger_lock.py"
+    script.write_text(HOLDER)
+    with lock_holder([sys.executable, str(script)]):
+        waited = subprocess.run(
+            [sys.executable, "-c", ALARM_USER, alarm],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PORTALLOC_LOCK_TIMEOUT": "0.3"},
+            timeout=60,
+            check=False,
+        )
+    lines = waited.stdout.splitlines()
+    assert waited.returncode == 0, waited.stderr
+    assert lines[0].startswith("timeout: ") and "could not lock" in lines[0], lines
+    assert lines[1:] == [
+        "handler kept: True",
+        "timer: running" if alarm == "own-alarm" else "timer: none",
+    ]
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["in-process", "process"])
+def test_lock_held_past_timeout_exits_1_naming_lock_and_holder(
+    state_dir: Path, tmp_path: Path, process: bool
+) -> None:
+    # In a process of its own the CLI waits in the kernel (SIGALRM ends the wait); in
+    # this one, where pytest-timeout holds SIGALRM, it waits through filelock.
     assert run_cli("allocate", "existing").returncode == 0
     script = tmp_path / "hold_ledger_lock.py"
     script.write_text(HOLDER)
@@ -401,9 +532,11 @@ def test_lock_held_past_timeout_exits_1_naming_lock_and_holder(
     lock_file = state_dir / "leases.json.lock"
     env = {"PORTALLOC_LOCK_TIMEOUT": "0.3"}
     with lock_holder([sys.executable, str(script)]) as holder_pid:
-        for args in (["allocate", "newcomer", "--json"], ["env", "existing"]):
+        # (A process of its own answers `env` of a live lease without the lock.)
+        second = ["release", "existing"] if process else ["env", "existing"]
+        for args in (["allocate", "newcomer", "--json"], second):
             began = time.monotonic()
-            result = run_cli(*args, env=env)
+            result = run_cli(*args, env=env, process=process)
             elapsed = time.monotonic() - began
             assert result.returncode == 1, (args, result)
             assert elapsed >= 0.3

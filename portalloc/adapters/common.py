@@ -175,7 +175,7 @@ def cli_service(*, prints_env: bool = False) -> PortAllocatorService:
     warn_ephemeral_overlap(config)
     if prints_env:
         warn_untrusted(config)
-    return open_service(config, on_warning=warn)
+    return open_service(config, on_warning=warn, command_line=True)
 
 
 def warn_untrusted(config: PortAllocatorConfig) -> None:
