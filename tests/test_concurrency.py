@@ -422,6 +422,17 @@ with get_port_allocator().ledger.locked():
 """
 
 
+@contextmanager
+def ledger_held(tmp_path: Path) -> Iterator[int]:
+    """A lease `existing`, and another process holding the ledger's lock through the
+    Python API (filelock) until the block ends; yield its pid."""
+    assert run_cli("allocate", "existing").returncode == 0
+    script = tmp_path / "hold_ledger_lock.py"
+    script.write_text(HOLDER)
+    with lock_holder([sys.executable, str(script)]) as holder_pid:
+        yield holder_pid
+
+
 def blocked_on_flock(pid: int) -> bool:
     """Whether PID waits in the kernel for a flock (a `->` line of /proc/locks)."""
     return any(
@@ -436,11 +447,8 @@ def test_a_command_line_waits_in_the_kernel_and_the_release_wakes_it(
 ) -> None:
     # A command waiting for the lock sleeps in flock(2), queued by the kernel, instead of
     # polling: it takes no CPU from the holder, and goes on as soon as it is released.
-    assert run_cli("allocate", "existing").returncode == 0
-    script = tmp_path / "hold_ledger_lock.py"
-    script.write_text(HOLDER)
     env = {**os.environ, "PORTALLOC_LOCK_TIMEOUT": "60"}
-    with lock_holder([sys.executable, str(script)]):
+    with ledger_held(tmp_path):
         waiter = subprocess.Popen(
             [sys.executable, "-m", "portalloc", "allocate", "newcomer", "--json"],
             stdout=subprocess.PIPE,
@@ -497,10 +505,7 @@ def test_waiting_for_the_lock_leaves_the_processs_own_alarm_alone(
     # SIGALRM bounds the kernel wait only where nothing else uses it; where the process
     # has its own handler and timer (an embedder, pytest-timeout), filelock waits, and
     # the handler and the timer are the process's own afterwards either way.
-    assert run_cli("allocate", "existing").returncode == 0
-    script = tmp_path / "hold_ledger_lock.py"
-    script.write_text(HOLDER)
-    with lock_holder([sys.executable, str(script)]):
+    with ledger_held(tmp_path):
         waited = subprocess.run(
             [sys.executable, "-c", ALARM_USER, alarm],
             capture_output=True,
@@ -524,14 +529,11 @@ def test_lock_held_past_timeout_exits_1_naming_lock_and_holder(
 ) -> None:
     # In a process of its own the CLI waits in the kernel (SIGALRM ends the wait); in
     # this one, where pytest-timeout holds SIGALRM, it waits through filelock.
-    assert run_cli("allocate", "existing").returncode == 0
-    script = tmp_path / "hold_ledger_lock.py"
-    script.write_text(HOLDER)
     ledger = state_dir / "leases.json"
-    before = (ledger.read_bytes(), ledger.stat().st_mtime_ns)
     lock_file = state_dir / "leases.json.lock"
     env = {"PORTALLOC_LOCK_TIMEOUT": "0.3"}
-    with lock_holder([sys.executable, str(script)]) as holder_pid:
+    with ledger_held(tmp_path) as holder_pid:
+        before = (ledger.read_bytes(), ledger.stat().st_mtime_ns)
         # (A process of its own answers `env` of a live lease without the lock.)
         second = ["release", "existing"] if process else ["env", "existing"]
         for args in (["allocate", "newcomer", "--json"], second):
