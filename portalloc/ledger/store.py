@@ -69,11 +69,14 @@ def _alarm_is_free() -> bool:
     """Whether SIGALRM can bound a wait here: a POSIX system, the main thread, the
     default handler and no timer running."""
     import signal
-    import threading
+    import sys
 
+    # A process that never imported threading started no thread through it: it is on
+    # its main thread, and the CLI's allocate need not import threading (1 ms) to know.
+    threading = sys.modules.get("threading")
     return (
         hasattr(signal, "setitimer")
-        and threading.current_thread() is threading.main_thread()
+        and (threading is None or threading.current_thread() is threading.main_thread())
         and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
         and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     )
