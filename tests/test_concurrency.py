@@ -447,7 +447,9 @@ def test_a_command_line_waits_in_the_kernel_and_the_release_wakes_it(
 ) -> None:
     # A command waiting for the lock sleeps in flock(2), queued by the kernel, instead of
     # polling: it takes no CPU from the holder, and goes on as soon as it is released.
-    env = {**os.environ, "PORTALLOC_LOCK_TIMEOUT": "60"}
+    # A timeout past what one alarm holds (setitimer overflows beyond time_t): waited
+    # for in alarms of a day at most.
+    env = {**os.environ, "PORTALLOC_LOCK_TIMEOUT": "1e12"}
     with ledger_held(tmp_path):
         waiter = subprocess.Popen(
             [sys.executable, "-m", "portalloc", "allocate", "newcomer", "--json"],
@@ -471,7 +473,7 @@ def test_a_command_line_waits_in_the_kernel_and_the_release_wakes_it(
     woken = time.monotonic() - released
     assert waiter.returncode == 0, err
     assert json.loads(out)["allocation"]["session_id"] == "newcomer"
-    assert woken < 30, woken  # woken by the release, long before its 60 s timeout
+    assert woken < 30, woken  # woken by the release
 
 
 ALARM_USER = r"""
@@ -523,6 +525,36 @@ def test_waiting_for_the_lock_leaves_the_processs_own_alarm_alone(
     ]
 
 
+NESTED = r"""
+from portalloc.service import open_service
+
+ledger = open_service(command_line=True).ledger
+with ledger.locked():
+    with ledger.locked():  # as filelock's lock is: taken again by its holder at once
+        print("nested", flush=True)
+    with open(ledger.lock_path) as other:  # still held: another descriptor cannot take it
+        import fcntl
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("still held", flush=True)
+"""
+
+
+def test_a_command_lines_lock_taken_again_by_its_holder_does_not_wait(
+    state_dir: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", NESTED],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PORTALLOC_LOCK_TIMEOUT": "30"},
+        timeout=20,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (0, "nested\nstill held\n"), done.stderr
+
+
 @pytest.mark.parametrize("process", [False, True], ids=["in-process", "process"])
 def test_lock_held_past_timeout_exits_1_naming_lock_and_holder(
     state_dir: Path, tmp_path: Path, process: bool
@@ -544,12 +576,19 @@ def test_lock_held_past_timeout_exits_1_naming_lock_and_holder(
             assert elapsed >= 0.3
             lines = result.stderr.splitlines()
             assert len(lines) == 1, result.stderr
-            assert str(lock_file) in lines[0]
+            assert lines[0].startswith(f"portalloc: could not lock {lock_file} within 0.3s")
             assert f"pid {holder_pid}" in lines[0]
             if "--json" in args:
                 assert json.loads(result.stdout)["success"] is False
             else:
                 assert result.stdout == ""
+        if process:
+            # A timeout too small for a timer still ends the wait, in the same words.
+            tiny = run_cli(
+                "allocate", "newcomer", env={"PORTALLOC_LOCK_TIMEOUT": "1e-9"}, process=True
+            )
+            assert tiny.returncode == 1, tiny
+            assert tiny.stderr.startswith(f"portalloc: could not lock {lock_file} within 1e-09s")
         assert (ledger.read_bytes(), ledger.stat().st_mtime_ns) == before
     # Once the holder lets go, the same command goes through.
     after = run_cli("allocate", "newcomer", env=env)

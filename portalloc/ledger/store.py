@@ -82,6 +82,39 @@ def _alarm_is_free() -> bool:
     )
 
 
+_ALARM_MAX = 86400.0  # seconds: one alarm of a wait for the lock (_wait_in_kernel)
+
+
+def _flock_until(fd: int, end: float) -> bool:
+    """Take the flock of FD, waiting in the kernel until the monotonic time END at the
+    latest, each wait ended by SIGALRM (whose handler raises _Deadline); whether it was
+    taken."""
+    import fcntl
+    import signal
+
+    while True:
+        try:
+            try:
+                # Never 0, which would cancel the alarm; never more than a day, past
+                # which setitimer overflows (the timeout may be any finite number of
+                # seconds): the loop arms it again.
+                left = min(max(end - time.monotonic(), 1e-6), _ALARM_MAX)
+                signal.setitimer(signal.ITIMER_REAL, left)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                return True
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except _Deadline:
+            # The alarm may have come just after flock(2) returned: then the lock is
+            # held, and a second flock on the same descriptor says so at once.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= end:
+                    return False
+
+
 class _Deadline(Exception):
     """SIGALRM ended a wait for the lock (Ledger._wait_in_kernel)."""
 
@@ -131,6 +164,7 @@ class Ledger:
         # A command-line process (one command, on its main thread): it waits for the
         # lock in the kernel, its wait bounded by SIGALRM (_hold_in_kernel).
         self.alarm_wait = alarm_wait
+        self._kernel_holds = 0  # nested locked() in that process: held once, as filelock
 
     def _file_mode(self) -> int:
         # A state dir the user made group-writable is shared on purpose: keep the
@@ -188,7 +222,7 @@ class Ledger:
         # filelock opens the lock file itself (O_NOFOLLOW | O_NONBLOCK from 4.x on) and
         # would lock a FIFO planted there: look first, and refuse anything not a file.
         lstat_regular(self.lock_path, "lock it")
-        if self.alarm_wait and _alarm_is_free():
+        if self._kernel_holds or (self.alarm_wait and _alarm_is_free()):
             yield from self._hold_in_kernel()
             return
         import filelock
@@ -222,6 +256,13 @@ class Ledger:
         or off the main thread, filelock waits instead (_alarm_is_free)."""
         import fcntl
 
+        if self._kernel_holds:  # already held by this process, one thread: held again
+            self._kernel_holds += 1
+            try:
+                yield
+            finally:
+                self._kernel_holds -= 1
+            return
         try:
             fd = open_lock(self.lock_path, self._file_mode())
         except OSError as exc:
@@ -235,13 +276,14 @@ class Ledger:
         except BaseException:
             os.close(fd)
             raise
+        self._kernel_holds = 1
         try:
             yield
         finally:
+            self._kernel_holds = 0
             os.close(fd)  # closing the descriptor releases its flock
 
     def _wait_in_kernel(self, fd: int) -> None:
-        import fcntl
         import signal
 
         def deadline(_signum: int, _frame: object) -> None:
@@ -249,23 +291,14 @@ class Ledger:
 
         previous = signal.signal(signal.SIGALRM, deadline)
         try:
-            try:
-                signal.setitimer(signal.ITIMER_REAL, self.lock_timeout)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except _Deadline:
-            # The alarm may have come just after flock(2) returned: then the lock is
-            # held, and a second flock on the same descriptor says so at once.
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LockTimeout(self.lock_path, self.lock_timeout, self._holder()) from None
+            locked = _flock_until(fd, time.monotonic() + self.lock_timeout)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise LedgerError(self.lock_path, f"cannot lock: {reason}") from None
         finally:
             signal.signal(signal.SIGALRM, previous)
+        if not locked:
+            raise LockTimeout(self.lock_path, self.lock_timeout, self._holder())
 
     def _acquire(self, lock: filelock.FileLock) -> None:
         """Try without blocking, then wait with jittered exponential backoff (public
