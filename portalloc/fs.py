@@ -419,32 +419,46 @@ def open_directory(path: Path | str) -> int:
 def open_append(path: Path | str, mode: int = 0o600) -> int:
     """A descriptor appending to the regular file PATH, made MODE when missing and never
     opened through a symlink: a child process's output (Caddy's)."""
-    return _open_made(path, os.O_WRONLY | os.O_APPEND, mode)
+    return _open_made(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
 
 
 def open_lock(path: Path | str, mode: int = 0o600) -> int:
-    """A descriptor of the regular file PATH to flock(2), never opened through a symlink
-    and never blocking on a FIFO put there: a lock file, as filelock opens it. Made MODE
-    when missing (the umask notwithstanding, so a shared directory's group can lock it
-    too); another user's, not writable by this one, is opened to read (flock needs no
-    more)."""
-    try:
-        fd = _open_made(path, os.O_RDWR | os.O_EXCL, mode)
-    except FileExistsError:
+    """A descriptor of the regular file PATH, opened to read and write, to flock(2): a
+    lock file, opened as filelock opens one. Never through a symlink, never blocking on
+    a FIFO; anything not a regular file is refused (UnsafeFile), also when swapped in
+    between a look and the open. Made MODE when missing, the umask notwithstanding (so
+    a shared directory's group can lock it too); one that exists is opened as it is
+    (PermissionError when this user may not write it), never made again in between."""
+    for _attempt in range(8):
         try:
-            return _open_made(path, os.O_RDWR, mode)
-        except PermissionError:
-            return _open_made(path, os.O_RDONLY, mode)
-    try:
-        os.fchmod(fd, mode)
-    except OSError:  # a file system without modes: as made
-        pass
-    return fd
+            fd = _open_made(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            try:
+                return _open_made(path, os.O_RDWR, mode)
+            except FileNotFoundError:
+                continue  # removed since: make it
+        try:
+            os.fchmod(fd, mode)
+        except OSError:  # a file system without modes: as made
+            pass
+        return fd
+    raise OSError(errno.EAGAIN, "it keeps being removed and made again")
 
 
 def _open_made(path: Path | str, access: int, mode: int) -> int:
-    flags = access | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags | NOFOLLOW, mode)
+    flags = access | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno not in {*_SPECIAL_ERRNOS, errno.EISDIR}:
+            raise
+        try:
+            info = os.lstat(path)  # what refused the open: a symlink, a socket, ...
+        except OSError:
+            raise exc from None
+        if stat.S_ISREG(info.st_mode):
+            raise
+        raise _refuse(path, info) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -458,22 +458,53 @@ def test_a_command_line_waits_in_the_kernel_and_the_release_wakes_it(
             text=True,
             env=env,
         )
-        try:
-            deadline = time.monotonic() + 30
-            while not blocked_on_flock(waiter.pid):
-                assert waiter.poll() is None, waiter.communicate()
-                assert time.monotonic() < deadline, "the command never queued for the lock"
-                time.sleep(0.02)
-        except BaseException:
-            waiter.kill()
-            waiter.communicate()
-            raise
+        queued(waiter)
         released = time.monotonic()
     out, err = waiter.communicate(timeout=60)
     woken = time.monotonic() - released
     assert waiter.returncode == 0, err
     assert json.loads(out)["allocation"]["session_id"] == "newcomer"
     assert woken < 30, woken  # woken by the release
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="no /proc/locks (not Linux)")
+def test_a_lock_file_removed_while_a_command_waits_never_makes_two_holders(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    # The waiter's flock is on the file it opened. Removed, and made again by the next
+    # process to lock, that file excludes nobody: the waiter must queue on the new one.
+    assert run_cli("allocate", "existing").returncode == 0
+    script = tmp_path / "hold_ledger_lock.py"
+    script.write_text(HOLDER)
+    lock_file = state_dir / "leases.json.lock"
+    with ExitStack() as first:
+        first.enter_context(lock_holder([sys.executable, str(script)]))
+        waiter = subprocess.Popen(
+            [sys.executable, "-m", "portalloc", "allocate", "waiter", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PORTALLOC_LOCK_TIMEOUT": "60"},
+        )
+        queued(waiter)
+        lock_file.unlink()
+        with lock_holder([sys.executable, str(script)]):  # makes the file again, holds it
+            first.close()  # the first holder lets go of the removed file
+            queued(waiter)  # and the waiter, woken, queues behind the second
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, err
+    assert json.loads(out)["allocation"]["session_id"] == "waiter"
+    assert sorted(ledger_ports(load_ledger(state_dir))) == ["existing", "waiter"]
+
+
+def queued(waiter: subprocess.Popen[str]) -> None:
+    """Wait until WAITER is queued in the kernel for a flock; fail if it ends first."""
+    deadline = time.monotonic() + 30
+    while not blocked_on_flock(waiter.pid):
+        if waiter.poll() is not None or time.monotonic() > deadline:
+            waiter.kill()
+            raise AssertionError(f"not queued for the lock: {waiter.communicate()}")
+        time.sleep(0.02)
 
 
 ALARM_USER = r"""
@@ -523,6 +554,32 @@ def test_waiting_for_the_lock_leaves_the_processs_own_alarm_alone(
         "handler kept: True",
         "timer: running" if alarm == "own-alarm" else "timer: none",
     ]
+
+
+BLOCKED_ALARM = r"""
+import os, signal, sys
+
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])  # inherited across exec
+os.execv(sys.executable, [sys.executable, "-m", "portalloc", *sys.argv[1:]])
+"""
+
+
+def test_a_command_started_with_sigalrm_blocked_still_times_out(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    # A blocked alarm would never end a wait in the kernel: filelock waits instead.
+    with ledger_held(tmp_path):
+        done = subprocess.run(
+            [sys.executable, "-c", BLOCKED_ALARM, "allocate", "newcomer"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PORTALLOC_LOCK_TIMEOUT": "0.5"},
+            timeout=30,
+            check=False,
+        )
+    lock_file = state_dir / "leases.json.lock"
+    assert done.returncode == 1, done
+    assert done.stderr.startswith(f"portalloc: could not lock {lock_file} within 0.5s")
 
 
 NESTED = r"""

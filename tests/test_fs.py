@@ -162,6 +162,40 @@ def test_a_symlink_is_followed_only_when_asked(tmp_path: Path) -> None:
         fs.read_bytes(tmp_path / "missing", follow=False)
 
 
+def test_a_lock_file_is_opened_only_when_it_is_a_regular_file(tmp_path: Path) -> None:
+    # Each kind as the open itself meets it: what a look before it would miss when the
+    # file is swapped in between.
+    target = tmp_path / "target"
+    target.write_bytes(b"keep")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo")
+    for name, kind in [("dir", "a directory"), ("link", "a symlink"), ("fifo", "a FIFO")]:
+        with pytest.raises(UnsafeFile, match=f"is {kind}") as caught:
+            fs.open_lock(tmp_path / name)
+        assert caught.value.exit_code == 2
+    assert target.read_bytes() == b"keep"
+
+
+def test_a_lock_file_is_made_with_its_mode_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        fd = fs.open_lock(tmp_path / "made.lock", 0o660)
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o660
+        assert os.get_blocking(fd) is False and os.get_inheritable(fd) is False
+    finally:
+        os.close(fd)
+    # One that exists is opened as it is.
+    (tmp_path / "kept.lock").write_bytes(b"")
+    (tmp_path / "kept.lock").chmod(0o600)
+    fd = fs.open_lock(tmp_path / "kept.lock", 0o660)
+    os.close(fd)
+    assert stat.S_IMODE((tmp_path / "kept.lock").stat().st_mode) == 0o600
+
+
 def test_atomic_write_replaces_only_a_regular_file(tmp_path: Path) -> None:
     target = tmp_path / "target"
     target.write_bytes(b"keep")

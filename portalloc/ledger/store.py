@@ -67,7 +67,7 @@ LOCK_POLL_CAP_SECONDS = 0.1
 
 def _alarm_is_free() -> bool:
     """Whether SIGALRM can bound a wait here: a POSIX system, the main thread, the
-    default handler and no timer running."""
+    default handler, no timer running and the signal not blocked."""
     import signal
     import sys
 
@@ -79,6 +79,8 @@ def _alarm_is_free() -> bool:
         and (threading is None or threading.current_thread() is threading.main_thread())
         and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
         and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        # Blocked (a mask inherited across exec): the alarm would never end the wait.
+        and signal.SIGALRM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     )
 
 
@@ -263,19 +265,27 @@ class Ledger:
             finally:
                 self._kernel_holds -= 1
             return
-        try:
-            fd = open_lock(self.lock_path, self._file_mode())
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise LedgerError(self.lock_path, f"cannot lock: {reason}") from None
-        try:
+        end = time.monotonic() + self.lock_timeout
+        while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._wait_in_kernel(fd)
-        except BaseException:
+                fd = open_lock(self.lock_path, self._file_mode())
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise LedgerError(self.lock_path, f"cannot lock: {reason}") from None
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self._wait_in_kernel(fd, end)
+                if self._lock_is_the_file(fd):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            # The lock file was removed or replaced while this process waited for it:
+            # its flock excludes nobody who opens the path now. As filelock does, open
+            # the path again and take that.
             os.close(fd)
-            raise
         self._kernel_holds = 1
         try:
             yield
@@ -283,7 +293,19 @@ class Ledger:
             self._kernel_holds = 0
             os.close(fd)  # closing the descriptor releases its flock
 
-    def _wait_in_kernel(self, fd: int) -> None:
+    def _lock_is_the_file(self, fd: int) -> bool:
+        """Whether the file FD has locked is the one at the lock path now."""
+        try:
+            held, there = os.fstat(fd), os.lstat(self.lock_path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise LedgerError(self.lock_path, f"cannot lock: {reason}") from None
+        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+    def _wait_in_kernel(self, fd: int, end: float) -> None:
+        """Wait for the flock of FD until the monotonic time END; LockTimeout after."""
         import signal
 
         def deadline(_signum: int, _frame: object) -> None:
@@ -291,7 +313,7 @@ class Ledger:
 
         previous = signal.signal(signal.SIGALRM, deadline)
         try:
-            locked = _flock_until(fd, time.monotonic() + self.lock_timeout)
+            locked = _flock_until(fd, end)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise LedgerError(self.lock_path, f"cannot lock: {reason}") from None
