@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from datetime import datetime, timedelta
 from itertools import chain
 
@@ -150,7 +150,7 @@ def leave(
     return state, False
 
 
-def compose_project_name(session_id: str, prefix: str, taken: set[str]) -> str:
+def compose_project_name(session_id: str, prefix: str, taken: Container[str]) -> str:
     """`<prefix>-<sha256 hex>`, 8 hex chars unless a clash with `taken` needs more."""
     import hashlib  # only new leases need it
 
@@ -487,7 +487,20 @@ def _slug(state: LedgerState, request: Request) -> str:
     if mine is not None and mine not in active:
         return mine
     kept = {slug for session, slug in state.slugs.items() if session != request.session_id}
-    return slug_for(request.session_id, request.worktree, active | kept)
+    # Not `active | kept`: of an indexed table, `active` is searched, never made a set.
+    return slug_for(request.session_id, request.worktree, _Either(active, kept))
+
+
+class _Either:
+    """A name either of two containers holds."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self, first: Container[str], second: Container[str]) -> None:
+        self.first, self.second = first, second
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.first or value in self.second
 
 
 def new_lease(
@@ -495,7 +508,7 @@ def new_lease(
     start: int,
     now: datetime,
     expires_at: datetime,
-    taken_names: set[str],
+    taken_names: Container[str],
     slug: str | None = None,
 ) -> Lease:
     config = request.config

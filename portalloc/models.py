@@ -21,6 +21,7 @@ from portalloc.rules import DEFAULT_PROXY_PORT, URL_DOMAIN, port_label
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Set as AbstractSet
     from pathlib import Path
     from typing import Annotated, Any, Literal
 
@@ -453,10 +454,11 @@ class Leases(Mapping[str, Lease]):
             index -= 1
         return [self[key] for key in reversed(found)]
 
-    def compose_names(self) -> set[str]:
+    def compose_names(self) -> AbstractSet[str]:
         return {lease.compose_project_name for lease in self._by_id.values()}
 
-    def slugs(self) -> set[str]:
+    def slugs(self) -> AbstractSet[str]:
+        """The names of the leases (a set, or a set-like view of an indexed table's)."""
         return {lease.slug for lease in self._by_id.values() if lease.slug is not None}
 
     def due(self, now: datetime) -> list[Lease]:

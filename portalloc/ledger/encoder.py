@@ -14,7 +14,14 @@ from operator import eq
 from portalloc.fs import Chunk, FileRange
 from portalloc.ledger.codec import _CRC_KEY, _NEXT_LEASE, _PREFIX, _json, lease_to_raw
 from portalloc.ledger.format import _LEASE_ORDER, RawFile, RawLease
-from portalloc.ledger.index import _due_second, _Index, _IndexedLeases, _Written
+from portalloc.ledger.index import (
+    _Column,
+    _ColumnBuilder,
+    _due_second,
+    _Index,
+    _IndexedLeases,
+    _Written,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,8 +38,22 @@ class _Encoder:
         # Views into the file read, not copies: at 5 MiB each copy shows in the bench.
         self.parts: list[Chunk] = [_PREFIX.encode()]
         self.offset = len(_PREFIX)
-        # Integer columns as arrays: a run of the file's leases extends them by memcpy.
-        self.index = _Index([], array("q"), array("q"), [], array("q"), array("q"), 0, {}, 0, [], 0)
+        # Integer columns as arrays: a run of the file's leases extends them by memcpy;
+        # text columns as pieces, a whole column of the file's as its one string.
+        self.ids, self.names, self.slugs = _ColumnBuilder(), _ColumnBuilder(), _ColumnBuilder()
+        self.index = _Index(
+            _Column(),
+            array("q"),
+            array("q"),
+            _Column(),
+            array("q"),
+            array("q"),
+            0,
+            {},
+            0,
+            _Column(),
+            0,
+        )
 
     def _place(self, text: Chunk) -> int:
         if len(self.parts) > 1:
@@ -47,11 +68,11 @@ class _Encoder:
         text = _json(lease_to_raw(lease))
         start = self._place(text)
         index = self.index
-        index.ids.append(lease.session_id)
+        self.ids.append(lease.session_id)
         index.starts.append(lease.start)
         index.ends.append(lease.end)
-        index.names.append(lease.compose_project_name)
-        index.slugs.append(lease.slug or "")
+        self.names.append(lease.compose_project_name)
+        self.slugs.append(lease.slug or "")
         index.due.append(_due_second(lease))
         index.bounds.extend((start, start + len(text)))
 
@@ -71,14 +92,14 @@ class _Encoder:
             bounds.extend((start + at, start + at + 1))
             at = text.find(_NEXT_LEASE, at + 1)
         bounds.append(start + len(text))
-        if len(bounds) != len(self.index.ids) * 2 + 2 * len(leases):
+        if len(bounds) != self.ids.count * 2 + 2 * len(leases):
             raise AssertionError("leases are not where save() put them")
         index = self.index
-        index.ids.extend([lease.session_id for lease in leases])
+        self.ids.extend([lease.session_id for lease in leases])
         index.starts.extend([lease.start for lease in leases])
         index.ends.extend([lease.end for lease in leases])
-        index.names.extend([lease.compose_project_name for lease in leases])
-        index.slugs.extend([lease.slug or "" for lease in leases])
+        self.names.extend([lease.compose_project_name for lease in leases])
+        self.slugs.extend([lease.slug or "" for lease in leases])
         index.due.extend(map(_due_second, leases))
 
     def add_run(self, written: _Written, first: int, stop: int) -> None:
@@ -90,11 +111,11 @@ class _Encoder:
         start = self._place(written.chunk(begin, bounds[2 * stop - 1]))
         shift = start - begin
         index = self.index
-        index.ids.extend(source.ids[first:stop])
+        self.ids.extend_from(source.ids, first, stop)
         index.starts.extend(source.starts[first:stop])
         index.ends.extend(source.ends[first:stop])
-        index.names.extend(source.names[first:stop])
-        index.slugs.extend(source.slugs[first:stop])
+        self.names.extend_from(source.names, first, stop)
+        self.slugs.extend_from(source.slugs, first, stop)
         index.due.extend(source.due[first:stop])
         if shift:
             index.bounds.extend([bound + shift for bound in bounds[2 * first : 2 * stop]])
@@ -127,7 +148,13 @@ class _Encoder:
         parts += [_CRC_KEY, b"%08x" % crc, b'"}']
         files_at = self.offset + len(_HOMES) + len(homes)
         return parts, self.index._replace(
-            leases_end=self.offset, homes=state.homes, files_at=files_at, prefix_crc=prefix_crc
+            ids=self.ids.build(),
+            names=self.names.build(),
+            slugs=self.slugs.build(),
+            leases_end=self.offset,
+            homes=state.homes,
+            files_at=files_at,
+            prefix_crc=prefix_crc,
         )
 
 
