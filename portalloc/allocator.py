@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container
 from datetime import datetime, timedelta
-from itertools import chain
+from itertools import chain, filterfalse
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable
@@ -257,7 +257,7 @@ def _place(
         homes = set(state.homes.values())
         blocks = range(config.base, config.span_end + 1, config.range)
         candidates = chain(
-            (start for start in blocks if start not in homes),
+            filterfalse(homes.__contains__, blocks),  # in C: 10,000 homes at 10,000 leases
             (start for start in blocks if start in homes and start != home),
         )
         for start in candidates:
