@@ -655,3 +655,32 @@ def test_a_taken_view_is_the_set_it_stands_for(
     assert view == expected and len(view) == len(expected)
     assert view - {probe} == expected - {probe} and view | {probe} == expected | {probe}
     assert all(value in view for value in view)  # after it was made a set, too
+
+
+@given(
+    old=st.lists(_TEXTS.filter(bool), max_size=8, unique=True),
+    moves=st.lists(st.tuples(_TEXTS.filter(bool), st.integers(0, 50)), max_size=8),
+    limit=st.integers(1, 8),
+)
+def test_homes_kept_as_columns_move_as_a_dict_does(
+    old: list[str], moves: list[tuple[str, int]], limit: int
+) -> None:
+    """_Homes (the index's columns and the changes since) answers and moves homes as
+    LedgerState's dict of them does, the oldest forgotten past the limit."""
+    from array import array
+
+    from portalloc.ledger.index import _Column, _Homes, _joined
+
+    homes: dict[str, int] = {key: 4 * at for at, key in enumerate(old)}
+    lazy = LedgerState(homes=_Homes(_Column(_joined(old), len(old)), array("q", homes.values())))
+    plain = LedgerState(homes=dict(homes))
+    for session, block in moves:
+        (lazy_after, lazy_gone), (plain_after, plain_gone) = (
+            state.moved_home(session, block, limit) for state in (lazy, plain)
+        )
+        lazy, plain = LedgerState(homes=lazy_after), LedgerState(homes=plain_after)
+        assert lazy_gone == plain_gone
+        for key in {*old, session}:
+            assert lazy.home(key) == plain.home(key)
+        assert lazy.home_blocks() == plain.home_blocks()
+    assert lazy.homes == plain.homes and list(lazy.homes) == list(plain.homes)

@@ -18,10 +18,12 @@ from portalloc.ledger.index import (
     _Column,
     _ColumnBuilder,
     _due_second,
+    _Homes,
     _Index,
     _IndexedLeases,
     _Written,
 )
+from portalloc.models import Homes
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,7 +51,8 @@ class _Encoder:
             array("q"),
             array("q"),
             0,
-            {},
+            _Column(),
+            array("q"),
             0,
             _Column(),
             0,
@@ -127,7 +130,7 @@ class _Encoder:
             session_id: [{"kind": kind, "path": path} for kind, path in records]
             for session_id, records in state.files.items()
         }
-        homes = _homes_text(state.homes, written)
+        homes, home_ids, home_starts = _homes_out(state.homes_table, written)
         # Exactly what dump() makes of the whole document, a piece at a time, never
         # joined: five MiB copied once more shows in the bench.
         parts = self.parts
@@ -152,7 +155,8 @@ class _Encoder:
             names=self.names.build(),
             slugs=self.slugs.build(),
             leases_end=self.offset,
-            homes=state.homes,
+            home_ids=home_ids,
+            home_starts=home_starts,
             files_at=files_at,
             prefix_crc=prefix_crc,
         )
@@ -163,15 +167,47 @@ _SLUGS = b',"slugs":'
 _FILES = b',"files":'
 
 
+def _homes_out(
+    homes: dict[str, int] | Homes, written: _Written | None
+) -> tuple[bytes, _Column, array[int]]:
+    """HOMES as JSON, and as the new index's columns; as far as they are those of
+    WRITTEN, the bytes it holds and its columns (no dict of them all made again)."""
+    if (
+        isinstance(homes, _Homes)
+        and written is not None
+        and homes.ids is written.index.home_ids
+        and not homes.removed
+    ):
+        # The file's homes, the oldest DROPPED forgotten, ADDED after them: cut and
+        # joined, as dump() makes them.
+        index, dropped, added = written.index, homes.dropped, homes.added
+        text = b"{}"
+        if dropped < len(homes.ids):
+            text = written.read(index.leases_end + len(_HOMES), index.files_at)
+            if dropped:
+                # `,"key":` is where that home starts: inside a JSON string `"` is escaped.
+                first = _json(homes.ids.item(dropped))
+                text = b"{" + text[text.index(b"," + first + b":") + 1 :]
+        if added:
+            more = _json(added)
+            text = text[:-1] + b"," + more[1:] if text != b"{}" else more
+        ids = _ColumnBuilder()
+        ids.extend_from(homes.ids.tail(dropped), 0, len(homes.ids) - dropped)
+        ids.extend(list(added))
+        starts = homes.starts[dropped:]
+        starts.extend(array("q", added.values()))
+        return text, ids.build(), starts
+    plain = homes.as_dict() if isinstance(homes, Homes) else homes
+    return _homes_text(plain, written), _Column.of(list(plain)), array("q", plain.values())
+
+
 def _homes_text(homes: dict[str, int], written: _Written | None) -> bytes:
     """HOMES as JSON; as far as they are those of WRITTEN, the bytes it holds."""
     if written is None or not homes:
         return _json(homes)
     index = written.index
     text = written.read(index.leases_end + len(_HOMES), index.files_at)
-    old = index.homes
-    if homes is old:
-        return text
+    old = _Homes(index.home_ids, index.home_starts).as_dict()
     # A grant forgets homes at the front (the least recent) and adds one at the end.
     first = next(iter(homes))
     dropped = next((at for at, key in enumerate(islice(old, 16)) if key == first), None)

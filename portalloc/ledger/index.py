@@ -30,7 +30,7 @@ from itertools import chain, compress
 from portalloc.fs import Chunk, FileRange
 from portalloc.ledger.codec import _PREFIX, _check_written, lease_from_raw
 from portalloc.ledger.format import _Malformed
-from portalloc.models import Lease, Leases
+from portalloc.models import Homes, Lease, Leases
 
 # Not typing's: `allocate` imports this module, and start-up is its budget too.
 from portalloc.records import NamedTuple
@@ -67,7 +67,9 @@ class _Index(NamedTuple):
     due: array[int]  # a reclaim looks at the lease from this epoch second on (0: always)
     bounds: array[int]  # lease i is file[bounds[2 * i] : bounds[2 * i + 1]]
     leases_end: int  # where the `]` closing the leases list sits
-    homes: dict[str, int]  # as in the file, from leases_end + len(encoder._HOMES) on
+    # The homes as in the file (from leases_end + len(encoder._HOMES) on), in order.
+    home_ids: _Column
+    home_starts: array[int]
     files_at: int  # where `,"files":` starts
     slugs: _Column  # each lease's slug, '' for none
     prefix_crc: int  # the CRC-32 of the file up to leases_end: an append needs no more
@@ -165,6 +167,31 @@ class _Column:
         """The first position that holds VALUE, or -1."""
         return next(self.positions(value), -1)
 
+    def _start(self, position: int) -> int:
+        """Where the item at POSITION (0 to count - 1) starts in the text."""
+        if self._items is not None or position > 64:
+            return sum(map(len, self.items()[:position])) + position
+        at = -1
+        for _ in range(position):  # a few, in C each
+            at = self.text.index(_SEP, at + 1)
+        return at + 1
+
+    def item(self, position: int) -> str:
+        """The item at POSITION (0 to count - 1), a small one not split out of them all."""
+        if self._items is not None or not 0 <= position < self.count:
+            return self.items()[position]
+        start = self._start(position)
+        end = self.text.find(_SEP, start)
+        return self.text[start : end if end >= 0 else len(self.text)]
+
+    def tail(self, first: int) -> _Column:
+        """The column from position FIRST on."""
+        if first <= 0:
+            return self
+        if first >= self.count:
+            return _Column()
+        return _Column(self.text[self._start(first) :], self.count - first)
+
     def holds(self, position: int, value: str) -> bool:
         """Whether the column holds VALUE at POSITION."""
         if self._items is not None:
@@ -214,9 +241,9 @@ def _pack_index(index: _Index) -> tuple[int | str | bytes, ...]:
         _words(index.due),
         _words(index.bounds),
         index.leases_end,
-        len(index.homes),
-        _joined(index.homes),
-        _words(list(index.homes.values())),
+        len(index.home_ids),
+        index.home_ids.text,
+        _words(index.home_starts),
         index.files_at,
         index.slugs.text,
         index.prefix_crc,
@@ -239,13 +266,12 @@ def _unpack_index(packed: object) -> _Index:
     numbers = (count, homes_count, leases_end, files_at, prefix_crc)
     if not all(type(number) is int for number in numbers):
         raise TypeError("counts")
-    for text in (ids, names, slugs):
-        # As many strings as leases, as a split would give them: counted in C.
-        if (text.count(_SEP) + 1 if count else len(text)) != count:
+    for text, number in ((ids, count), (names, count), (slugs, count), (homes, homes_count)):
+        # As many strings as leases (homes), as a split would give them: counted in C.
+        if (text.count(_SEP) + 1 if number else len(text)) != number:
             raise ValueError("column")
-    home_ids = _split(homes, homes_count)
     home_blocks = _from_words(home_starts)
-    if len(home_ids) != homes_count or len(home_blocks) != homes_count:
+    if len(home_blocks) != homes_count:
         raise ValueError("homes")
     return _Index(
         _Column(ids, count),
@@ -255,7 +281,8 @@ def _unpack_index(packed: object) -> _Index:
         _from_words(due),
         _from_words(bounds),
         leases_end,
-        dict(zip(home_ids, home_blocks, strict=True)),
+        _Column(homes, homes_count),
+        home_blocks,
         files_at,
         _Column(slugs, count),
         prefix_crc,
@@ -443,6 +470,80 @@ class _Written:
                     order,
                 )
         return self._spans
+
+
+class _Homes(Homes):
+    """The homes of an index (its columns IDS and STARTS, oldest first), the DROPPED
+    oldest forgotten since, those of REMOVED made newer again, and ADDED the newest, in
+    order. `allocate` asks for a session's home and moves one: a search of the ids' text,
+    with no dict of 10,000 homes made (`as_dict` makes it)."""
+
+    __slots__ = ("added", "dropped", "ids", "removed", "starts")
+
+    def __init__(
+        self,
+        ids: _Column,
+        starts: array[int],
+        dropped: int = 0,
+        removed: frozenset[str] = frozenset(),
+        added: dict[str, int] | None = None,
+    ) -> None:
+        self.ids, self.starts, self.dropped = ids, starts, dropped
+        self.removed = removed  # of the index's homes kept, those in ADDED now
+        self.added = added or {}
+
+    def _kept(self, session_id: str) -> int:
+        """The position of SESSION_ID's home in the index, if it is still kept there."""
+        if session_id in self.removed:
+            return -1
+        return next((at for at in self.ids.positions(session_id) if at >= self.dropped), -1)
+
+    def __len__(self) -> int:
+        return len(self.ids) - self.dropped - len(self.removed) + len(self.added)
+
+    def get(self, session_id: str) -> int | None:
+        block = self.added.get(session_id)
+        if block is None:
+            at = self._kept(session_id)
+            block = None if at < 0 else self.starts[at]
+        return block
+
+    def blocks(self) -> set[int]:
+        if self.removed:
+            return set(self.as_dict().values())
+        return {*self.starts[self.dropped :], *self.added.values()}
+
+    def moved(self, session_id: str, block: int, limit: int) -> tuple[Homes, list[str]]:
+        added, removed, dropped = dict(self.added), set(self.removed), self.dropped
+        if added.pop(session_id, None) is None and self._kept(session_id) >= 0:
+            removed.add(session_id)
+        added[session_id] = block
+        count, forgotten = len(self.ids), []
+        length = count - dropped - len(removed) + len(added)
+        while length > limit:
+            if dropped < count:
+                key = self.ids.item(dropped)
+                dropped += 1
+                if key in removed:  # made newer: not held here any more
+                    removed.discard(key)
+                    continue
+            else:
+                key = next(iter(added))
+                del added[key]
+            forgotten.append(key)
+            length -= 1
+        return _Homes(self.ids, self.starts, dropped, frozenset(removed), added), forgotten
+
+    def as_dict(self) -> dict[str, int]:
+        first = self.dropped
+        homes = dict(zip(self.ids.items()[first:], self.starts[first:].tolist(), strict=True))
+        for key in self.removed:
+            del homes[key]
+        homes.update(self.added)
+        return homes
+
+    def __repr__(self) -> str:
+        return f"_Homes({self.as_dict()!r})"
 
 
 class _Taken(AbstractSet[str]):
