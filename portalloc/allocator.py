@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from datetime import datetime, timedelta
-from itertools import chain
+from itertools import chain, filterfalse
 
 from portalloc.config import PortAllocatorConfig
 from portalloc.errors import NoPortsAvailable
@@ -130,7 +130,7 @@ def _ended(state: LedgerState, changes: dict[str, Lease | None], ended: list[Lea
     """STATE with CHANGES made, remembering the slug of each lease ENDED for its session."""
     named = {lease.session_id: lease.slug for lease in ended if lease.slug is not None}
     slugs = {**state.slugs, **named} if named else state.slugs
-    return LedgerState(state.leases.updated(changes), state.homes, state.files, slugs)
+    return LedgerState(state.leases.updated(changes), state.homes_table, state.files, slugs)
 
 
 def leave(
@@ -150,7 +150,7 @@ def leave(
     return state, False
 
 
-def compose_project_name(session_id: str, prefix: str, taken: set[str]) -> str:
+def compose_project_name(session_id: str, prefix: str, taken: Container[str]) -> str:
     """`<prefix>-<sha256 hex>`, 8 hex chars unless a clash with `taken` needs more."""
     import hashlib  # only new leases need it
 
@@ -238,7 +238,7 @@ def _place(
 
     chosen: int | None = None
     moved: Move | None = None
-    home = state.homes.get(request.session_id)
+    home = state.home(request.session_id)
     if home is not None and not _is_block(home, config):
         home = None  # made under other settings: the first block granted now is home
     if home is not None:
@@ -254,10 +254,10 @@ def _place(
     if chosen is None:
         # Other sessions' homes last: a newcomer should not take a block someone
         # returns to tomorrow while a block nobody calls home is free.
-        homes = set(state.homes.values())
+        homes = state.home_blocks()
         blocks = range(config.base, config.span_end + 1, config.range)
         candidates = chain(
-            (start for start in blocks if start not in homes),
+            filterfalse(homes.__contains__, blocks),  # in C: 10,000 homes at 10,000 leases
             (start for start in blocks if start in homes and start != home),
         )
         for start in candidates:
@@ -290,15 +290,13 @@ def _place(
             owner=request.owner or previous.owner,
             worktree=request.worktree or previous.worktree,
         )
-    homes_after = dict(state.homes)
-    homes_after.pop(request.session_id, None)
-    homes_after[request.session_id] = chosen if home is None else home
+    homes_after, forgotten_homes = state.moved_home(
+        request.session_id, chosen if home is None else home, HISTORY_LIMIT
+    )
     slugs = state.slugs  # the session's own slug is its lease's now
     if request.session_id in slugs:
         slugs = {key: value for key, value in slugs.items() if key != request.session_id}
-    while len(homes_after) > HISTORY_LIMIT:
-        forgotten = next(iter(homes_after))
-        del homes_after[forgotten]
+    for forgotten in forgotten_homes:
         if forgotten in files:
             files = {key: value for key, value in files.items() if key != forgotten}
         if forgotten in slugs:
@@ -340,7 +338,7 @@ def _refresh(
         else:
             joined = current._replace(guests=(*current.guests, request.user))
         leases = state.leases.updated({request.session_id: joined})
-        joined_state = LedgerState(leases, state.homes, files, state.slugs)
+        joined_state = LedgerState(leases, state.homes_table, files, state.slugs)
         return Grant(joined_state, joined, created=False, follow=follow)
     if current is existing and existing.refreshed(
         now, config.ttl_minutes, request.owner, request.worktree
@@ -348,7 +346,7 @@ def _refresh(
         # Refreshed a moment ago: leave the leases alone.
         if files is state.files:
             return Grant(state, existing, created=False, follow=follow)
-        state = LedgerState(state.leases, state.homes, files, state.slugs)
+        state = LedgerState(state.leases, state.homes_table, files, state.slugs)
         return Grant(state, existing, created=False, follow=follow)
     refreshed = current._replace(
         expires_at=expires_at,
@@ -357,7 +355,7 @@ def _refresh(
         worktree=request.worktree or existing.worktree,
     )
     leases = state.leases.updated({request.session_id: refreshed})
-    refreshed_state = LedgerState(leases, state.homes, files, state.slugs)
+    refreshed_state = LedgerState(leases, state.homes_table, files, state.slugs)
     return Grant(refreshed_state, refreshed, created=False, follow=follow)
 
 
@@ -487,7 +485,20 @@ def _slug(state: LedgerState, request: Request) -> str:
     if mine is not None and mine not in active:
         return mine
     kept = {slug for session, slug in state.slugs.items() if session != request.session_id}
-    return slug_for(request.session_id, request.worktree, active | kept)
+    # Not `active | kept`: of an indexed table, `active` is searched, never made a set.
+    return slug_for(request.session_id, request.worktree, _Either(active, kept))
+
+
+class _Either:
+    """A name either of two containers holds."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self, first: Container[str], second: Container[str]) -> None:
+        self.first, self.second = first, second
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.first or value in self.second
 
 
 def new_lease(
@@ -495,7 +506,7 @@ def new_lease(
     start: int,
     now: datetime,
     expires_at: datetime,
-    taken_names: set[str],
+    taken_names: Container[str],
     slug: str | None = None,
 ) -> Lease:
     config = request.config

@@ -21,6 +21,7 @@ from portalloc.rules import DEFAULT_PROXY_PORT, URL_DOMAIN, port_label
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Set as AbstractSet
     from pathlib import Path
     from typing import Annotated, Any, Literal
 
@@ -453,10 +454,11 @@ class Leases(Mapping[str, Lease]):
             index -= 1
         return [self[key] for key in reversed(found)]
 
-    def compose_names(self) -> set[str]:
+    def compose_names(self) -> AbstractSet[str]:
         return {lease.compose_project_name for lease in self._by_id.values()}
 
-    def slugs(self) -> set[str]:
+    def slugs(self) -> AbstractSet[str]:
+        """The names of the leases (a set, or a set-like view of an indexed table's)."""
         return {lease.slug for lease in self._by_id.values() if lease.slug is not None}
 
     def due(self, now: datetime) -> list[Lease]:
@@ -486,27 +488,85 @@ class Leases(Mapping[str, Lease]):
         return found + [key for key in theirs if key not in mine]
 
 
+class Homes:
+    """Each session's home block, oldest first, kept as the ledger's index holds them: a
+    dict of them all is made only when asked for (the ledger subclasses it)."""
+
+    __slots__ = ()
+
+    def get(self, session_id: str) -> int | None:
+        raise NotImplementedError
+
+    def blocks(self) -> set[int]:
+        """Every home block."""
+        raise NotImplementedError
+
+    def moved(self, session_id: str, block: int, limit: int) -> tuple[Homes, list[str]]:
+        """These homes with SESSION_ID's (made) the newest, at BLOCK, and the oldest
+        forgotten past LIMIT; and the sessions forgotten, oldest first."""
+        raise NotImplementedError
+
+    def as_dict(self) -> dict[str, int]:
+        raise NotImplementedError
+
+
 class LedgerState:
     """Active leases by session, each session's home block, and the files written for it.
 
     Treated as immutable: operations return a new state rather than changing one.
     """
 
-    __slots__ = ("files", "homes", "leases", "slugs")
+    __slots__ = ("_homes", "files", "leases", "slugs")
 
     def __init__(
         self,
         leases: Mapping[str, Lease] | None = None,
-        homes: dict[str, int] | None = None,
+        homes: dict[str, int] | Homes | None = None,
         files: dict[str, tuple[FileRecord, ...]] | None = None,
         slugs: dict[str, str] | None = None,
     ) -> None:
         self.leases: Leases = leases if isinstance(leases, Leases) else Leases(leases)
-        self.homes: dict[str, int] = {} if homes is None else homes
+        self._homes: dict[str, int] | Homes = {} if homes is None else homes
         self.files: dict[str, tuple[FileRecord, ...]] = {} if files is None else files
         # The slug of each session whose lease ended, kept like its home block: it gets
         # the name back, and no other session takes it meanwhile.
         self.slugs: dict[str, str] = {} if slugs is None else slugs
 
+    @property
+    def homes(self) -> dict[str, int]:
+        """Each session's home block, oldest first (a dict made of the index's columns
+        when first asked for: `allocate` asks `home`, `home_blocks` and `moved_home`)."""
+        if isinstance(self._homes, Homes):
+            self._homes = self._homes.as_dict()
+        return self._homes
+
+    @property
+    def homes_table(self) -> dict[str, int] | Homes:
+        """The homes as they are kept, for a new state made of this one."""
+        return self._homes
+
+    def home(self, session_id: str) -> int | None:
+        return self._homes.get(session_id)
+
+    def home_blocks(self) -> set[int]:
+        homes = self._homes
+        return homes.blocks() if isinstance(homes, Homes) else set(homes.values())
+
+    def moved_home(
+        self, session_id: str, block: int, limit: int
+    ) -> tuple[dict[str, int] | Homes, list[str]]:
+        """The homes with SESSION_ID's (made) the newest, at BLOCK, the oldest forgotten
+        past LIMIT; and the sessions forgotten, oldest first."""
+        if isinstance(self._homes, Homes):
+            return self._homes.moved(session_id, block, limit)
+        homes = dict(self._homes)
+        homes.pop(session_id, None)
+        homes[session_id] = block
+        forgotten: list[str] = []
+        while len(homes) > limit:
+            forgotten.append(next(iter(homes)))
+            del homes[forgotten[-1]]
+        return homes, forgotten
+
     def with_leases(self, leases: Mapping[str, Lease]) -> LedgerState:
-        return LedgerState(leases, self.homes, self.files, self.slugs)
+        return LedgerState(leases, self._homes, self.files, self.slugs)

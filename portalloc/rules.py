@@ -11,6 +11,8 @@ from portalloc.errors import InvalidSessionId
 
 TYPE_CHECKING = False  # `typing` costs start-up time on the read path (bench/README.md)
 if TYPE_CHECKING:
+    from collections.abc import Container
+
     from portalloc.models import Lease
 
 MAX_SESSION_ID_LENGTH = 4096
@@ -136,7 +138,7 @@ def port_label(name: str) -> str | None:
     return label if DNS_LABEL.fullmatch(label) else None
 
 
-def slug_for(session_id: str, worktree: str | None, taken: set[str]) -> str:
+def slug_for(session_id: str, worktree: str | None, taken: Container[str]) -> str:
     """The session's slug: the DNS label of its worktree's directory name (or of the
     session id's last path component), with hex digits of the id's SHA-256 added when
     another session holds that label (TAKEN)."""

@@ -5,7 +5,7 @@ open_service() is how every entry point builds its service."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from functools import cache
@@ -248,7 +248,7 @@ class PortAllocatorService:
 
         outcome = self._transact(decide)
         result: Grant = outcome.value
-        allocation = self._allocation(result.lease, outcome.now, outcome.state.homes)
+        allocation = self._allocation(result.lease, outcome.now, outcome.state)
         home = result.moved.home if result.moved else None
         for skip in result.skipped:
             if skip.block_start != home:
@@ -335,7 +335,7 @@ class PortAllocatorService:
 
         return check
 
-    def _allocation(self, lease: Lease, now: datetime, homes: Mapping[str, int]) -> PortAllocation:
+    def _allocation(self, lease: Lease, now: datetime, state: LedgerState | None) -> PortAllocation:
         if self._shared_ledger:
             # Another member of the group may have written this lease's variables.
             lease = lease._replace(env=allocator.screened_env(lease, self.config))
@@ -344,7 +344,7 @@ class PortAllocatorService:
         return PortAllocation.from_lease(
             lease,
             now,
-            homes.get(lease.session_id),
+            None if state is None else state.home(lease.session_id),
             self.config.proxy_port,
             render_sh(dict(lease.env)),
         )
@@ -361,7 +361,7 @@ class PortAllocatorService:
         """Active leases, lowest block first."""
         outcome = self._read()
         leases = sorted(outcome.state.leases.values(), key=lambda lease: lease.start)
-        return [self._allocation(lease, outcome.now, outcome.state.homes) for lease in leases]
+        return [self._allocation(lease, outcome.now, outcome.state) for lease in leases]
 
     def remembered(self) -> frozenset[str]:
         """Every session the ledger knows: those with a lease and those that held a
@@ -376,7 +376,7 @@ class PortAllocatorService:
         lease = outcome.state.leases.get(session_id)
         if lease is None:
             raise LeaseNotFound(session_id)
-        return self._allocation(lease, outcome.now, outcome.state.homes)
+        return self._allocation(lease, outcome.now, outcome.state)
 
     def read(self, session_id: str) -> PortAllocation:
         """The session's active lease, unchanged, as `get` and `check` print it: read
@@ -393,7 +393,7 @@ class PortAllocatorService:
         )
         if found is None:
             return self.get(session_id)
-        return self._allocation(found, now, {})
+        return self._allocation(found, now, None)
 
     def prune(self) -> list[Reclaimed]:
         """Reclaim expired and dead leases; return what was reclaimed."""
@@ -404,7 +404,7 @@ class PortAllocatorService:
         return them, lowest block first."""
         outcome = self._transact(lambda state, _now: (state, None), routes=True)
         leases = sorted(outcome.state.leases.values(), key=lambda lease: lease.start)
-        return [self._allocation(lease, outcome.now, outcome.state.homes) for lease in leases]
+        return [self._allocation(lease, outcome.now, outcome.state) for lease in leases]
 
 
 def _follow_line(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Set as AbstractSet
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -433,6 +434,14 @@ def test_the_indexed_table_answers_as_a_plain_one(
         assert len(indexed) == len(plain) and all(key in indexed for key in plain)
         assert indexed.sorted_spans() == plain.sorted_spans()
         assert indexed.compose_names() == plain.compose_names()
+        # Asked by `in` (a search of the index's columns), as the allocator asks them.
+        for key in ("a", "b", "c", "d"):
+            name, slug = template.compose_project_name, key
+            if key in plain:
+                name, slug = plain[key].compose_project_name, plain[key].slug or key
+            assert (name in indexed.compose_names()) == (name in plain.compose_names())
+            assert (slug in indexed.slugs()) == (slug in plain.slugs())
+        assert indexed.slugs() == plain.slugs() and "" not in indexed.slugs()
         now = clock.now + timedelta(minutes=minutes)
         assert indexed.due(now) == plain.due(now)
         assert indexed.overlapping(10000, 10100) == plain.overlapping(10000, 10100)
@@ -566,3 +575,112 @@ def test_a_name_two_leases_claim_is_the_first_ones(state_dir: Path, clock: FakeC
         assert type(indexed.leases).__name__ == "_IndexedLeases"
         with pytest.raises(AssertionError, match="two leases are named"):
             fresh.save(indexed.with_leases(indexed.leases.updated({"gamma": twin})))
+
+
+# --- the index's text columns: searched in their joined text as a split would answer ---
+
+# Short texts from few letters (and '' for a lease with no slug), so that values are
+# often prefixes, suffixes or pieces of each other ("a", "ab", "b-a").
+_TEXTS = st.text(alphabet="ab-", max_size=3)
+
+
+@given(items=st.lists(_TEXTS, max_size=12), probe=_TEXTS, split=st.booleans())
+def test_a_column_finds_what_its_split_holds(items: list[str], probe: str, split: bool) -> None:
+    from portalloc.ledger.index import _Column, _joined, _unpack_index
+
+    column = _Column(_joined(items), len(items))
+    if split:
+        column.items()  # answered from the list where it was split already
+    values = [*items, probe]
+    for value in values:
+        expected = [at for at, item in enumerate(items) if item == value]
+        assert list(column.positions(value)) == expected
+        assert column.find(value) == (expected[0] if expected else -1)
+        for position in range(-1, len(items) + 1):
+            assert column.holds(position, value) == (position in expected)
+    assert column.find("a\0b") == -1 and column.find(3) == -1
+    assert len(column) == len(items) and list(column) == items
+    # The index keeps a column's text and count: one of another count is refused.
+    packed = (len(items), column.text, b"", b"", column.text, b"", b"", 0, 0, "", b"", 0)
+    if items:
+        assert _unpack_index((*packed, column.text, 0)).ids == column
+    with pytest.raises(ValueError, match="column"):
+        _unpack_index((*packed, column.text + "\0", 0))
+
+
+@given(
+    parts=st.lists(
+        st.tuples(st.lists(_TEXTS, max_size=5), st.integers(0, 5), st.integers(0, 5)),
+        max_size=4,
+    ),
+    extra=st.lists(_TEXTS, max_size=3),
+)
+def test_a_built_column_is_the_join_of_its_items(
+    parts: list[tuple[list[str], int, int]], extra: list[str]
+) -> None:
+    from portalloc.ledger.index import _Column, _ColumnBuilder
+
+    built, expected = _ColumnBuilder(), []
+    for items, first, stop in parts:
+        old = _Column.of(items) if first % 2 else _Column("\0".join(items), len(items))
+        built.extend_from(old, 0, len(items))  # the whole column: its text, not split
+        built.extend_from(old, first, stop)
+        expected += items + items[first:stop]
+    built.extend(extra)
+    expected += extra
+    column = built.build()
+    assert len(column) == len(expected) and column.items() == expected
+    assert column.text.split("\0") == expected if expected else column.text == ""
+
+
+@given(
+    items=st.lists(_TEXTS, max_size=10),
+    skip=st.sets(st.integers(0, 9)),
+    fresh=st.sets(_TEXTS.filter(bool), max_size=3),
+    probe=_TEXTS,
+    blank=st.sampled_from([None, ""]),
+)
+def test_a_taken_view_is_the_set_it_stands_for(
+    items: list[str], skip: set[int], fresh: set[str], probe: str, blank: str | None
+) -> None:
+    from portalloc.ledger.index import _Column, _joined, _Taken
+
+    column = _Column(_joined(items), len(items))
+    expected = {item for at, item in enumerate(items) if at not in skip} | fresh
+    if blank is not None:
+        expected.discard(blank)
+    view: AbstractSet[str] = _Taken(column, skip, fresh, blank)
+    for value in [*items, *fresh, probe]:
+        assert (value in view) == (value in expected)
+    assert view == expected and len(view) == len(expected)
+    assert view - {probe} == expected - {probe} and view | {probe} == expected | {probe}
+    assert all(value in view for value in view)  # after it was made a set, too
+
+
+@given(
+    old=st.lists(_TEXTS.filter(bool), max_size=8, unique=True),
+    moves=st.lists(st.tuples(_TEXTS.filter(bool), st.integers(0, 50)), max_size=8),
+    limit=st.integers(1, 8),
+)
+def test_homes_kept_as_columns_move_as_a_dict_does(
+    old: list[str], moves: list[tuple[str, int]], limit: int
+) -> None:
+    """_Homes (the index's columns and the changes since) answers and moves homes as
+    LedgerState's dict of them does, the oldest forgotten past the limit."""
+    from array import array
+
+    from portalloc.ledger.index import _Column, _Homes, _joined
+
+    homes: dict[str, int] = {key: 4 * at for at, key in enumerate(old)}
+    lazy = LedgerState(homes=_Homes(_Column(_joined(old), len(old)), array("q", homes.values())))
+    plain = LedgerState(homes=dict(homes))
+    for session, block in moves:
+        (lazy_after, lazy_gone), (plain_after, plain_gone) = (
+            state.moved_home(session, block, limit) for state in (lazy, plain)
+        )
+        lazy, plain = LedgerState(homes=lazy_after), LedgerState(homes=plain_after)
+        assert lazy_gone == plain_gone
+        for key in {*old, session}:
+            assert lazy.home(key) == plain.home(key)
+        assert lazy.home_blocks() == plain.home_blocks()
+    assert lazy.homes == plain.homes and list(lazy.homes) == list(plain.homes)

@@ -14,7 +14,16 @@ from operator import eq
 from portalloc.fs import Chunk, FileRange
 from portalloc.ledger.codec import _CRC_KEY, _NEXT_LEASE, _PREFIX, _json, lease_to_raw
 from portalloc.ledger.format import _LEASE_ORDER, RawFile, RawLease
-from portalloc.ledger.index import _due_second, _Index, _IndexedLeases, _Written
+from portalloc.ledger.index import (
+    _Column,
+    _ColumnBuilder,
+    _due_second,
+    _Homes,
+    _Index,
+    _IndexedLeases,
+    _Written,
+)
+from portalloc.models import Homes
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,8 +40,23 @@ class _Encoder:
         # Views into the file read, not copies: at 5 MiB each copy shows in the bench.
         self.parts: list[Chunk] = [_PREFIX.encode()]
         self.offset = len(_PREFIX)
-        # Integer columns as arrays: a run of the file's leases extends them by memcpy.
-        self.index = _Index([], array("q"), array("q"), [], array("q"), array("q"), 0, {}, 0, [], 0)
+        # Integer columns as arrays: a run of the file's leases extends them by memcpy;
+        # text columns as pieces, a whole column of the file's as its one string.
+        self.ids, self.names, self.slugs = _ColumnBuilder(), _ColumnBuilder(), _ColumnBuilder()
+        self.index = _Index(
+            _Column(),
+            array("q"),
+            array("q"),
+            _Column(),
+            array("q"),
+            array("q"),
+            0,
+            _Column(),
+            array("q"),
+            0,
+            _Column(),
+            0,
+        )
 
     def _place(self, text: Chunk) -> int:
         if len(self.parts) > 1:
@@ -47,11 +71,11 @@ class _Encoder:
         text = _json(lease_to_raw(lease))
         start = self._place(text)
         index = self.index
-        index.ids.append(lease.session_id)
+        self.ids.append(lease.session_id)
         index.starts.append(lease.start)
         index.ends.append(lease.end)
-        index.names.append(lease.compose_project_name)
-        index.slugs.append(lease.slug or "")
+        self.names.append(lease.compose_project_name)
+        self.slugs.append(lease.slug or "")
         index.due.append(_due_second(lease))
         index.bounds.extend((start, start + len(text)))
 
@@ -71,14 +95,14 @@ class _Encoder:
             bounds.extend((start + at, start + at + 1))
             at = text.find(_NEXT_LEASE, at + 1)
         bounds.append(start + len(text))
-        if len(bounds) != len(self.index.ids) * 2 + 2 * len(leases):
+        if len(bounds) != self.ids.count * 2 + 2 * len(leases):
             raise AssertionError("leases are not where save() put them")
         index = self.index
-        index.ids.extend([lease.session_id for lease in leases])
+        self.ids.extend([lease.session_id for lease in leases])
         index.starts.extend([lease.start for lease in leases])
         index.ends.extend([lease.end for lease in leases])
-        index.names.extend([lease.compose_project_name for lease in leases])
-        index.slugs.extend([lease.slug or "" for lease in leases])
+        self.names.extend([lease.compose_project_name for lease in leases])
+        self.slugs.extend([lease.slug or "" for lease in leases])
         index.due.extend(map(_due_second, leases))
 
     def add_run(self, written: _Written, first: int, stop: int) -> None:
@@ -90,11 +114,11 @@ class _Encoder:
         start = self._place(written.chunk(begin, bounds[2 * stop - 1]))
         shift = start - begin
         index = self.index
-        index.ids.extend(source.ids[first:stop])
+        self.ids.extend_from(source.ids, first, stop)
         index.starts.extend(source.starts[first:stop])
         index.ends.extend(source.ends[first:stop])
-        index.names.extend(source.names[first:stop])
-        index.slugs.extend(source.slugs[first:stop])
+        self.names.extend_from(source.names, first, stop)
+        self.slugs.extend_from(source.slugs, first, stop)
         index.due.extend(source.due[first:stop])
         if shift:
             index.bounds.extend([bound + shift for bound in bounds[2 * first : 2 * stop]])
@@ -106,7 +130,7 @@ class _Encoder:
             session_id: [{"kind": kind, "path": path} for kind, path in records]
             for session_id, records in state.files.items()
         }
-        homes = _homes_text(state.homes, written)
+        homes, home_ids, home_starts = _homes_out(state.homes_table, written)
         # Exactly what dump() makes of the whole document, a piece at a time, never
         # joined: five MiB copied once more shows in the bench.
         parts = self.parts
@@ -127,7 +151,14 @@ class _Encoder:
         parts += [_CRC_KEY, b"%08x" % crc, b'"}']
         files_at = self.offset + len(_HOMES) + len(homes)
         return parts, self.index._replace(
-            leases_end=self.offset, homes=state.homes, files_at=files_at, prefix_crc=prefix_crc
+            ids=self.ids.build(),
+            names=self.names.build(),
+            slugs=self.slugs.build(),
+            leases_end=self.offset,
+            home_ids=home_ids,
+            home_starts=home_starts,
+            files_at=files_at,
+            prefix_crc=prefix_crc,
         )
 
 
@@ -136,15 +167,47 @@ _SLUGS = b',"slugs":'
 _FILES = b',"files":'
 
 
+def _homes_out(
+    homes: dict[str, int] | Homes, written: _Written | None
+) -> tuple[bytes, _Column, array[int]]:
+    """HOMES as JSON, and as the new index's columns; as far as they are those of
+    WRITTEN, the bytes it holds and its columns (no dict of them all made again)."""
+    if (
+        isinstance(homes, _Homes)
+        and written is not None
+        and homes.ids is written.index.home_ids
+        and not homes.removed
+    ):
+        # The file's homes, the oldest DROPPED forgotten, ADDED after them: cut and
+        # joined, as dump() makes them.
+        index, dropped, added = written.index, homes.dropped, homes.added
+        text = b"{}"
+        if dropped < len(homes.ids):
+            text = written.read(index.leases_end + len(_HOMES), index.files_at)
+            if dropped:
+                # `,"key":` is where that home starts: inside a JSON string `"` is escaped.
+                first = _json(homes.ids.item(dropped))
+                text = b"{" + text[text.index(b"," + first + b":") + 1 :]
+        if added:
+            more = _json(added)
+            text = text[:-1] + b"," + more[1:] if text != b"{}" else more
+        ids = _ColumnBuilder()
+        ids.extend_from(homes.ids.tail(dropped), 0, len(homes.ids) - dropped)
+        ids.extend(list(added))
+        starts = homes.starts[dropped:]
+        starts.extend(array("q", added.values()))
+        return text, ids.build(), starts
+    plain = homes.as_dict() if isinstance(homes, Homes) else homes
+    return _homes_text(plain, written), _Column.of(list(plain)), array("q", plain.values())
+
+
 def _homes_text(homes: dict[str, int], written: _Written | None) -> bytes:
     """HOMES as JSON; as far as they are those of WRITTEN, the bytes it holds."""
     if written is None or not homes:
         return _json(homes)
     index = written.index
     text = written.read(index.leases_end + len(_HOMES), index.files_at)
-    old = index.homes
-    if homes is old:
-        return text
+    old = _Homes(index.home_ids, index.home_starts).as_dict()
     # A grant forgets homes at the front (the least recent) and adds one at the end.
     first = next(iter(homes))
     dropped = next((at for at, key in enumerate(islice(old, 16)) if key == first), None)

@@ -24,12 +24,13 @@ from collections.abc import (
     Mapping,
     ValuesView,
 )
+from collections.abc import Set as AbstractSet
 from itertools import chain, compress
 
 from portalloc.fs import Chunk, FileRange
 from portalloc.ledger.codec import _PREFIX, _check_written, lease_from_raw
 from portalloc.ledger.format import _Malformed
-from portalloc.models import Lease, Leases
+from portalloc.models import Homes, Lease, Leases
 
 # Not typing's: `allocate` imports this module, and start-up is its budget too.
 from portalloc.records import NamedTuple
@@ -37,8 +38,11 @@ from portalloc.records import NamedTuple
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from datetime import datetime
+    from typing import TypeVar
 
     from portalloc.ledger.encoder import _Encoder
+
+    _T = TypeVar("_T")
 
 # An index file's first line: marshal's format and the columns' machine words differ
 # between Pythons and machines, so only the kind that wrote an index reads it back.
@@ -55,17 +59,19 @@ _PREFIX_CRC = zlib.crc32(_PREFIX.encode())
 class _Index(NamedTuple):
     """Each lease of a file save() wrote, in file order, as columns."""
 
-    ids: list[str]
+    ids: _Column
     # Integer columns: arrays, so a run of unchanged leases is copied by memcpy.
     starts: array[int]
     ends: array[int]
-    names: list[str]  # compose project names
+    names: _Column  # compose project names
     due: array[int]  # a reclaim looks at the lease from this epoch second on (0: always)
     bounds: array[int]  # lease i is file[bounds[2 * i] : bounds[2 * i + 1]]
     leases_end: int  # where the `]` closing the leases list sits
-    homes: dict[str, int]  # as in the file, from leases_end + len(encoder._HOMES) on
+    # The homes as in the file (from leases_end + len(encoder._HOMES) on), in order.
+    home_ids: _Column
+    home_starts: array[int]
     files_at: int  # where `,"files":` starts
-    slugs: list[str]  # each lease's slug, '' for none
+    slugs: _Column  # each lease's slug, '' for none
     prefix_crc: int  # the CRC-32 of the file up to leases_end: an append needs no more
 
 
@@ -94,21 +100,152 @@ def _split(text: str, count: int) -> list[str]:
     return text.split(_SEP) if count else []
 
 
+class _Column:
+    """A text column of the index (COUNT strings, NUL-separated in TEXT) as it was read
+    or written: split into a list only when iterated or indexed. `positions` finds a
+    value by searching the text in C, so a write at 10,000 leases that asks about a few
+    of them splits none (a split of 10,000 strings a column showed in the bench)."""
+
+    __slots__ = ("_items", "_padded", "count", "text")
+
+    def __init__(self, text: str = "", count: int = 0) -> None:
+        self.text = text
+        self.count = count
+        self._items: list[str] | None = None
+        self._padded: str | None = None
+
+    @classmethod
+    def of(cls, items: list[str]) -> _Column:
+        column = cls(_joined(items), len(items))
+        column._items = items
+        return column
+
+    def items(self) -> list[str]:
+        """The column as a list (split once; treat it as read-only)."""
+        if self._items is None:
+            self._items = _split(self.text, self.count)
+        return self._items
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.items())
+
+    def __getitem__(self, at: int) -> str:
+        return self.items()[at]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Column):
+            return NotImplemented
+        return self.count == other.count and self.text == other.text
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"_Column({self.items()!r})"
+
+    def positions(self, value: object) -> Iterator[int]:
+        """Each position that holds VALUE, lowest first, found in the joined text."""
+        if type(value) is not str or not self.count or _SEP in value:
+            return
+        if self._items is not None and self.count <= 8:
+            yield from (at for at, item in enumerate(self._items) if item == value)
+            return
+        if self._padded is None:
+            self._padded = _SEP + self.text + _SEP  # one copy: `find` needs no edge cases
+        padded, needle = self._padded, _SEP + value + _SEP
+        position, counted = 0, 0  # separators in padded[:counted] give the position
+        at = padded.find(needle)
+        while at >= 0:
+            position += padded.count(_SEP, counted, at + 1)
+            counted = at + 1
+            yield position - 1  # the leading separator is not an item's end
+            at = padded.find(needle, at + len(value) + 1)
+
+    def find(self, value: object) -> int:
+        """The first position that holds VALUE, or -1."""
+        return next(self.positions(value), -1)
+
+    def _start(self, position: int) -> int:
+        """Where the item at POSITION (0 to count - 1) starts in the text."""
+        if self._items is not None or position > 64:
+            return sum(map(len, self.items()[:position])) + position
+        at = -1
+        for _ in range(position):  # a few, in C each
+            at = self.text.index(_SEP, at + 1)
+        return at + 1
+
+    def item(self, position: int) -> str:
+        """The item at POSITION (0 to count - 1), a small one not split out of them all."""
+        if self._items is not None or not 0 <= position < self.count:
+            return self.items()[position]
+        start = self._start(position)
+        end = self.text.find(_SEP, start)
+        return self.text[start : end if end >= 0 else len(self.text)]
+
+    def tail(self, first: int) -> _Column:
+        """The column from position FIRST on."""
+        if first <= 0:
+            return self
+        if first >= self.count:
+            return _Column()
+        return _Column(self.text[self._start(first) :], self.count - first)
+
+    def holds(self, position: int, value: str) -> bool:
+        """Whether the column holds VALUE at POSITION."""
+        if self._items is not None:
+            return 0 <= position < self.count and self._items[position] == value
+        for at in self.positions(value):
+            if at >= position:
+                return at == position
+        return False
+
+
+class _ColumnBuilder:
+    """A text column made for a new index: strings, and runs of an old column's, whose
+    text it copies whole when the run is the whole column (no split, no join of each)."""
+
+    __slots__ = ("count", "pieces")
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.count = 0
+
+    def append(self, value: str) -> None:
+        self.pieces.append(value)
+        self.count += 1
+
+    def extend(self, values: list[str]) -> None:
+        self.pieces.extend(values)
+        self.count += len(values)
+
+    def extend_from(self, column: _Column, first: int, stop: int) -> None:
+        if first == 0 and stop == column.count and column.count:
+            self.pieces.append(column.text)
+            self.count += column.count
+        else:
+            self.extend(column.items()[first:stop])
+
+    def build(self) -> _Column:
+        return _Column(_joined(self.pieces), self.count)
+
+
 def _pack_index(index: _Index) -> tuple[int | str | bytes, ...]:
     return (
         len(index.ids),
-        _joined(index.ids),
+        index.ids.text,
         _words(index.starts),
         _words(index.ends),
-        _joined(index.names),
+        index.names.text,
         _words(index.due),
         _words(index.bounds),
         index.leases_end,
-        len(index.homes),
-        _joined(index.homes),
-        _words(list(index.homes.values())),
+        len(index.home_ids),
+        index.home_ids.text,
+        _words(index.home_starts),
         index.files_at,
-        _joined(index.slugs),
+        index.slugs.text,
         index.prefix_crc,
     )
 
@@ -129,21 +266,25 @@ def _unpack_index(packed: object) -> _Index:
     numbers = (count, homes_count, leases_end, files_at, prefix_crc)
     if not all(type(number) is int for number in numbers):
         raise TypeError("counts")
-    home_ids = _split(homes, homes_count)
+    for text, number in ((ids, count), (names, count), (slugs, count), (homes, homes_count)):
+        # As many strings as leases (homes), as a split would give them: counted in C.
+        if (text.count(_SEP) + 1 if number else len(text)) != number:
+            raise ValueError("column")
     home_blocks = _from_words(home_starts)
-    if len(home_ids) != homes_count or len(home_blocks) != homes_count:
+    if len(home_blocks) != homes_count:
         raise ValueError("homes")
     return _Index(
-        _split(ids, count),
+        _Column(ids, count),
         _from_words(starts),
         _from_words(ends),
-        _split(names, count),
+        _Column(names, count),
         _from_words(due),
         _from_words(bounds),
         leases_end,
-        dict(zip(home_ids, home_blocks, strict=True)),
+        _Column(homes, homes_count),
+        home_blocks,
         files_at,
-        _split(slugs, count),
+        _Column(slugs, count),
         prefix_crc,
     )
 
@@ -222,9 +363,8 @@ class _Written:
 
     __slots__ = (
         "__weakref__",
-        "_names",
+        "_found",
         "_parsed",
-        "_positions",
         "_spans",
         "data",
         "distrust",
@@ -254,10 +394,9 @@ class _Written:
             # Closed with the last state that holds it (a server caches one).
             weakref.finalize(self, os.close, fd)
         self.index = index
-        self._positions: dict[str, int] | None = None
+        self._found: dict[str, int] = {}
         self._parsed: dict[int, Lease] = {}
         self._spans: tuple[list[int], list[int], list[int]] | None = None
-        self._names: set[str] | None = None
 
     def read(self, begin: int, end: int) -> bytes:
         """The file's bytes from BEGIN to END."""
@@ -284,10 +423,15 @@ class _Written:
             crc = zlib.crc32(piece, crc)
         return crc
 
-    def positions(self) -> dict[str, int]:
-        if self._positions is None:
-            self._positions = dict(zip(self.index.ids, range(len(self.index.ids)), strict=True))
-        return self._positions
+    def position(self, session_id: object) -> int:
+        """Where the file holds SESSION_ID's lease, or -1: a search of the ids' text in
+        C, not a dict of them all (a write asks about the few leases it touches)."""
+        if type(session_id) is not str:
+            return -1
+        position = self._found.get(session_id)
+        if position is None:
+            position = self._found[session_id] = self.index.ids.find(session_id)
+        return position
 
     def lease(self, position: int) -> Lease:
         lease = self._parsed.get(position)
@@ -299,7 +443,7 @@ class _Written:
                 lease = lease_from_raw(json.loads(text))
             except (OSError, ValueError, RecursionError, _Malformed):
                 lease = None
-            if lease is None or lease.session_id != self.index.ids[position]:
+            if lease is None or not self.index.ids.holds(position, lease.session_id):
                 # The file is not what its index says (changed in place since, or an
                 # index made by hand): never guessed at.
                 reason = f"its index does not describe lease {position} as it is in the file"
@@ -327,17 +471,131 @@ class _Written:
                 )
         return self._spans
 
-    def names(self) -> set[str]:
-        if self._names is None:
-            self._names = set(self.index.names)
-        return self._names
+
+class _Homes(Homes):
+    """The homes of an index (its columns IDS and STARTS, oldest first), the DROPPED
+    oldest forgotten since, those of REMOVED made newer again, and ADDED the newest, in
+    order. `allocate` asks for a session's home and moves one: a search of the ids' text,
+    with no dict of 10,000 homes made (`as_dict` makes it)."""
+
+    __slots__ = ("added", "dropped", "ids", "removed", "starts")
+
+    def __init__(
+        self,
+        ids: _Column,
+        starts: array[int],
+        dropped: int = 0,
+        removed: frozenset[str] = frozenset(),
+        added: dict[str, int] | None = None,
+    ) -> None:
+        self.ids, self.starts, self.dropped = ids, starts, dropped
+        self.removed = removed  # of the index's homes kept, those in ADDED now
+        self.added = added or {}
+
+    def _kept(self, session_id: str) -> int:
+        """The position of SESSION_ID's home in the index, if it is still kept there."""
+        if session_id in self.removed:
+            return -1
+        return next((at for at in self.ids.positions(session_id) if at >= self.dropped), -1)
+
+    def __len__(self) -> int:
+        return len(self.ids) - self.dropped - len(self.removed) + len(self.added)
+
+    def get(self, session_id: str) -> int | None:
+        block = self.added.get(session_id)
+        if block is None:
+            at = self._kept(session_id)
+            block = None if at < 0 else self.starts[at]
+        return block
+
+    def blocks(self) -> set[int]:
+        if self.removed:
+            return set(self.as_dict().values())
+        return {*self.starts[self.dropped :], *self.added.values()}
+
+    def moved(self, session_id: str, block: int, limit: int) -> tuple[Homes, list[str]]:
+        added, removed, dropped = dict(self.added), set(self.removed), self.dropped
+        if added.pop(session_id, None) is None and self._kept(session_id) >= 0:
+            removed.add(session_id)
+        added[session_id] = block
+        count, forgotten = len(self.ids), []
+        length = count - dropped - len(removed) + len(added)
+        while length > limit:
+            if dropped < count:
+                key = self.ids.item(dropped)
+                dropped += 1
+                if key in removed:  # made newer: not held here any more
+                    removed.discard(key)
+                    continue
+            else:
+                key = next(iter(added))
+                del added[key]
+            forgotten.append(key)
+            length -= 1
+        return _Homes(self.ids, self.starts, dropped, frozenset(removed), added), forgotten
+
+    def as_dict(self) -> dict[str, int]:
+        first = self.dropped
+        homes = dict(zip(self.ids.items()[first:], self.starts[first:].tolist(), strict=True))
+        for key in self.removed:
+            del homes[key]
+        homes.update(self.added)
+        return homes
+
+    def __repr__(self) -> str:
+        return f"_Homes({self.as_dict()!r})"
+
+
+class _Taken(AbstractSet[str]):
+    """The values COLUMN holds at the positions not in SKIP (but BLANK, which stands for
+    none), and FRESH: a set read-only, asked by `in` without a set of ten thousand
+    values made (the names of an allocation at 10,000 leases); iterated, it is one."""
+
+    __slots__ = ("_blank", "_column", "_fresh", "_skip", "_values")
+
+    def __init__(
+        self, column: _Column, skip: set[int], fresh: set[str], blank: str | None = None
+    ) -> None:
+        self._column, self._skip, self._fresh, self._blank = column, skip, fresh, blank
+        self._values: set[str] | None = None
+
+    def __contains__(self, value: object) -> bool:
+        if value in self._fresh:
+            return True
+        if value == self._blank:
+            return False
+        if self._values is not None:
+            return value in self._values
+        return any(at not in self._skip for at in self._column.positions(value))
+
+    def _all(self) -> set[str]:
+        if self._values is None:
+            items, skip = self._column.items(), self._skip
+            values = {v for at, v in enumerate(items) if at not in skip} if skip else set(items)
+            if self._blank is not None:
+                values.discard(self._blank)
+            self._values = values | self._fresh
+        return self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    @classmethod
+    def _from_iterable(cls, values: Iterable[_T]) -> set[_T]:
+        return set(values)  # what `-`, `|` and `&` make: a set of their own
+
+    def __repr__(self) -> str:
+        return f"_Taken({self._all()!r})"
 
 
 class _IndexedLeases(Leases):
     """The leases of a file save() wrote, with the changes made since: the file's own
     are parsed only when asked for, and written back as the bytes they were."""
 
-    __slots__ = ("_added", "_file", "_removed", "_replaced")
+    __slots__ = ("_added", "_file", "_removed", "_replaced", "_sorted")
 
     def __init__(
         self,
@@ -351,23 +609,25 @@ class _IndexedLeases(Leases):
         self._replaced = replaced or {}  # leases of the file, changed in place
         self._removed = removed or set()  # leases of the file, gone
         self._added = added or {}  # the others, after the file's, in order
+        self._sorted: tuple[list[int], list[int], list[int | str]] | None = None
 
     def _in_file(self, session_id: object) -> bool:
-        return session_id in self._file.positions() and session_id not in self._removed
+        return session_id not in self._removed and self._file.position(session_id) >= 0
 
     def __getitem__(self, session_id: str) -> Lease:
         lease = self._added.get(session_id) or self._replaced.get(session_id)
         if lease is not None:
             return lease
-        if session_id in self._removed:
+        position = -1 if session_id in self._removed else self._file.position(session_id)
+        if position < 0:
             raise KeyError(session_id)
-        return self._file.lease(self._file.positions()[session_id])
+        return self._file.lease(position)
 
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._added or self._in_file(session_id)
 
     def __iter__(self) -> Iterator[str]:
-        ids: Iterable[str] = self._file.index.ids
+        ids: Iterable[str] = self._file.index.ids.items()
         if self._removed:
             ids = (key for key in ids if key not in self._removed)
         return chain(ids, self._added)
@@ -388,52 +648,71 @@ class _IndexedLeases(Leases):
         """Positions in the file of the leases changed or gone since."""
         if not (self._replaced or self._removed):
             return set()
-        positions = self._file.positions()
-        return {positions[key] for key in (*self._replaced, *self._removed)}
+        return set(map(self._file.position, (*self._replaced, *self._removed)))
+
+    def _replaced_at(self) -> dict[int, Lease]:
+        """The leases of the file changed in place since, by position."""
+        return {self._file.position(key): lease for key, lease in self._replaced.items()}
 
     def fresh(self) -> list[Lease]:
         """The leases changed or added since the file was written."""
         return [*self._replaced.values(), *self._added.values()]
 
-    def sorted_spans(self) -> tuple[list[int], list[int], list[str]]:
-        if self._spans is None:
+    def _order(self) -> tuple[list[int], list[int], list[int | str]]:
+        """Starts and ends of every lease, lowest start first, and where each lease is:
+        its position in the file, or its session id (a lease changed or added since)."""
+        if self._sorted is None:
             starts, ends, order = self._file.sorted_spans()
-            keys = list(map(self._file.index.ids.__getitem__, order))
+            slots: list[int | str]
             touched = self._touched()
             if touched:
                 kept = [position not in touched for position in order]
                 starts, ends = list(compress(starts, kept)), list(compress(ends, kept))
-                keys = list(compress(keys, kept))
-            elif self._added:
-                starts, ends = list(starts), list(ends)
+                slots = list(compress(order, kept))
+            else:
+                slots = list(order)
+                if self._added:
+                    starts, ends = list(starts), list(ends)
             for lease in self.fresh():
                 index = bisect_right(starts, lease.start)
                 starts.insert(index, lease.start)
                 ends.insert(index, lease.end)
-                keys.insert(index, lease.session_id)
+                slots.insert(index, lease.session_id)
+            self._sorted = (starts, ends, slots)
+        return self._sorted
+
+    def sorted_spans(self) -> tuple[list[int], list[int], list[str]]:
+        if self._spans is None:
+            starts, ends, slots = self._order()
+            ids = self._file.index.ids.items()
+            keys = [slot if isinstance(slot, str) else ids[slot] for slot in slots]
             self._spans = (starts, ends, keys)
         return self._spans
 
-    def compose_names(self) -> set[str]:
-        if not (self._replaced or self._removed or self._added):
-            return set(self._file.names())
-        names = self._file.index.names
-        touched = self._touched()
-        if touched:
-            kept = {name for position, name in enumerate(names) if position not in touched}
-        else:  # in C: an allocation at 10,000 leases touches none of the file's
-            kept = set(self._file.names())
-        return kept | {lease.compose_project_name for lease in self.fresh()}
+    def occupied(self, start: int, end: int) -> bool:
+        starts, ends, _slots = self._order()  # the session ids are not needed
+        index = bisect_right(starts, end) - 1
+        return index >= 0 and ends[index] >= start
 
-    def slugs(self) -> set[str]:
-        slugs = self._file.index.slugs
-        touched = self._touched()
-        if touched:
-            kept = {slug for position, slug in enumerate(slugs) if slug and position not in touched}
-        else:
-            kept = set(slugs)
-            kept.discard("")
-        return kept | {lease.slug for lease in self.fresh() if lease.slug is not None}
+    def overlapping(self, start: int, end: int) -> list[Lease]:
+        starts, ends, slots = self._order()
+        index = bisect_right(starts, end) - 1
+        found: list[Lease] = []
+        while index >= 0 and ends[index] >= start:
+            slot = slots[index]
+            # A position is an unchanged lease of the file: parsed, not looked up by id.
+            found.append(self[slot] if isinstance(slot, str) else self._file.lease(slot))
+            index -= 1
+        return found[::-1]
+
+    def compose_names(self) -> AbstractSet[str]:
+        # No set of ten thousand names: a name is searched for in the index's column.
+        fresh = {lease.compose_project_name for lease in self.fresh()}
+        return _Taken(self._file.index.names, self._touched(), fresh)
+
+    def slugs(self) -> AbstractSet[str]:
+        fresh = {lease.slug for lease in self.fresh() if lease.slug is not None}
+        return _Taken(self._file.index.slugs, self._touched(), fresh, blank="")
 
     def due(self, now: datetime) -> list[Lease]:
         # The index says from when each lease of the file can be due: only those are
@@ -441,12 +720,16 @@ class _IndexedLeases(Leases):
         # with every lease changed since, in table order.
         moment = now.timestamp() + 1
         due_at = self._file.index.due
-        positions = set(self._touched())
+        touched = self._touched()
+        positions = set(touched)
         if min(due_at, default=0) <= moment:
             positions.update(at for at, second in enumerate(due_at) if second <= moment)
-        ids = self._file.index.ids
+        # By position, not by id: the ids' column is not split for a few leases.
+        replaced = self._replaced_at()
         candidates = [
-            self[ids[position]] for position in sorted(positions) if self._in_file(ids[position])
+            replaced[position] if position in replaced else self._file.lease(position)
+            for position in sorted(positions)
+            if position in replaced or position not in touched
         ]
         candidates.extend(self._added.values())
         return [lease for lease in candidates if lease.due(now)]
@@ -490,9 +773,9 @@ class _IndexedLeases(Leases):
         for lease in fresh:
             _check_written(lease.session_id, lease)
             if lease.slug is not None:
-                # One lease per name, as validate() checks (a list search in C).
-                at = slugs.index(lease.slug) if lease.slug in slugs else -1
-                if lease.slug in named or (at >= 0 and at not in touched):
+                # One lease per name, as validate() checks (a search of the text in C).
+                held = any(at not in touched for at in slugs.positions(lease.slug))
+                if lease.slug in named or held:
                     raise AssertionError(f"two leases are named {lease.slug!r}")
                 named.add(lease.slug)
             if previous is not None and lease.start <= previous.end:
@@ -512,7 +795,7 @@ class _IndexedLeases(Leases):
         """Add the leases to OUT, each run of unchanged ones as the bytes it was; return
         the file they come from."""
         previous = 0
-        replaced_at = {self._file.positions()[key]: lease for key, lease in self._replaced.items()}
+        replaced_at = self._replaced_at()
         for position in sorted(self._touched()):
             out.add_run(self._file, previous, position)
             if position in replaced_at:

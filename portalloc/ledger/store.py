@@ -443,7 +443,7 @@ class Ledger:
         """The state in the file (as INFO; its bytes DATA, or open as FD), parsing only the
         end of it, if it is exactly what save() last wrote here for this user (its index
         says so); else None. With FD, the state keeps it (closed with the state)."""
-        from portalloc.ledger.index import _IndexedLeases, _seal, _Written
+        from portalloc.ledger.index import _Homes, _IndexedLeases, _seal, _Written
 
         if self.index_path is None:
             return None
@@ -465,7 +465,8 @@ class Ledger:
             return None
         key = None if data is not None else file_key(info)
         written = _Written(index, data=data, fd=fd, key=key, distrust=self._distrust)
-        return LedgerState(_IndexedLeases(written), index.homes, files, slugs)
+        homes = _Homes(index.home_ids, index.home_starts)
+        return LedgerState(_IndexedLeases(written), homes, files, slugs)
 
     def _distrust(self, reason: str) -> LedgerError:
         """The error for a file its index does not describe (changed in place since it was
