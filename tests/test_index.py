@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from array import array
 from collections.abc import Set as AbstractSet
 from datetime import timedelta
 from pathlib import Path
@@ -548,6 +549,35 @@ def test_an_index_that_does_not_describe_its_file_is_removed_in_one_line(
     assert not index_path.exists()
     service(state_dir, clock).release("b")
     assert sorted(service(state_dir, clock).ledger.load().leases) == ["a", "c"]
+
+
+def test_an_index_whose_homes_are_not_the_files_is_removed_in_one_line(
+    state_dir: Path, clock: FakeClock
+) -> None:
+    """An index made by hand that lists a home the file's homes text does not hold where
+    it says (a hostile review's forged duplicate): one line and the index removed, no
+    internal error; the next command reads the file whole and grants what it would."""
+    from portalloc.ledger.index import _Column, _seal, dump_index, parse_index
+
+    settings = {"base": 10000, "range": 4, "max_sessions": 200}
+    svc = service(state_dir, clock, **settings)
+    for number in range(70):
+        svc.allocate(f"s{number}")
+    svc.release("s1")
+    path, index_path = state_dir / "leases.json", next(state_dir.glob("leases.json.index-*"))
+    seal = _seal([], path.stat())
+    index = parse_index(index_path.read_bytes(), seal)
+    assert index is not None
+    forged = index._replace(
+        home_ids=_Column.of(["s1", *index.home_ids]),
+        home_starts=array("q", [12000, *index.home_starts]),
+    )
+    atomic_write(index_path, b"".join(dump_index(forged, seal)))
+    with pytest.raises(PortallocError, match="index does not describe the homes"):
+        service(state_dir, clock, **settings).allocate("s1")
+    assert not index_path.exists()
+    again = service(state_dir, clock, **settings).allocate("s1")
+    assert again.block_start == 10004  # its home, as the file says
 
 
 def test_a_name_two_leases_claim_is_the_first_ones(state_dir: Path, clock: FakeClock) -> None:

@@ -185,9 +185,7 @@ def _homes_out(
         if dropped < len(homes.ids):
             text = written.read(index.leases_end + len(_HOMES), index.files_at)
             if dropped:
-                # `,"key":` is where that home starts: inside a JSON string `"` is escaped.
-                first = _json(homes.ids.item(dropped))
-                text = b"{" + text[text.index(b"," + first + b":") + 1 :]
+                text = _from_home(text, _json(homes.ids.item(dropped)), written)
         if added:
             more = _json(added)
             text = text[:-1] + b"," + more[1:] if text != b"{}" else more
@@ -199,6 +197,15 @@ def _homes_out(
         return text, ids.build(), starts
     plain = homes.as_dict() if isinstance(homes, Homes) else homes
     return _homes_text(plain, written), _Column.of(list(plain)), array("q", plain.values())
+
+
+def _from_home(text: bytes, key: bytes, written: _Written) -> bytes:
+    """TEXT, the file's homes, from the home KEY (JSON) on, as a JSON object."""
+    # `,"key":` is where that home starts: inside a JSON string `"` is escaped.
+    at = text.find(b"," + key + b":")
+    if at < 0:  # not where the index says it is
+        raise written.untrue("the homes")
+    return b"{" + text[at + 1 :]
 
 
 def _homes_text(homes: dict[str, int], written: _Written | None) -> bytes:
@@ -217,8 +224,7 @@ def _homes_text(homes: dict[str, int], written: _Written | None) -> bytes:
     if not all(map(eq, islice(homes.items(), kept), islice(old.items(), dropped, None))):
         return _json(homes)
     if dropped:
-        # `,"key":` is where that home starts: inside a JSON string `"` is escaped.
-        text = b"{" + text[text.index(b"," + _json(first) + b":") + 1 :]
+        text = _from_home(text, _json(first), written)
     added = dict(islice(homes.items(), kept, None))
     return text[:-1] + b"," + _json(added)[1:] if added else text
 

@@ -446,12 +446,16 @@ class _Written:
             if lease is None or not self.index.ids.holds(position, lease.session_id):
                 # The file is not what its index says (changed in place since, or an
                 # index made by hand): never guessed at.
-                reason = f"its index does not describe lease {position} as it is in the file"
-                if self.distrust is None:
-                    raise AssertionError(reason)
-                raise self.distrust(reason)
+                raise self.untrue(f"lease {position}")
             self._parsed[position] = lease
         return lease
+
+    def untrue(self, what: str) -> Exception:
+        """What to raise when the file's WHAT is not as its index says (an index made by
+        hand, or a file changed in place since): the store's distrust, which removes the
+        index, so the next command reads the file whole."""
+        reason = f"its index does not describe {what} as it is in the file"
+        return AssertionError(reason) if self.distrust is None else self.distrust(reason)
 
     def sorted_spans(self) -> tuple[list[int], list[int], list[int]]:
         """Starts, ends and positions of the file's leases, lowest start first."""
