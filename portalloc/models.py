@@ -21,6 +21,7 @@ from portalloc.rules import DEFAULT_PROXY_PORT, URL_DOMAIN, port_label
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from collections.abc import Set as AbstractSet
     from pathlib import Path
     from typing import Annotated, Any, Literal
@@ -434,9 +435,16 @@ class Leases(Mapping[str, Lease]):
             )
         return self._spans
 
+    def _span_slots(self) -> tuple[list[int], list[int], Sequence[Any]]:
+        """Starts and ends, lowest start first, and what _at() takes for each lease."""
+        return self.sorted_spans()
+
+    def _at(self, slot: Any) -> Lease:
+        return self[slot]
+
     def occupied(self, start: int, end: int) -> bool:
         """Whether any lease's span meets START-END, in O(log n)."""
-        starts, ends, _keys = self.sorted_spans()
+        starts, ends, _slots = self._span_slots()
         # Spans never overlap each other: only the last one starting at or before
         # `end` can reach into [start, end].
         index = bisect_right(starts, end) - 1
@@ -444,15 +452,15 @@ class Leases(Mapping[str, Lease]):
 
     def overlapping(self, start: int, end: int) -> list[Lease]:
         """Leases whose span meets START-END, lowest start first, in O(log n + hits)."""
-        starts, ends, keys = self.sorted_spans()
+        starts, ends, slots = self._span_slots()
         # Those meeting [start, end] are the run ending with the last one that starts
         # at or before `end` (spans never overlap each other).
         index = bisect_right(starts, end) - 1
-        found: list[str] = []
+        found: list[Any] = []
         while index >= 0 and ends[index] >= start:
-            found.append(keys[index])
+            found.append(slots[index])
             index -= 1
-        return [self[key] for key in reversed(found)]
+        return [self._at(slot) for slot in reversed(found)]
 
     def compose_names(self) -> AbstractSet[str]:
         return {lease.compose_project_name for lease in self._by_id.values()}

@@ -693,21 +693,12 @@ class _IndexedLeases(Leases):
             self._spans = (starts, ends, keys)
         return self._spans
 
-    def occupied(self, start: int, end: int) -> bool:
-        starts, ends, _slots = self._order()  # the session ids are not needed
-        index = bisect_right(starts, end) - 1
-        return index >= 0 and ends[index] >= start
+    def _span_slots(self) -> tuple[list[int], list[int], list[int | str]]:
+        return self._order()  # the session ids are not needed: file positions will do
 
-    def overlapping(self, start: int, end: int) -> list[Lease]:
-        starts, ends, slots = self._order()
-        index = bisect_right(starts, end) - 1
-        found: list[Lease] = []
-        while index >= 0 and ends[index] >= start:
-            slot = slots[index]
-            # A position is an unchanged lease of the file: parsed, not looked up by id.
-            found.append(self[slot] if isinstance(slot, str) else self._file.lease(slot))
-            index -= 1
-        return found[::-1]
+    def _at(self, slot: int | str) -> Lease:
+        # A position is an unchanged lease of the file: parsed, not looked up by id.
+        return self[slot] if isinstance(slot, str) else self._file.lease(slot)
 
     def compose_names(self) -> AbstractSet[str]:
         # No set of ten thousand names: a name is searched for in the index's column.
