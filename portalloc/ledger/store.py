@@ -65,6 +65,14 @@ LOCK_POLL_SECONDS = 0.002
 LOCK_POLL_CAP_SECONDS = 0.1
 
 
+def _remove(path: str | Path) -> None:
+    """Remove PATH (never what a symlink there points to) if it is there."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _alarm_is_free() -> bool:
     """Whether SIGALRM can bound a wait here: a POSIX system, the main thread, the
     default handler, no timer running and the signal not blocked."""
@@ -473,10 +481,7 @@ class Ledger:
         loaded, or an index made by hand): the index goes, the next command reads the
         file whole, and this one stops with nothing written."""
         if self.index_path is not None:
-            try:
-                os.unlink(self.index_path)
-            except OSError:
-                pass
+            _remove(self.index_path)
         self._cached = None
         return LedgerError(self.path, f"{reason}; removed the index, run the command again")
 
@@ -503,27 +508,22 @@ class Ledger:
         if self.index_path is None:
             return
         if len(index.ids) < INDEX_MIN_LEASES:
-            try:
-                os.unlink(self.index_path)  # one left from when the ledger was larger
-            except OSError:
-                pass
+            _remove(self.index_path)  # one left from when the ledger was larger
             return
         from portalloc.ledger.index import _seal, dump_index
 
         try:
             content = dump_index(index, _seal(payload, self.path.stat()))
-            try:
-                atomic_write(self.index_path, content, 0o600, durable=False)
-            except UnsafeFile:
-                # A symlink or FIFO at this user's index name: never written through,
-                # removed (a directory stays, and there is no index).
-                os.unlink(self.index_path)
-                atomic_write(self.index_path, content, 0o600, durable=False)
+            # The old index is removed first and the new one renamed to a free name: a
+            # rename over a file has ext4 (auto_da_alloc) allocate and write out the new
+            # one's blocks, 0.9 MiB of cache at 10,000 leases on every write, while an
+            # index the next write replaces within seconds never has to reach the disk.
+            # A symlink or FIFO at this user's index name goes too, never written through
+            # (a directory stays, and there is no index).
+            _remove(self.index_path)
+            atomic_write(self.index_path, content, 0o600, durable=False)
         except (OSError, UnsafeFile):
-            try:
-                os.unlink(self.index_path)
-            except OSError:
-                pass
+            _remove(self.index_path)
 
     def _corrupt_name(self) -> Path:
         stamp = self._clock().astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -595,10 +595,7 @@ class Ledger:
         except OSError:
             return
         for path in stale:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            _remove(path)
 
 
 # --- the reads without the lock ---------------------------------------------------------
