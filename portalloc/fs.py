@@ -279,7 +279,8 @@ def is_temp_name(name: str, path: Path) -> bool:
     if not (name.startswith(prefix) and name.endswith(suffix)):
         return False
     parts = name[len(prefix) : -len(suffix)].split(".")
-    return len(parts) == 3 and all(part.isdigit() for part in parts)
+    # ASCII digits: str.isdigit() also takes `²` and other scripts' digits.
+    return len(parts) == 3 and all(part.isascii() and part.isdigit() for part in parts)
 
 
 def atomic_write(

@@ -162,6 +162,17 @@ def test_a_symlink_is_followed_only_when_asked(tmp_path: Path) -> None:
         fs.read_bytes(tmp_path / "missing", follow=False)
 
 
+def test_only_names_temp_name_gives_are_temp_names(tmp_path: Path) -> None:
+    ledger = tmp_path / "leases.json"
+    assert fs.is_temp_name(fs.temp_name(ledger), ledger)
+    for name in (
+        ".leases.json.\u00b2.\u00b2.\u00b2.tmp",
+        ".leases.json.\u0661.2.3.tmp",
+        ".leases.json.1.2.tmp",
+    ):
+        assert not fs.is_temp_name(name, ledger), name
+
+
 def test_a_lock_file_is_opened_only_when_it_is_a_regular_file(tmp_path: Path) -> None:
     # Each kind as the open itself meets it: what a look before it would miss when the
     # file is swapped in between.
