@@ -330,10 +330,15 @@ def atomic_write(
             os.close(dir_fd)
     finally:
         if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            discard(tmp)
+
+
+def discard(path: Path | str) -> None:
+    """Remove PATH (a symlink there itself, never what it points to) if it can be."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def file_key(info: os.stat_result) -> tuple[int, ...]:

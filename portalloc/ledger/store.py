@@ -24,6 +24,7 @@ from portalloc.fs import (
     FileRange,
     UnsafeFile,
     atomic_write,
+    discard,
     file_key,
     is_temp_name,
     lstat_regular,
@@ -65,12 +66,9 @@ LOCK_POLL_SECONDS = 0.002
 LOCK_POLL_CAP_SECONDS = 0.1
 
 
-def _remove(path: str | Path) -> None:
-    """Remove PATH (never what a symlink there points to) if it is there."""
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def _failed(path: Path, action: str, exc: OSError) -> LedgerError:
+    """The one line for an OSError while ACTION on PATH (`cannot lock: Permission denied`)."""
+    return LedgerError(path, f"{action}: {exc.strerror or exc}")
 
 
 def _alarm_is_free() -> bool:
@@ -192,8 +190,7 @@ class Ledger:
             self.state_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
             self.state_dir.chmod(0o700)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise LedgerError(self.path, f"cannot create state directory: {reason}") from None
+            raise _failed(self.path, "cannot create state directory", exc) from None
 
     def _lock(self) -> filelock.FileLock:
         # One lock object per ledger, reused: building one costs more than taking it.
@@ -243,8 +240,7 @@ class Ledger:
         except filelock.Timeout:
             raise LockTimeout(self.lock_path, self.lock_timeout, self._holder()) from None
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise LedgerError(self.lock_path, f"cannot lock: {reason}") from None
+            raise _failed(self.lock_path, "cannot lock", exc) from None
         try:
             yield
         finally:
@@ -278,8 +274,7 @@ class Ledger:
             try:
                 fd = open_lock(self.lock_path, self._file_mode())
             except OSError as exc:
-                reason = exc.strerror or str(exc)
-                raise LedgerError(self.lock_path, f"cannot lock: {reason}") from None
+                raise _failed(self.lock_path, "cannot lock", exc) from None
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -308,8 +303,7 @@ class Ledger:
         except FileNotFoundError:
             return False
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise LedgerError(self.lock_path, f"cannot lock: {reason}") from None
+            raise _failed(self.lock_path, "cannot lock", exc) from None
         return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
     def _wait_in_kernel(self, fd: int, end: float) -> None:
@@ -323,8 +317,7 @@ class Ledger:
         try:
             locked = _flock_until(fd, end)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise LedgerError(self.lock_path, f"cannot lock: {reason}") from None
+            raise _failed(self.lock_path, "cannot lock", exc) from None
         finally:
             signal.signal(signal.SIGALRM, previous)
         if not locked:
@@ -360,7 +353,7 @@ class Ledger:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise LedgerError(self.path, f"cannot read: {exc.strerror or exc}") from None
+            raise _failed(self.path, "cannot read", exc) from None
         from portalloc.ledger.index import _stat_key
 
         return _stat_key(st)
@@ -408,7 +401,7 @@ class Ledger:
         except FileNotFoundError:
             return LedgerState()
         except OSError as exc:
-            raise LedgerError(self.path, f"cannot read: {exc.strerror or exc}") from None
+            raise _failed(self.path, "cannot read", exc) from None
         finally:
             if fd is not None:
                 os.close(fd)
@@ -481,7 +474,7 @@ class Ledger:
         loaded, or an index made by hand): the index goes, the next command reads the
         file whole, and this one stops with nothing written."""
         if self.index_path is not None:
-            _remove(self.index_path)
+            discard(self.index_path)
         self._cached = None
         return LedgerError(self.path, f"{reason}; removed the index, run the command again")
 
@@ -508,7 +501,7 @@ class Ledger:
         if self.index_path is None:
             return
         if len(index.ids) < INDEX_MIN_LEASES:
-            _remove(self.index_path)  # one left from when the ledger was larger
+            discard(self.index_path)  # one left from when the ledger was larger
             return
         from portalloc.ledger.index import _seal, dump_index
 
@@ -520,10 +513,10 @@ class Ledger:
             # index the next write replaces within seconds never has to reach the disk.
             # A symlink or FIFO at this user's index name goes too, never written through
             # (a directory stays, and there is no index).
-            _remove(self.index_path)
+            discard(self.index_path)
             atomic_write(self.index_path, content, 0o600, durable=False)
         except (OSError, UnsafeFile):
-            _remove(self.index_path)
+            discard(self.index_path)
 
     def _corrupt_name(self) -> Path:
         stamp = self._clock().astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -571,7 +564,7 @@ class Ledger:
         try:
             atomic_write(self.path, payload, self._file_mode())
         except OSError as exc:
-            raise LedgerError(self.path, f"cannot write: {exc.strerror or exc}") from None
+            raise _failed(self.path, "cannot write", exc) from None
         self.dirty = False
         self._write_index(payload, index)
         key = self._file_key()
@@ -595,7 +588,7 @@ class Ledger:
         except OSError:
             return
         for path in stale:
-            _remove(path)
+            discard(path)
 
 
 # --- the reads without the lock ---------------------------------------------------------
