@@ -35,6 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from common import FILL_LEDGER  # bench/common.py; bench/ is on sys.path when run
+
 
 class _Hello(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -123,27 +125,12 @@ def _reads(env: dict[str, str], count: int, timings: dict[str, list[float]]) -> 
 
 
 def _fill(state_dir: Path, leases: int, settings: dict[str, str]) -> None:
-    """LEASES leases written into a fresh ledger at once, as `allocate` grants them (as
-    bench/run.py fills its own)."""
-    from portalloc.allocator import Request, grant
-    from portalloc.config import PortAllocatorConfig
-    from portalloc.models import LedgerState
-    from portalloc.service import PortAllocatorService
-
-    config = PortAllocatorConfig(
-        base=int(settings["PORT_ALLOC_BASE"]),
-        range=int(settings["PORT_ALLOC_RANGE"]),
-        max_sessions=int(settings["PORT_ALLOC_MAX_SESSIONS"]),
-        state_dir=state_dir,
-        skip_port_check=True,
-    )
-    service = PortAllocatorService(config)
-    now = service.clock()
-    state = LedgerState()
-    for number in range(leases):
-        state = grant(state, Request(session_id=f"other-{number}", config=config), now, None).state
-    with service.ledger.locked():
-        service.ledger.save(state)
+    """LEASES leases written into a fresh ledger at once, as `allocate` grants them (by
+    the script bench/run.py fills its own with)."""
+    limits = [settings[f"PORT_ALLOC_{name}"] for name in ("BASE", "RANGE", "MAX_SESSIONS")]
+    sessions = [f"other-{number}" for number in range(leases)]
+    argv = [sys.executable, "-c", FILL_LEDGER, str(state_dir), *limits, *sessions]
+    subprocess.run(argv, check=True)
 
 
 def _scale(options: argparse.Namespace, scratch: Path, results: dict[str, Any]) -> None:

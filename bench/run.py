@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import install  # bench/install.py; bench/ is on sys.path when run
-from common import filesystem_type  # bench/common.py
+from common import FILL_LEDGER, filesystem_type  # bench/common.py
 
 TARGET_STARTUP = 2.5
 TARGET_CONTENTION = 1.5
@@ -44,29 +44,6 @@ TARGET_LEDGER_ENV = 1.2
 TARGET_LEDGER_ALLOCATE = 1.3
 SESSION = "bench-session"
 SECTIONS = ("startup", "contention", "ledger")  # 1, 2 and 3 below
-
-# Run by the venv's interpreter: SESSIONS written into a fresh ledger at once, as
-# `allocate` would grant them (argv: state dir, base, range, max sessions, sessions...).
-FILL_LEDGER = """
-import sys
-from portalloc.allocator import Request, grant
-from portalloc.config import PortAllocatorConfig
-from portalloc.models import LedgerState
-from portalloc.service import PortAllocatorService
-
-state_dir, base, span, most, *sessions = sys.argv[1:]
-config = PortAllocatorConfig(
-    base=int(base), range=int(span), max_sessions=int(most), state_dir=state_dir,
-    skip_port_check=True,
-)
-service = PortAllocatorService(config)
-now = service.clock()
-state = LedgerState()
-for session in sessions:
-    state = grant(state, Request(session_id=session, config=config), now, None).state
-with service.ledger.locked():
-    service.ledger.save(state)
-"""
 
 # The contention floor: a process that imports what `portalloc allocate` imports
 # (Typer, filelock, platformdirs, rich, psutil) and does nothing with them.
