@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,34 @@ def run_process(
 IN_PROCESS = frozenset(
     {"allocate", "release", "status", "env", "get", "prune", "why", "init", "trust", "untrust"}
 )
+
+
+def probe(
+    script: str,
+    *args: str,
+    cwd: Path,
+    flags: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> tuple[str, Any]:
+    """SCRIPT with ARGS in a fresh interpreter (FLAGS: its options, `-S`) that imports
+    this checkout's portalloc and no PYTHON* setting of ours, plus ENV: its stdout, and
+    the Python literal it wrote as the last line of its stderr (what it found)."""
+    import ast
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    environ.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), **(env or {}))
+    proc = subprocess.run(
+        [sys.executable, *flags, "-c", script, *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, ast.literal_eval(proc.stderr.strip().splitlines()[-1])
 
 
 def run_cli(

@@ -10,17 +10,14 @@ portalloc module whose code asked for it.
 
 from __future__ import annotations
 
-import ast
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from portalloc.config import LEDGER_NAME
+from tests.helpers import probe
 
-ROOT = Path(__file__).resolve().parent.parent
 STORE = "portalloc.ledger.store"
 
 # The store's reads without the lock, of one lease (the read path, `get`, `check`) and
@@ -117,19 +114,9 @@ sys.stderr.write(repr(sorted(set(seen))) + "\\n")
 def file_events(state_dir: Path, *sneak: str) -> set[tuple[str, str, str, str]]:
     """(event, file name, module, function) of every touch of the ledger's files in a
     run of PROBE; SNEAK: a module name and the source of its `sneak(path)`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(PYTHONPATH=str(ROOT), PORTALLOC_SKIP_PORT_CHECK="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, LEDGER_NAME, *sneak],
-        cwd=state_dir.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return set(ast.literal_eval(proc.stderr.strip().splitlines()[-1]))
+    skip = {"PORTALLOC_SKIP_PORT_CHECK": "1"}
+    _out, events = probe(PROBE, LEDGER_NAME, *sneak, cwd=state_dir.parent, env=skip, timeout=120)
+    return set(events)
 
 
 def outside_the_store(events: set[tuple[str, str, str, str]]) -> set[tuple[str, str, str, str]]:

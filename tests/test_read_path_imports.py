@@ -10,12 +10,13 @@ A module added to the read path on purpose is added here, with what it costs
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import probe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,20 +100,8 @@ def imported(args: list[str], cwd: Path, site: bool = False) -> tuple[str, set[s
     """ARGS through the entry point in a fresh interpreter: stdout, and the modules the
     run imported. Without SITE, as `-S` starts it: an editable install's import hook
     (site-packages' .pth) imports pathlib and more at start-up, which would hide them."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [sys.executable, *([] if site else ["-S"]), "-c", PROBE, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    modules = set(ast.literal_eval(proc.stderr.strip().splitlines()[-1]))
-    return proc.stdout, modules
+    out, modules = probe(PROBE, *args, cwd=cwd, flags=() if site else ("-S",))
+    return out, set(modules)
 
 
 def unexpected(modules: set[str]) -> set[str]:
