@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import count
 
 from portalloc.errors import UsageError
@@ -290,12 +290,14 @@ def atomic_write(
     *,
     durable: bool = True,
     within: Path | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> None:
     """Replace PATH with DATA so a crash leaves the old or the new file, never a torn one.
 
     Only a regular file (or nothing) at PATH is replaced: a symlink, FIFO, device or
     directory there raises UnsafeFile. WITHIN: the directory PATH must lie in, symlinks
     resolved. Not DURABLE: without the fsyncs (a cache that is checked when read).
+    MEANWHILE: work of the caller's, done while DATA syncs to disk, before the rename.
     """
     lstat_regular(path)
     if within is not None:
@@ -316,7 +318,9 @@ def atomic_write(
                 # The data and the size it needs, not the times: the rename below and
                 # the directory's fsync make it the file (fsync where there is no
                 # fdatasync, as on macOS).
-                getattr(os, "fdatasync", os.fsync)(fd)
+                _sync_while(getattr(os, "fdatasync", os.fsync), fd, meanwhile)
+            elif meanwhile is not None:
+                meanwhile()
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -331,6 +335,49 @@ def atomic_write(
     finally:
         if tmp is not None:
             discard(tmp)
+
+
+def _sync_while(sync: Callable[[int], None], fd: int, work: Callable[[], None] | None) -> None:
+    """SYNC(FD), and WORK at the same time: the sync on a thread of its own, which waits
+    for the disk with the GIL released, while WORK runs here. FD is not given back to
+    the caller (to close) before the sync has returned; an error of the sync is raised
+    here, after WORK's."""
+    if work is None:
+        sync(fd)
+        return
+    # _thread, not threading: it is loaded in every interpreter, and importing
+    # threading would cost `allocate` more than the overlap saves.
+    import _thread
+
+    started, synced = _thread.allocate_lock(), _thread.allocate_lock()
+    started.acquire()
+    synced.acquire()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            started.release()
+            sync(fd)
+        except BaseException as exc:  # raised where the caller is, whatever it is
+            failed.append(exc)
+        finally:
+            synced.release()
+
+    try:
+        _thread.start_new_thread(run, ())
+    except RuntimeError:  # no thread to be had (a limit on processes): one after the other
+        sync(fd)
+        work()
+        return
+    # Until the thread is in the sync it needs the GIL, which WORK would keep for the
+    # interpreter's switch interval (5 ms): longer than the sync.
+    started.acquire()
+    try:
+        work()
+    finally:
+        synced.acquire()
+    if failed:
+        raise failed[0]
 
 
 def discard(path: Path | str) -> None:

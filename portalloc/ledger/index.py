@@ -292,8 +292,20 @@ def _unpack_index(packed: object) -> _Index:
 def dump_index(index: _Index, seal: bytes) -> list[bytes]:
     """The bytes of an index file, in pieces: INDEX, vouching for the ledger file SEAL
     names."""
+    return sealed_index(pack_index(index), seal)
+
+
+def pack_index(index: _Index) -> list[bytes]:
+    """The pieces of INDEX's file that follow the seal: what costs (about 2 ms at 10,000
+    leases), made while the ledger file it vouches for is still syncing to disk."""
     blob = marshal.dumps(_pack_index(index))
-    return [_INDEX_MAGIC, seal, zlib.crc32(blob).to_bytes(_CHECK_SIZE, "big"), blob]
+    return [zlib.crc32(blob).to_bytes(_CHECK_SIZE, "big"), blob]
+
+
+def sealed_index(packed: list[bytes], seal: bytes) -> list[bytes]:
+    """The bytes of an index file, in pieces: PACKED (pack_index), vouching for the ledger
+    file SEAL names."""
+    return [_INDEX_MAGIC, seal, *packed]
 
 
 def parse_index(blob: bytes, seal: bytes) -> _Index | None:
