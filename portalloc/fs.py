@@ -339,9 +339,10 @@ def atomic_write(
 
 def _sync_while(sync: Callable[[int], None], fd: int, work: Callable[[], None] | None) -> None:
     """SYNC(FD), and WORK at the same time: the sync on a thread of its own, which waits
-    for the disk with the GIL released, while WORK runs here. FD is not given back to
-    the caller (to close) before the sync has returned; an error of the sync is raised
-    here, after WORK's."""
+    for the disk with the GIL released, while WORK runs here; an error of the sync is
+    raised here, after WORK's. The thread syncs a duplicate of FD that it closes
+    itself: a caller that a KeyboardInterrupt stops waiting closes FD, and the thread
+    never syncs another file that number is given to next."""
     if work is None:
         sync(fd)
         return
@@ -354,18 +355,22 @@ def _sync_while(sync: Callable[[int], None], fd: int, work: Callable[[], None] |
     synced.acquire()
     failed: list[BaseException] = []
 
+    own = os.dup(fd)
+
     def run() -> None:
         try:
             started.release()
-            sync(fd)
+            sync(own)
         except BaseException as exc:  # raised where the caller is, whatever it is
             failed.append(exc)
         finally:
+            os.close(own)
             synced.release()
 
     try:
         _thread.start_new_thread(run, ())
     except RuntimeError:  # no thread to be had (a limit on processes): one after the other
+        os.close(own)
         sync(fd)
         work()
         return

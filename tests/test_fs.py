@@ -587,3 +587,70 @@ def test_without_a_thread_the_sync_comes_first(
     fs.atomic_write(target, b"data", meanwhile=lambda: order.append("work"))
     assert order == ["sync", "work"]
     assert target.read_bytes() == b"data"
+
+
+def test_a_write_stopped_by_ctrl_c_never_syncs_another_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a write waits for its sync thread: the write gives up (the file is
+    not replaced), its descriptor is closed, and the thread, started late, syncs the
+    file it was given, not one opened since under the same number (a REPL goes on)."""
+    import _thread
+    import signal
+    import threading
+
+    go, synced = threading.Event(), []
+    real_start, real_sync = _thread.start_new_thread, os.fdatasync
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def start_late(function: object, args: tuple[object, ...]) -> int:
+        def late() -> None:
+            signal.pthread_kill(main, signal.SIGINT)  # Ctrl-C while the write waits
+            go.wait(timeout=10)
+            function(*args)  # type: ignore[operator]
+
+        return real_start(late, ())
+
+    def sync(fd: int) -> None:
+        synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
+        real_sync(fd)
+
+    monkeypatch.setattr(_thread, "start_new_thread", start_late)
+    monkeypatch.setattr(os, "fdatasync", sync)
+    target = tmp_path / "file"
+    with pytest.raises(KeyboardInterrupt):
+        fs.atomic_write(target, b"data", meanwhile=lambda: None)
+    opened = [os.open(tmp_path / f"other-{n}", os.O_CREAT | os.O_WRONLY, 0o600) for n in range(4)]
+    try:
+        go.set()
+        deadline = time.monotonic() + 10
+        while not synced and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    assert len(synced) == 1 and ".tmp" in synced[0] and "other-" not in synced[0]
+    assert not target.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"other-{n}" for n in range(4)]
+
+
+def test_an_index_that_cannot_be_packed_stops_no_write(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index is a cache: out of memory while packing it, the lease is still saved
+    and the next load reads the whole file."""
+    from portalloc.ledger import index
+
+    service = _indexed_service(state_dir)
+
+    def pack(*args: object) -> list[bytes]:
+        raise MemoryError
+
+    with monkeypatch.context() as patched:
+        patched.setattr(index, "pack_index", pack)
+        service.allocate("new")
+    assert not (state_dir / f"leases.json.index-{os.geteuid()}").exists()
+    code, out, err = portalloc("get", "new", "api", cwd=state_dir.parent)
+    assert (code, err) == (0, "")
+    assert out.strip() == str(service.get("new").ports["api"])

@@ -513,7 +513,10 @@ class Ledger:
             return None  # and one left from when the ledger was larger is gone
         from portalloc.ledger.index import pack_index
 
-        return pack_index(index)
+        try:
+            return pack_index(index)
+        except MemoryError:  # a cache: the ledger is written all the same, with no index
+            return None
 
     def _write_index(self, payload: list[Chunk], packed: list[bytes] | None) -> None:
         """Vouch for PAYLOAD, just written, with its index, PACKED (a cache: on any
