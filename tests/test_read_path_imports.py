@@ -171,3 +171,64 @@ def test_the_read_path_modules_import_nothing_heavy_at_the_top() -> None:
             else:
                 continue
             assert not names & heavy, f"{name} imports {sorted(names & heavy)} at the top"
+
+
+GC_PROBE = r"""
+import gc, sys
+import portalloc.adapters.cli as cli
+import portalloc.adapters.entry as entry
+
+seen = {}
+real_serve, real_allocate = entry.serve, entry.allocate
+
+
+def serve(read):
+    seen["read"] = gc.isenabled()
+    return real_serve(read)
+
+
+def allocate(*args, **kwargs):
+    seen["grant"] = gc.isenabled()
+    return real_allocate(*args, **kwargs)
+
+
+def full(args):
+    seen["full"] = gc.isenabled()
+    return 0
+
+
+def answered():
+    raise SystemExit(0)  # not os._exit: this probe reports what it saw
+
+
+entry.serve, entry.allocate, entry._answered, cli.main = serve, allocate, answered, full
+sys.argv = ["portalloc", *sys.argv[1:]]
+try:
+    entry.run()
+except SystemExit:
+    pass
+sys.stderr.write(repr(seen) + "\n")
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "seen"),
+    [
+        (["env", "S"], {"read": False}),
+        (["allocate", "T"], {"grant": False}),
+        (["status"], {"full": True}),
+        (["env", "--help"], {"full": True}),
+    ],
+)
+def test_a_read_and_a_grant_run_without_the_cycle_collector(
+    state_dir: Path, argv: list[str], seen: dict[str, bool]
+) -> None:
+    """The read path and a grant end the process as soon as they answer, having made a
+    bounded number of objects: the cycle collector's passes are time they do without
+    (bench/README.md). The full CLI, whose commands may run for hours (`serve`, `run`,
+    `check --wait`), has it back."""
+    from portalloc import get_port_allocator
+
+    get_port_allocator().allocate("S")
+    env = {"PORTALLOC_STATE_DIR": str(state_dir)}
+    assert probe(GC_PROBE, *argv, cwd=state_dir.parent, env=env)[1] == seen

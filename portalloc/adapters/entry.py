@@ -128,6 +128,13 @@ def allocate(session: str, json_output: bool, *, process: bool = False) -> int:
 
 def run() -> None:
     """The console script and `python -m portalloc`: main() as the whole process."""
+    import gc
+
+    # No cycle collection for a read or a grant, a few milliseconds of the process
+    # (bench/README.md): each allocates a bounded amount and ends the process at once
+    # (_answered), and refcounting frees all but cycles. main() turns it back on
+    # for the full CLI, whose commands may run for hours (serve, run, check --wait).
+    gc.disable()
     raise SystemExit(main(process=True))
 
 
@@ -164,6 +171,9 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
                 return 0
         # Ctrl-C while the full CLI is imported (Typer, rich: the slow part of start-up)
         # is Ctrl-C too, not a traceback.
+        import gc
+
+        gc.enable()  # run() turned it off for the read path and the grant
         from portalloc.adapters.cli import main as full
     except KeyboardInterrupt:
         return 130  # as the full CLI: no traceback for Ctrl-C
