@@ -97,6 +97,7 @@ class PortAllocatorService:
         decide: Callable[[LedgerState, datetime], tuple[LedgerState, T]],
         *,
         routes: bool = False,
+        writes: bool = False,
     ) -> Outcome:
         """Every operation's one transaction: under the ledger's lock, load, reclaim what
         is dead, let DECIDE return the new state and a value, and save only if the state
@@ -105,26 +106,32 @@ class PortAllocatorService:
 
         A saved change hands the running proxy the names of the leases it changed (ROUTES:
         of every lease), still under the lock, so they reach it in the order the ledger
-        changed."""
+        changed. WRITES: DECIDE all but always changes the state (a grant): the file's
+        leases are written to the new file while it decides (Ledger.write_ahead)."""
         self._ready()
         with self.ledger.locked():
             now = self.host.now()
             loaded = self.ledger.load()
-            state, reclaimed = allocator.reclaim(
-                loaded, now, self.host.owner_alive, self.host.path_exists
-            )
+            if writes:
+                self.ledger.write_ahead(loaded)
             try:
-                state, value = decide(state, now)
-            except BaseException:
-                if self.ledger.dirty:
-                    # Unusable leases were left out and copied aside: write the file back
-                    # without them even when this operation fails, or every later call
-                    # would copy it aside again.
-                    self._save(loaded, state, save=True, routes=False)
-                raise
-            save = state is not loaded or self.ledger.dirty
-            if save or routes:
-                self._save(loaded, state, save=save, routes=routes)
+                state, reclaimed = allocator.reclaim(
+                    loaded, now, self.host.owner_alive, self.host.path_exists
+                )
+                try:
+                    state, value = decide(state, now)
+                except BaseException:
+                    if self.ledger.dirty:
+                        # Unusable leases were left out and copied aside: write the file
+                        # back without them even when this operation fails, or every
+                        # later call would copy it aside again.
+                        self._save(loaded, state, save=True, routes=False)
+                    raise
+                save = state is not loaded or self.ledger.dirty
+                if save or routes:
+                    self._save(loaded, state, save=save, routes=routes)
+            finally:
+                self.ledger.drop_ahead()
         return Outcome(value, state, now, reclaimed)
 
     def _ready(self) -> None:
@@ -246,7 +253,7 @@ class PortAllocatorService:
             before[:] = [state.leases.get(request.session_id)]
             return _with_value(allocator.grant(state, request, now, check))
 
-        outcome = self._transact(decide)
+        outcome = self._transact(decide, writes=True)
         result: Grant = outcome.value
         allocation = self._allocation(result.lease, outcome.now, outcome.state)
         home = result.moved.home if result.moved else None

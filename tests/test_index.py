@@ -41,8 +41,10 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "geteuid"), reason="the index ne
 
 @pytest.fixture(autouse=True)
 def index_small_ledgers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The index is kept from INDEX_MIN_LEASES leases on; here from the first."""
+    """The index is kept from INDEX_MIN_LEASES leases on, and a grant writes the file's
+    leases ahead from AHEAD_MIN_BYTES on; here both from the first."""
     monkeypatch.setattr(ledger_module, "INDEX_MIN_LEASES", 1)
+    monkeypatch.setattr(ledger_module, "AHEAD_MIN_BYTES", 1)
 
 
 def test_a_ledger_gets_an_index_from_index_min_leases_on(
@@ -272,6 +274,8 @@ class IndexedVersusFull(RuleBasedStateMachine):
         allocator.HISTORY_LIMIT = 4
         self.index_min_leases = ledger_module.INDEX_MIN_LEASES
         ledger_module.INDEX_MIN_LEASES = 1
+        self.ahead_min_bytes = ledger_module.AHEAD_MIN_BYTES
+        ledger_module.AHEAD_MIN_BYTES = 1  # every grant writes the file's leases ahead
         self.clock = FakeClock()
         self.alive = set(PIDS)
         self.paths: set[str] = set()
@@ -310,6 +314,8 @@ class IndexedVersusFull(RuleBasedStateMachine):
         files = [(self.root / name / "leases.json") for name in ("indexed", "full")]
         contents = [path.read_bytes() if path.exists() else None for path in files]
         assert contents[0] == contents[1]
+        # A file written ahead is finished or gone: no temp file outlives the lock.
+        assert not [p.name for p in (self.root / "indexed").glob("*.tmp")]
 
     @rule(
         session=st.sampled_from(SESSIONS),
@@ -373,6 +379,7 @@ class IndexedVersusFull(RuleBasedStateMachine):
 
         allocator.HISTORY_LIMIT = self.history_limit
         ledger_module.INDEX_MIN_LEASES = self.index_min_leases
+        ledger_module.AHEAD_MIN_BYTES = self.ahead_min_bytes
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -502,12 +509,14 @@ def test_a_fifo_in_place_of_the_index_does_not_hang(state_dir: Path, clock: Fake
 # --- what a hostile review found (2026-12-07) -------------------------------------------
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["at-save", "written-ahead"])
 def test_a_ledger_rewritten_in_place_during_a_save_is_never_spliced(
-    state_dir: Path, clock: FakeClock
+    state_dir: Path, clock: FakeClock, ahead: bool
 ) -> None:
     """A save copies the leases it did not change from the file it loaded (kept open, not
     read): a program that rewrites the file in place meanwhile, taking no lock, makes
-    the save fail in one line with nothing written, never a file spliced from both."""
+    the save fail in one line with nothing written, never a file spliced from both;
+    also when the leases were copied to the new file before the edit (write_ahead)."""
     svc = service(state_dir, clock)
     for session in ("a", "b", "c"):
         svc.allocate(session)
@@ -515,13 +524,18 @@ def test_a_ledger_rewritten_in_place_during_a_save_is_never_spliced(
     ledger = service(state_dir, clock).ledger
     with ledger.locked():
         state = ledger.load()  # through the index: the file held open, not read
+        if ahead:
+            ledger.write_ahead(state)
+            assert len([p for p in state_dir.iterdir() if p.name.endswith(".tmp")]) == 1
         edited = path.read_bytes().replace(b'"ttl_minutes":120', b'"ttl_minutes":999', 1)
         with path.open("r+b") as file:  # in place, same length, as an editor may
             file.write(edited)
         info = path.stat()  # at a later clock tick than the save that wrote it
         os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
         with pytest.raises(PortallocError, match="changed on disk while being saved"):
-            ledger.save(state.with_leases(state.leases.updated({"b": None})))
+            # A new lease after the file's: every lease of the file kept as it was.
+            request = allocator.Request(session_id="d", config=svc.config)
+            ledger.save(allocator.grant(state, request, clock(), None).state)
     assert path.read_bytes() == edited  # the editor's file, whole; no temp file left
     assert sorted(p.name for p in state_dir.iterdir() if ".tmp" in p.name) == []
     assert sorted(service(state_dir, clock).ledger.load().leases) == ["a", "b", "c"]
@@ -714,3 +728,44 @@ def test_homes_kept_as_columns_move_as_a_dict_does(
             assert lazy.home(key) == plain.home(key)
         assert lazy.home_blocks() == plain.home_blocks()
     assert lazy.homes == plain.homes and list(lazy.homes) == list(plain.homes)
+
+
+def test_a_grant_that_fails_leaves_no_file_written_ahead(state_dir: Path, clock: FakeClock) -> None:
+    """The file's leases written ahead for a grant that then finds no free block: the
+    ledger stays as it was and the temp file goes before the lock is released."""
+    svc = service(state_dir, clock, max_sessions=3)
+    for session in ("a", "b", "c"):
+        svc.allocate(session)
+    path = state_dir / "leases.json"
+    before = path.read_bytes()
+    with pytest.raises(PortallocError, match="no ports available"):
+        service(state_dir, clock, max_sessions=3).allocate("d")
+    assert path.read_bytes() == before
+    assert [p.name for p in state_dir.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_failed_sync_ahead_is_written_again(
+    state_dir: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync of the leases written ahead fails (EIO): the save writes the whole file
+    anew, and when that succeeds the grant is saved as if nothing had happened."""
+    import errno
+
+    svc = service(state_dir, clock)
+    for session in ("a", "b"):
+        svc.allocate(session)
+    real_sync, calls = os.fdatasync, []
+
+    def first_fails(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", first_fails)
+    service(state_dir, clock).allocate("c")
+    monkeypatch.setattr(os, "fdatasync", real_sync)
+    assert len(calls) == 2  # the one ahead, then the whole file's
+    document = json.loads((state_dir / "leases.json").read_bytes())
+    assert [raw["session_id"] for raw in document["leases"]] == ["a", "b", "c"]
+    assert [p.name for p in state_dir.iterdir() if p.name.endswith(".tmp")] == []

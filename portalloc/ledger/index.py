@@ -712,6 +712,16 @@ class _IndexedLeases(Leases):
         # A position is an unchanged lease of the file: parsed, not looked up by id.
         return self[slot] if isinstance(slot, str) else self._file.lease(slot)
 
+    def head(self) -> list[Chunk] | None:
+        """The first pieces save() writes of this table while the file's leases stay as
+        they are (an allocation of a new session): its start and those leases, as the
+        bytes they are in the file; None if they are not read from a file."""
+        written, count = self._file, len(self._file.index.ids)
+        if written.fd is None or not count:
+            return None
+        bounds = written.index.bounds
+        return [_PREFIX.encode(), written.chunk(bounds[0], bounds[2 * count - 1])]
+
     def compose_names(self) -> AbstractSet[str]:
         # No set of ten thousand names: a name is searched for in the index's column.
         fresh = {lease.compose_project_name for lease in self.fresh()}

@@ -20,6 +20,7 @@ from portalloc.config import LEDGER_NAME
 from portalloc.errors import LedgerError, LockTimeout
 from portalloc.fs import (
     MAX_READ,
+    Ahead,
     Chunk,
     FileRange,
     UnsafeFile,
@@ -130,6 +131,9 @@ class _Deadline(Exception):
 # Below this many leases a full parse costs less than keeping an index (under 1 ms
 # either way): a server writing a small ledger hundreds of times a second keeps none.
 INDEX_MIN_LEASES = 64
+# From this many bytes of leases on, a grant has them written and synced to the new
+# file while it decides (Ledger.write_ahead): about 2,000 leases.
+AHEAD_MIN_BYTES = 1 << 20
 
 
 class Ledger:
@@ -173,6 +177,7 @@ class Ledger:
         # lock in the kernel, its wait bounded by SIGALRM (_hold_in_kernel).
         self.alarm_wait = alarm_wait
         self._kernel_holds = 0  # nested locked() in that process: held once, as filelock
+        self._ahead: Ahead | None = None  # the next save's file, begun (write_ahead)
 
     def _file_mode(self) -> int:
         # A state dir the user made group-writable is shared on purpose: keep the
@@ -558,6 +563,30 @@ class Ledger:
         self._warn(f"ledger {self.path} is corrupt ({reason}); moved it to {target}")
         return LedgerState()
 
+    def write_ahead(self, state: LedgerState) -> None:
+        """Under the lock, with a save of STATE to come: begin its file, the leases of the
+        file as they are written and synced to a temp file on a thread while the caller
+        decides (a large ledger's; the next save finishes it if it keeps those leases,
+        else, like drop_ahead(), removes it)."""
+        from portalloc.ledger.index import _IndexedLeases
+
+        if self._ahead is not None or not isinstance(state.leases, _IndexedLeases):
+            return
+        head = state.leases.head()
+        if head is None or sum(map(len, head)) < AHEAD_MIN_BYTES:
+            return
+        try:
+            self._ahead = Ahead(self.path, head, self._file_mode())
+        except (OSError, UnsafeFile):
+            return  # the save writes the whole file, and says what fails
+
+    def drop_ahead(self) -> None:
+        """Remove a file write_ahead() began that no save finished (before the lock is
+        released: every temp file found under the lock is a dead writer's)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.drop()
+
     def save(self, state: LedgerState) -> None:
         """Validate, then write atomically and durably. Call only while holding the lock."""
         from portalloc.ledger.encoder import encode
@@ -572,7 +601,8 @@ class Ledger:
             refuse_unloadable(leases.values(), self._known)
             validate(state)
         payload, index = encode(state, self._known)
-        self._remove_stale_temps()
+        ahead, self._ahead = self._ahead, None
+        self._remove_stale_temps(None if ahead is None else ahead.tmp)
         self._cached = None
         packed: list[list[bytes] | None] = [None]
 
@@ -580,7 +610,7 @@ class Ledger:
             packed[0] = self._index_packed(index)
 
         try:
-            atomic_write(self.path, payload, self._file_mode(), meanwhile=meanwhile)
+            atomic_write(self.path, payload, self._file_mode(), meanwhile=meanwhile, ahead=ahead)
         except OSError as exc:
             raise _failed(self.path, "cannot write", exc) from None
         self.dirty = False
@@ -592,16 +622,23 @@ class Ledger:
         if key is not None and not drifted:
             self._cached = (key, state)
 
-    def _remove_stale_temps(self) -> None:
+    def _remove_stale_temps(self, mine: str | None = None) -> None:
         # Every writer holds the lock while its temp file exists, so under the lock any
-        # temp file found is the remains of a writer that was killed mid-write.
+        # temp file found (but MINE, begun by write_ahead) is the remains of a writer
+        # that was killed mid-write.
         try:
             with os.scandir(self.state_dir) as entries:
                 stale = [
                     entry.path
                     for entry in entries
-                    if is_temp_name(entry.name, self.path)
-                    or (self.index_path is not None and is_temp_name(entry.name, self.index_path))
+                    if entry.path != mine
+                    and (
+                        is_temp_name(entry.name, self.path)
+                        or (
+                            self.index_path is not None
+                            and is_temp_name(entry.name, self.index_path)
+                        )
+                    )
                 ]
         except OSError:
             return
