@@ -419,7 +419,8 @@ class Ahead:
     def __init__(self, path: Path, head: list[Chunk], mode: int) -> None:
         lstat_regular(path)
         self.head = head
-        self.tmp: str | None = str(path.parent / temp_name(path))
+        self.name = temp_name(path)
+        self.tmp: str | None = str(path.parent / self.name)
         self.fd = os.open(self.tmp, _NEW_FILE, 0o600)
         self._wait: Callable[[], BaseException | None] | None = None
         try:

@@ -97,7 +97,7 @@ class PortAllocatorService:
         decide: Callable[[LedgerState, datetime], tuple[LedgerState, T]],
         *,
         routes: bool = False,
-        writes: bool = False,
+        new: str | None = None,
     ) -> Outcome:
         """Every operation's one transaction: under the ledger's lock, load, reclaim what
         is dead, let DECIDE return the new state and a value, and save only if the state
@@ -106,13 +106,13 @@ class PortAllocatorService:
 
         A saved change hands the running proxy the names of the leases it changed (ROUTES:
         of every lease), still under the lock, so they reach it in the order the ledger
-        changed. WRITES: DECIDE all but always changes the state (a grant): the file's
-        leases are written to the new file while it decides (Ledger.write_ahead)."""
+        changed. NEW: a session DECIDE grants a lease to, the file's leases written to the
+        new file while it decides (Ledger.write_ahead) when the session has none."""
         self._ready()
         with self.ledger.locked():
             now = self.host.now()
             loaded = self.ledger.load()
-            if writes:
+            if new is not None and new not in loaded.leases:
                 self.ledger.write_ahead(loaded)
             try:
                 state, reclaimed = allocator.reclaim(
@@ -253,7 +253,7 @@ class PortAllocatorService:
             before[:] = [state.leases.get(request.session_id)]
             return _with_value(allocator.grant(state, request, now, check))
 
-        outcome = self._transact(decide, writes=True)
+        outcome = self._transact(decide, new=request.session_id)
         result: Grant = outcome.value
         allocation = self._allocation(result.lease, outcome.now, outcome.state)
         home = result.moved.home if result.moved else None

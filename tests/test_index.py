@@ -769,3 +769,47 @@ def test_a_failed_sync_ahead_is_written_again(
     document = json.loads((state_dir / "leases.json").read_bytes())
     assert [raw["session_id"] for raw in document["leases"]] == ["a", "b", "c"]
     assert [p.name for p in state_dir.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_state_dir_given_as_dot_keeps_its_file_written_ahead(
+    state_dir: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PORTALLOC_STATE_DIR=. : the save tells the temp file written ahead from a dead
+    writer's by its name, however the directory is spelt (found by a hostile review:
+    every other grant failed with ENOENT)."""
+    service(state_dir, clock).allocate("a")
+    monkeypatch.chdir(state_dir)
+    for session in ("b", "c", "d"):
+        assert service(Path(), clock).allocate(session).session_id == session  # "."
+    document = json.loads((state_dir / "leases.json").read_bytes())
+    assert [raw["session_id"] for raw in document["leases"]] == ["a", "b", "c", "d"]
+
+
+def test_only_a_new_session_has_the_file_written_ahead(
+    state_dir: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An allocate of a session that has a lease may change nothing: no 5 MiB written
+    for it. A long-lived process whose table changed since it was read writes none
+    either (its save would not begin with the file's leases)."""
+    from portalloc import fs
+
+    made: list[object] = []
+
+    class Counted(fs.Ahead):
+        def __init__(self, *args: Any) -> None:
+            made.append(self)
+            super().__init__(*args)
+
+    monkeypatch.setattr(ledger_module, "Ahead", Counted)
+    service(state_dir, clock).allocate("a")  # no file yet
+    service(state_dir, clock).allocate("b")
+    assert len(made) == 1
+    service(state_dir, clock).allocate("b")  # has a lease
+    service(state_dir, clock).allocate("a")
+    assert len(made) == 1
+    long_lived = service(state_dir, clock)
+    long_lived.release("a")  # its table: a lease of the file gone
+    long_lived.allocate("c")
+    assert len(made) == 1
+    service(state_dir, clock).allocate("d")
+    assert len(made) == 2

@@ -715,9 +715,10 @@ class _IndexedLeases(Leases):
     def head(self) -> list[Chunk] | None:
         """The first pieces save() writes of this table while the file's leases stay as
         they are (an allocation of a new session): its start and those leases, as the
-        bytes they are in the file; None if they are not read from a file."""
+        bytes they are in the file; None if they are not read from a file, or one of
+        them changed since (a long-lived process's table)."""
         written, count = self._file, len(self._file.index.ids)
-        if written.fd is None or not count:
+        if written.fd is None or not count or self._replaced or self._removed:
             return None
         bounds = written.index.bounds
         return [_PREFIX.encode(), written.chunk(bounds[0], bounds[2 * count - 1])]

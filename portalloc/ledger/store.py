@@ -564,10 +564,11 @@ class Ledger:
         return LedgerState()
 
     def write_ahead(self, state: LedgerState) -> None:
-        """Under the lock, with a save of STATE to come: begin its file, the leases of the
-        file as they are written and synced to a temp file on a thread while the caller
-        decides (a large ledger's; the next save finishes it if it keeps those leases,
-        else, like drop_ahead(), removes it)."""
+        """Under the lock, with a save of STATE plus a lease to come (a new session's):
+        begin its file, the leases of the file as they are written and synced to a temp
+        file on a thread while the caller decides (a large ledger's, read from the file
+        and unchanged since; the next save finishes it if it keeps those leases, else,
+        like drop_ahead(), removes it)."""
         from portalloc.ledger.index import _IndexedLeases
 
         if self._ahead is not None or not isinstance(state.leases, _IndexedLeases):
@@ -602,7 +603,7 @@ class Ledger:
             validate(state)
         payload, index = encode(state, self._known)
         ahead, self._ahead = self._ahead, None
-        self._remove_stale_temps(None if ahead is None else ahead.tmp)
+        self._remove_stale_temps(None if ahead is None else ahead.name)
         self._cached = None
         packed: list[list[bytes] | None] = [None]
 
@@ -624,14 +625,14 @@ class Ledger:
 
     def _remove_stale_temps(self, mine: str | None = None) -> None:
         # Every writer holds the lock while its temp file exists, so under the lock any
-        # temp file found (but MINE, begun by write_ahead) is the remains of a writer
-        # that was killed mid-write.
+        # temp file found (but the one named MINE, begun by write_ahead) is the remains
+        # of a writer that was killed mid-write.
         try:
             with os.scandir(self.state_dir) as entries:
                 stale = [
                     entry.path
                     for entry in entries
-                    if entry.path != mine
+                    if entry.name != mine
                     and (
                         is_temp_name(entry.name, self.path)
                         or (
