@@ -107,12 +107,17 @@ class PortAllocatorService:
         A saved change hands the running proxy the names of the leases it changed (ROUTES:
         of every lease), still under the lock, so they reach it in the order the ledger
         changed. NEW: a session DECIDE grants a lease to, the file's leases written to the
-        new file while it decides (Ledger.write_ahead) when the session has none."""
+        new file while it decides (Ledger.write_ahead) when the session has none and
+        there is room for it."""
         self._ready()
         with self.ledger.locked():
             now = self.host.now()
             loaded = self.ledger.load()
-            if new is not None and new not in loaded.leases:
+            if (
+                new is not None
+                and new not in loaded.leases
+                and len(loaded.leases) < self.config.max_sessions  # else refused, or reclaims
+            ):
                 self.ledger.write_ahead(loaded)
             try:
                 state, reclaimed = allocator.reclaim(

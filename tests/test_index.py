@@ -813,3 +813,8 @@ def test_only_a_new_session_has_the_file_written_ahead(
     assert len(made) == 1
     service(state_dir, clock).allocate("d")
     assert len(made) == 2
+    # A new session at max_sessions is refused: nothing written ahead for it (a script
+    # retrying while the ledger is full would write the whole file each time).
+    with pytest.raises(PortallocError, match="no ports available"):
+        service(state_dir, clock, max_sessions=3).allocate("e")  # b, c and d hold it
+    assert len(made) == 2
