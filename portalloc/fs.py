@@ -315,14 +315,11 @@ def atomic_write(
             ahead.drop()
     tmp: str | None = None
     try:
-        if taken is not None:
-            tmp, fd, parts = taken
+        if taken is None:
+            tmp, fd = _new_temp(path, temp_name(path), mode)
         else:
-            tmp = str(path.parent / temp_name(path))
-            fd = os.open(tmp, _NEW_FILE, 0o600)
+            tmp, fd, parts = taken
         try:
-            if mode != 0o600 and taken is None:
-                os.fchmod(fd, mode)
             _write_parts(fd, parts)
             if durable:
                 # The data and the size it needs, not the times: the rename below and
@@ -345,6 +342,21 @@ def atomic_write(
     finally:
         if tmp is not None:
             discard(tmp)
+
+
+def _new_temp(path: Path, name: str, mode: int) -> tuple[str, int]:
+    """A new temp file NAME (temp_name's) beside PATH, of MODE whatever the umask: its
+    path and a descriptor open for writing."""
+    tmp = str(path.parent / name)
+    fd = os.open(tmp, _NEW_FILE, 0o600)
+    try:
+        if mode != 0o600:
+            os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        discard(tmp)
+        raise
+    return tmp, fd
 
 
 def _behind(sync: Callable[[int], None], fd: int) -> Callable[[], BaseException | None] | None:
@@ -420,12 +432,10 @@ class Ahead:
         lstat_regular(path)
         self.head = head
         self.name = temp_name(path)
-        self.tmp: str | None = str(path.parent / self.name)
-        self.fd = os.open(self.tmp, _NEW_FILE, 0o600)
+        tmp, self.fd = _new_temp(path, self.name, mode)
+        self.tmp: str | None = tmp
         self._wait: Callable[[], BaseException | None] | None = None
         try:
-            if mode != 0o600:
-                os.fchmod(self.fd, mode)
             _write_parts(self.fd, head)
             self._wait = _behind(getattr(os, "fdatasync", os.fsync), self.fd)
             if self._wait is None:
@@ -446,7 +456,7 @@ class Ahead:
         if (
             isinstance(last, FileRange)
             and isinstance(cut, FileRange)
-            and (cut.fd, cut.offset, cut.expect) == (last.fd, last.offset, last.expect)
+            and _where(cut) == _where(last)
             and cut.length < last.length
         ):
             return sum(map(len, whole)) + cut.length, data[len(self.head) :]
@@ -482,13 +492,18 @@ class Ahead:
         self.tmp = None
 
 
+def _where(part: FileRange) -> tuple[object, ...]:
+    """Where PART's bytes start: the file (as open, as vouched for) and the offset."""
+    return (part.fd, part.expect, part.offset)
+
+
 def _same(mine: Chunk, theirs: Chunk) -> bool:
     if isinstance(mine, FileRange) or isinstance(theirs, FileRange):
         return (
             isinstance(mine, FileRange)
             and isinstance(theirs, FileRange)
-            and (mine.fd, mine.offset, mine.length, mine.expect)
-            == (theirs.fd, theirs.offset, theirs.length, theirs.expect)
+            and _where(mine) == _where(theirs)
+            and mine.length == theirs.length
         )
     return bytes(mine) == bytes(theirs)
 
