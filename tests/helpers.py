@@ -96,14 +96,8 @@ def probe(
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     environ.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), **(env or {}))
-    proc = subprocess.run(
-        [sys.executable, *flags, "-c", script, *args],
-        cwd=cwd,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+    proc = run_process(
+        [sys.executable, *flags, "-c", script, *args], env=environ, cwd=cwd, timeout=timeout
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, ast.literal_eval(proc.stderr.strip().splitlines()[-1])

@@ -352,18 +352,23 @@ def test_the_lock_file_is_guarded_too(state_dir: Path, tmp_path: Path, kind: str
 
 
 @needs_script
-def test_a_fifo_or_symlink_at_the_index_name_is_replaced_not_followed(
-    state_dir: Path, tmp_path: Path
-) -> None:
+def _indexed_service(state_dir: Path) -> PortAllocatorService:
+    """A service whose ledger is large enough to keep an index (its saves pack one)."""
     from portalloc.config import PortAllocatorConfig
     from portalloc.ledger.store import INDEX_MIN_LEASES
-    from portalloc.service import PortAllocatorService
 
-    many = {"PORT_ALLOC_MAX_SESSIONS": "100"}
     config = PortAllocatorConfig(state_dir=state_dir, skip_port_check=True, max_sessions=100)
     service = PortAllocatorService(config)
     for number in range(INDEX_MIN_LEASES):
         service.allocate(f"s{number}")
+    return service
+
+
+def test_a_fifo_or_symlink_at_the_index_name_is_replaced_not_followed(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    many = {"PORT_ALLOC_MAX_SESSIONS": "100"}
+    _indexed_service(state_dir)
     index = state_dir / f"leases.json.index-{os.geteuid()}"
     assert index.is_file()
     target = tmp_path / "target"
@@ -495,18 +500,6 @@ def test_a_failed_put_back_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         f"{top / 'portalloc.toml'}: cannot be written: Input/output error; "
         f"could not put back {compose}"
     )
-
-
-def _indexed_service(state_dir: Path) -> PortAllocatorService:
-    """A service whose ledger is large enough to keep an index (its saves pack one)."""
-    from portalloc.config import PortAllocatorConfig
-    from portalloc.ledger.store import INDEX_MIN_LEASES
-
-    config = PortAllocatorConfig(state_dir=state_dir, skip_port_check=True, max_sessions=100)
-    service = PortAllocatorService(config)
-    for number in range(INDEX_MIN_LEASES):
-        service.allocate(f"s{number}")
-    return service
 
 
 def test_the_new_index_is_made_while_the_ledger_syncs(
